@@ -1,0 +1,33 @@
+# `make demo` and `make test` build .venv when it is missing, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pcm-installed
+TINY := build/models/tiny-llama
+
+.PHONY: venv demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu,htcondor,dev]'
+	@# PyPI's torchvision/torchaudio/torchcodec break next to the CPU torch; vLLM runs without them.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+$(TINY)/config.json: $(STAMP)
+	$(VENV)/bin/pcm model make-tiny $(TINY)
+
+demo: $(STAMP) $(TINY)/config.json
+	$(VENV)/bin/pcm run configs/workloads/claims.yaml --workers 1
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests
+
+bench: $(STAMP) $(TINY)/config.json
+	$(PY) bench/context_reuse.py
+
+clean:
+	rm -rf $(VENV) build

@@ -1,0 +1,73 @@
+"""Glideins as local subprocesses: the embedded default for `pcm run` and tests."""
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from factory.backends.base import Glidein, GlideinBackend, GlideinState
+
+
+class LocalBackend(GlideinBackend):
+    name = "local"
+
+    def __init__(self, service_url: str, work_dir: str | Path,
+                 worker_args: Optional[list[str]] = None,
+                 env: Optional[dict[str, str]] = None) -> None:
+        self.service_url = service_url
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.worker_args = worker_args or []
+        self.env = env or {}
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._seq = itertools.count(1)
+
+    def submit(self, count: int) -> list[str]:
+        ids = []
+        for _ in range(count):
+            gid = f"local.{os.getpid()}.{next(self._seq)}"
+            wdir = self.work_dir / gid
+            wdir.mkdir(parents=True, exist_ok=True)
+            env = dict(os.environ, **self.env, PCM_GLIDEIN_ID=gid)
+            with (wdir / "worker.log").open("ab") as log:
+                self._procs[gid] = subprocess.Popen(
+                    [sys.executable, "-m", "pcm_service.cli", "worker", "--service", self.service_url,
+                     "--glidein-id", gid, "--work-dir", str(wdir), *self.worker_args],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                    start_new_session=True)
+            ids.append(gid)
+        return ids
+
+    def list(self) -> list[Glidein]:
+        out = []
+        for gid, proc in list(self._procs.items()):
+            code = proc.poll()
+            if code is None:
+                out.append(Glidein(gid, GlideinState.RUNNING, host="localhost", detail=f"pid {proc.pid}"))
+            else:
+                out.append(Glidein(gid, GlideinState.EXITED, host="localhost", detail=f"exit code {code}"))
+                del self._procs[gid]
+        return out
+
+    def remove(self, glidein_ids: list[str]) -> None:
+        for gid in glidein_ids:
+            proc = self._procs.get(gid)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    def pids(self) -> dict[str, int]:
+        return {gid: p.pid for gid, p in self._procs.items() if p.poll() is None}
+
+    def close(self, grace: float = 30.0) -> None:
+        self.remove(list(self._procs))
+        for proc in self._procs.values():
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._procs.clear()

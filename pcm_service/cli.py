@@ -1,0 +1,282 @@
+"""The `pcm` command line: thin over the service client, the core and the worker agent."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NoReturn, Optional
+
+import typer
+from rich.console import Console
+
+from pcm_service.client import ServiceClient, ServiceError, default_service_url
+from pcm_service.protocol import Demand, FactoryLimits, ServiceStatus, SubmitResponse, WorkloadStatus
+from pcm_service.workload import WorkloadError, load_workload
+
+app = typer.Typer(help="PCM: throughput LLM inference on opportunistic HTCondor GPU slots.",
+                  no_args_is_help=True, add_completion=False)
+factory_app = typer.Typer(help="The glidein factory: run it, tune its limits, inspect it.",
+                          no_args_is_help=True)
+model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
+app.add_typer(factory_app, name="factory")
+app.add_typer(model_app, name="model")
+console = Console(stderr=True)
+out = Console()
+
+ServiceOpt = typer.Option(None, "--service", "-s", help="Service URL [env PCM_SERVICE_URL]")
+
+
+def _fail(msg: str, code: int = 1) -> NoReturn:
+    console.print(f"[red]error:[/red] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _client(service: Optional[str]) -> ServiceClient:
+    return ServiceClient(service or default_service_url())
+
+
+def _load(path: Path):  # type: ignore[no-untyped-def]
+    try:
+        return load_workload(path)
+    except WorkloadError as e:
+        _fail(f"{path}: {e}", code=2)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@app.command()
+def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLite state lives"),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on"),
+          port: int = typer.Option(8642, help="Port to listen on"),
+          heartbeat_interval: float = typer.Option(2.0, help="Seconds between worker heartbeats"),
+          worker_timeout: float = typer.Option(30.0, help="A worker silent this long is lost"),
+          idle_timeout: float = typer.Option(60.0, help="An idle worker retires after this")) -> None:
+    """Run the PCM service (HTTP API + SQLite state)."""
+    import uvicorn
+
+    from pcm_service.api import create_app
+    from pcm_service.core import ServiceConfig, ServiceCore
+
+    _logging(False)
+    core = ServiceCore(state_dir, ServiceConfig(heartbeat_interval=heartbeat_interval,
+                                                worker_timeout=worker_timeout, idle_timeout=idle_timeout))
+    console.print(f"PCM service on http://{host}:{port} (state in {state_dir.resolve()})")
+    uvicorn.run(create_app(core), host=host, port=port, log_level="warning")
+
+
+def _progress_until_done(fetch, total: int, label: str) -> WorkloadStatus:  # type: ignore[no-untyped-def]
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]:.1f} rows/s"), TimeElapsedColumn(),
+                  console=console, transient=False) as bar:
+        task = bar.add_task(label, total=total, rate=0.0)
+        while True:
+            st = fetch()
+            bar.update(task, completed=st.rows_done, rate=st.rows_per_second)
+            if st.state.value == "completed":
+                return st
+
+
+def _report_done(st: WorkloadStatus) -> None:
+    failed = f", [yellow]{st.rows_failed} failed[/yellow]" if st.rows_failed else ""
+    console.print(f"[green]done:[/green] {st.rows_done} rows{failed}; results in {st.output}",
+                  highlight=False)
+    out.print(st.output, highlight=False)
+
+
+@app.command()
+def submit(workload: Path = typer.Argument(..., help="Workload YAML file"),
+           service: Optional[str] = ServiceOpt,
+           wait: bool = typer.Option(False, "--wait", help="Show progress until the output is written")) -> None:
+    """Submit a workload to a running service."""
+    sub = _load(workload)
+    client = _client(service)
+    try:
+        resp: SubmitResponse = client.request("POST", "/workloads", sub, SubmitResponse)
+    except ServiceError as e:
+        _fail(e.detail, code=2 if 400 <= e.status < 500 else 1)
+    console.print(f"submitted {resp.workload_id}: {resp.rows} rows in {resp.batches} batches"
+                  f" (context {resp.context_id})", highlight=False)
+    out.print(resp.workload_id)
+    if wait:
+        def fetch() -> WorkloadStatus:
+            time.sleep(0.5)
+            return client.request("GET", f"/workloads/{resp.workload_id}", response=WorkloadStatus)
+        _report_done(_progress_until_done(fetch, resp.rows, sub.name))
+
+
+@app.command()
+def status(service: Optional[str] = ServiceOpt,
+           watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until interrupted"),
+           interval: float = typer.Option(2.0, help="Refresh interval for --watch"),
+           as_json: bool = typer.Option(False, "--json", help="Print the raw status as JSON"),
+           all_workers: bool = typer.Option(False, "--all", help="Include retired and lost workers")) -> None:
+    """Show workers (state, context) and workloads (rows done/total, rate)."""
+    from pcm_service.status_view import render_status
+
+    client = _client(service)
+
+    def fetch() -> ServiceStatus:
+        try:
+            return client.request("GET", "/status", response=ServiceStatus, all=all_workers)
+        except ServiceError as e:
+            _fail(e.detail)
+
+    if as_json:
+        out.print_json(fetch().model_dump_json())
+        return
+    if not watch:
+        out.print(render_status(fetch()))
+        return
+    from rich.live import Live
+
+    with Live(render_status(fetch()), console=out, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(render_status(fetch()), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def run(workload: Path = typer.Argument(..., help="Workload YAML file"),
+        workers: int = typer.Option(1, min=1, help="Most local workers to start"),
+        state_dir: Optional[Path] = typer.Option(None, help="Service state and logs (default: a temp dir)"),
+        idle_timeout: float = typer.Option(30.0, help="Seconds an idle worker waits before retiring")) -> None:
+    """Run a workload on this machine: embedded service, local factory, local workers."""
+    from pcm_service.core import ServiceConfig
+    from pcm_service.embedded import run_workload
+
+    sub = _load(workload)
+    sdir = state_dir or Path(tempfile.mkdtemp(prefix="pcm-run-"))
+    console.print(f"running {sub.name}: {len(sub.rows)} rows, batch size {sub.batch_size},"
+                  f" up to {workers} worker(s); state and logs in {sdir}", highlight=False)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]:.1f} rows/s"), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task(sub.name, total=len(sub.rows), rate=0.0)
+        try:
+            res = run_workload(sub, sdir, workers=workers, config=ServiceConfig(idle_timeout=idle_timeout),
+                               on_progress=lambda st: bar.update(task, completed=st.rows_done,
+                                                                 rate=st.rows_per_second))
+        except KeyboardInterrupt:
+            _fail(f"interrupted; state and logs kept in {sdir}", code=130)
+    console.print(f"makespan {res.makespan:.1f}s; engine starts per worker: "
+                  f"{json.dumps(res.library_starts)}", highlight=False)
+    _report_done(res.status)
+
+
+@app.command()
+def worker(service: Optional[str] = ServiceOpt,
+           glidein_id: Optional[str] = typer.Option(None, help="Batch-system id of this glidein"),
+           work_dir: Optional[Path] = typer.Option(None, help="Scratch directory (logs, context files)"),
+           idle_timeout: Optional[float] = typer.Option(None, help="Override the service's idle timeout"),
+           target_rows: int = typer.Option(64, min=1, help="Rows to keep in flight in the engine"),
+           start_timeout: float = typer.Option(900.0, help="Seconds allowed for the engine to start"),
+           drain_timeout: float = typer.Option(30.0, help="Seconds to finish in-flight rows on SIGTERM"),
+           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Run a worker agent (what a glidein runs)."""
+    from worker_image.agent import run_worker
+
+    _logging(verbose)
+    raise typer.Exit(run_worker(service or default_service_url(), glidein_id=glidein_id,
+                                work_dir=work_dir, idle_timeout=idle_timeout, target_rows=target_rows,
+                                start_timeout=start_timeout, drain_timeout=drain_timeout))
+
+
+def _limits(client: ServiceClient, min_: Optional[int], max_: Optional[int],
+            per_cycle: Optional[int]) -> FactoryLimits:
+    cur: FactoryLimits = client.request("GET", "/factory/limits", response=FactoryLimits)
+    data = cur.model_dump()
+    for k, v in (("min_workers", min_), ("max_workers", max_), ("per_cycle", per_cycle)):
+        if v is not None:
+            data[k] = v
+    try:
+        new = FactoryLimits(**data)
+    except ValueError as e:
+        _fail(str(e).splitlines()[-1].removeprefix("  Value error, "), code=2)
+    return client.request("PUT", "/factory/limits", new, FactoryLimits)
+
+
+@factory_app.command("run")
+def factory_run(service: Optional[str] = ServiceOpt,
+                backend: str = typer.Option("local", help="Glidein backend: local"),
+                min_workers: Optional[int] = typer.Option(None, "--min", min=0),
+                max_workers: Optional[int] = typer.Option(None, "--max", min=0),
+                per_cycle: Optional[int] = typer.Option(None, "--per-cycle", min=1),
+                interval: float = typer.Option(2.0, help="Seconds between cycles"),
+                work_dir: Path = typer.Option(Path("pcm-glideins"), help="Logs of local glideins")) -> None:
+    """Run the factory daemon: glideins follow the service's demand within min/max."""
+    from factory.backends.local import LocalBackend
+    from factory.daemon import Factory
+
+    if backend != "local":
+        _fail(f"--backend: unknown backend {backend!r}; available: local", code=2)
+    _logging(False)
+    client = ServiceClient(service or default_service_url(), retry_for=60.0)
+    try:
+        limits = _limits(client, min_workers, max_workers, per_cycle)
+    except ServiceError as e:
+        _fail(e.detail)
+    console.print(f"factory ({backend}) for {client.url}: limits {limits.model_dump()}", highlight=False)
+    be = LocalBackend(client.url, work_dir)
+    fac = Factory(client, be, interval=interval)
+    try:
+        fac.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        be.close()
+
+
+@factory_app.command("set")
+def factory_set(service: Optional[str] = ServiceOpt,
+                min_workers: Optional[int] = typer.Option(None, "--min", min=0),
+                max_workers: Optional[int] = typer.Option(None, "--max", min=0),
+                per_cycle: Optional[int] = typer.Option(None, "--per-cycle", min=1)) -> None:
+    """Change the factory's limits; the next cycle applies them."""
+    try:
+        limits = _limits(_client(service), min_workers, max_workers, per_cycle)
+    except ServiceError as e:
+        _fail(e.detail)
+    out.print(f"min {limits.min_workers}, max {limits.max_workers}, per cycle {limits.per_cycle}")
+
+
+@factory_app.command("show")
+def factory_show(service: Optional[str] = ServiceOpt) -> None:
+    """Show the factory's limits and the service's current demand."""
+    try:
+        d: Demand = _client(service).request("GET", "/demand", response=Demand)
+    except ServiceError as e:
+        _fail(e.detail)
+    out.print(f"limits: min {d.limits.min_workers}, max {d.limits.max_workers},"
+              f" per cycle {d.limits.per_cycle}")
+    out.print(f"demand: {d.workers_wanted} workers ({d.reason})")
+
+
+@model_app.command("make-tiny")
+def make_tiny(out_dir: Path = typer.Argument(..., help="Directory to write the model to"),
+              seed: int = typer.Option(0, help="Random seed for the weights")) -> None:
+    """Build a tiny random-weight Llama + byte-level BPE tokenizer (no hub access needed)."""
+    from pcm_service.tinymodel import make_tiny_model
+
+    path = make_tiny_model(out_dir, seed=seed)
+    out.print(f"tiny model written to {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""HTTP client for the service, used by the CLI, the worker agent and the factory."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from pcm_service.protocol import API_PREFIX
+
+DEFAULT_SERVICE_URL = "http://127.0.0.1:8642"
+T = TypeVar("T", bound=BaseModel)
+
+
+def default_service_url() -> str:
+    return os.environ.get("PCM_SERVICE_URL", DEFAULT_SERVICE_URL)
+
+
+class ServiceError(RuntimeError):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class ServiceUnreachable(ServiceError):
+    def __init__(self, url: str, err: Exception) -> None:
+        super().__init__(0, f"cannot reach the PCM service at {url} ({err.__class__.__name__});"
+                            " is `pcm serve` running? Set --service or PCM_SERVICE_URL")
+
+
+def _detail(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    if isinstance(detail, list):  # FastAPI validation errors
+        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}"
+                         for d in detail)
+    return str(detail)
+
+
+class ServiceClient:
+    """``retry_for`` > 0 keeps retrying connection failures (with backoff) that long:
+    workers ride out a service restart this way."""
+
+    def __init__(self, url: Optional[str] = None, timeout: float = 30.0, retry_for: float = 0.0) -> None:
+        self.url = (url or default_service_url()).rstrip("/")
+        self.retry_for = retry_for
+        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+
+    def request(self, method: str, path: str, body: Optional[BaseModel] = None,
+                response: Optional[type[T]] = None, **params: Any) -> Any:
+        path = path if path.startswith("/healthz") else API_PREFIX + path
+        content = body.model_dump_json() if body is not None else None
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.2
+        while True:
+            try:
+                resp = self._http.request(method, path, content=content, params=params or None,
+                                          headers={"content-type": "application/json"})
+                break
+            except httpx.TransportError as e:
+                if time.monotonic() + delay > deadline:
+                    raise ServiceUnreachable(self.url, e) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if resp.status_code >= 400:
+            raise ServiceError(resp.status_code, _detail(resp))
+        data = resp.json()
+        return response.model_validate(data) if response is not None else data
+
+    def healthy(self) -> bool:
+        try:
+            self.request("GET", "/healthz")
+            return True
+        except ServiceError:
+            return False
+
+    def close(self) -> None:
+        self._http.close()

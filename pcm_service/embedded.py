@@ -1,0 +1,90 @@
+"""`pcm run`: the service, a local factory and its workers, all on this machine."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import uvicorn
+
+from factory.backends.local import LocalBackend
+from factory.daemon import Factory
+from pcm_service.api import create_app
+from pcm_service.client import ServiceClient
+from pcm_service.core import ServiceConfig, ServiceCore
+from pcm_service.protocol import FactoryLimits, WorkloadState, WorkloadStatus, WorkloadSubmission
+
+
+class EmbeddedService:
+    """The real HTTP service on 127.0.0.1, run in a thread of this process."""
+
+    def __init__(self, state_dir: str | Path, config: Optional[ServiceConfig] = None,
+                 host: str = "127.0.0.1", port: int = 0) -> None:
+        self.core = ServiceCore(state_dir, config)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.url = f"http://{host}:{self._sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.core), log_level="warning",
+                                                    lifespan="on"))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
+                                        daemon=True, name="pcm-service")
+
+    def start(self, timeout: float = 30.0) -> "EmbeddedService":
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the embedded PCM service did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
+        self._sock.close()
+        self.core.close()
+
+
+@dataclass
+class RunResult:
+    status: WorkloadStatus
+    state_dir: Path
+    makespan: float
+    library_starts: dict[str, int]
+
+
+def run_workload(sub: WorkloadSubmission, state_dir: Path, workers: int = 1,
+                 config: Optional[ServiceConfig] = None, worker_args: Optional[list[str]] = None,
+                 on_progress: Optional[Callable[[WorkloadStatus], None]] = None,
+                 poll: float = 0.25) -> RunResult:
+    """Submit one workload to a fresh embedded pool and wait for its output file."""
+    service = EmbeddedService(state_dir / "service", config).start()
+    backend = LocalBackend(service.url, state_dir / "glideins", worker_args=worker_args)
+    factory = Factory(ServiceClient(service.url), backend, interval=0.5)
+    try:
+        service.core.set_factory_limits(FactoryLimits(min_workers=0, max_workers=workers,
+                                                      per_cycle=workers))
+        t0 = time.monotonic()
+        wl = service.core.submit(sub)
+        factory_thread = threading.Thread(target=factory.run, daemon=True, name="pcm-factory")
+        factory_thread.start()
+        while True:
+            st = service.core.workload_status(wl.workload_id)
+            if on_progress is not None:
+                on_progress(st)
+            if st.state == WorkloadState.COMPLETED:
+                break
+            service.core.wait_for_progress(poll)
+        makespan = time.monotonic() - t0
+        starts = service.core.library_starts()
+        factory.stop()
+        factory_thread.join(timeout=10)
+        return RunResult(status=st, state_dir=state_dir, makespan=makespan, library_starts=starts)
+    finally:
+        factory.stop()
+        backend.close()
+        service.stop()

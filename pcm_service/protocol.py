@@ -1,0 +1,264 @@
+"""Wire models shared by the service, the worker agent, the factory and the CLI.
+
+Everything that crosses HTTP between PCM processes is one of these models, so the
+service and the worker can never disagree about a field.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_PREFIX = "/v1"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ContextState(str, enum.Enum):
+    """Where a worker stands with its context (DESIGN: absent → … → ready)."""
+
+    ABSENT = "absent"
+    FETCHING = "fetching"
+    CACHED = "cached"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class WorkerState(str, enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DRAINING = "draining"
+    RETIRED = "retired"
+    LOST = "lost"
+
+
+class WorkloadState(str, enum.Enum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+
+
+class EngineSettings(Strict):
+    """Arguments for vLLM's engine (``vllm.EngineArgs``); ``extra`` passes any other one."""
+
+    dtype: str = "auto"
+    max_model_len: Optional[int] = Field(default=None, gt=0)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    enforce_eager: bool = False
+    kv_cache_memory_bytes: Optional[int] = Field(default=None, gt=0)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    seed: int = 0
+    max_num_seqs: Optional[int] = Field(default=None, gt=0)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    def engine_args(self) -> dict[str, Any]:
+        args = self.model_dump(exclude={"extra"}, exclude_none=True)
+        args.update(self.extra)
+        return args
+
+
+class SamplingSettings(Strict):
+    """Arguments for ``vllm.SamplingParams``; ``temperature: 0`` is greedy."""
+
+    temperature: float = Field(default=0.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = -1
+    max_tokens: int = Field(default=16, gt=0)
+    min_tokens: int = Field(default=0, ge=0)
+    seed: Optional[int] = None
+    stop: list[str] = Field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = Field(default=1.0, gt=0)
+
+
+class ContextSpec(Strict):
+    """What a batch needs loaded before it can run: a model and an engine configuration."""
+
+    model: str  # absolute path of a Hugging Face-format model directory
+    model_digest: str
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+
+    @property
+    def context_id(self) -> str:
+        blob = json.dumps(
+            {"model": self.model_digest, "engine": self.engine.model_dump()}, sort_keys=True
+        )
+        return "ctx-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class RowIn(Strict):
+    row_id: str
+    prompt: str
+
+
+class WorkloadSubmission(Strict):
+    name: str = Field(min_length=1)
+    context: ContextSpec
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    batch_size: int = Field(gt=0)
+    output: str = Field(min_length=1)
+    rows: list[RowIn] = Field(min_length=1)
+
+    @field_validator("rows")
+    @classmethod
+    def _unique_ids(cls, rows: list[RowIn]) -> list[RowIn]:
+        seen: set[str] = set()
+        for i, row in enumerate(rows):
+            if row.row_id in seen:
+                raise ValueError(f"row {i}: duplicate row id {row.row_id!r}")
+            seen.add(row.row_id)
+        return rows
+
+
+class SubmitResponse(Strict):
+    workload_id: str
+    context_id: str
+    rows: int
+    batches: int
+
+
+class Resources(Strict):
+    cpus: int = 1
+    memory_mb: int = 0
+    gpus: list[str] = Field(default_factory=list)
+
+
+class WorkerRegistration(Strict):
+    host: str
+    pid: int
+    glidein_id: Optional[str] = None
+    resources: Resources = Field(default_factory=Resources)
+
+
+class RegisterResponse(Strict):
+    worker_id: str
+    heartbeat_interval: float
+    idle_timeout: float
+
+
+class Heartbeat(Strict):
+    context_id: Optional[str] = None
+    context_state: ContextState = ContextState.ABSENT
+    inflight_batches: int = 0
+    draining: bool = False
+
+
+class HeartbeatResponse(Strict):
+    ok: bool = True
+    retire: bool = False
+
+
+class LibraryEvent(Strict):
+    """A library process changed state; ``ready`` events count engine starts."""
+
+    context_id: str
+    state: ContextState
+    seconds: float = 0.0
+    error: Optional[str] = None
+
+
+class LeaseRequest(Strict):
+    context_id: Optional[str] = None
+    context_state: ContextState = ContextState.ABSENT
+    max_batches: int = Field(default=2, ge=0)
+
+
+class RowTask(Strict):
+    idx: int
+    row_id: str
+    prompt: str
+
+
+class BatchLease(Strict):
+    batch_id: int
+    workload_id: str
+    context_id: str
+    sampling: SamplingSettings
+    rows: list[RowTask]
+
+
+class LeaseResponse(Strict):
+    batches: list[BatchLease] = Field(default_factory=list)
+    # Set when the worker should (re)load: its current context has no work left.
+    assign_context: Optional[ContextSpec] = None
+
+
+class RowResult(Strict):
+    idx: int
+    text: Optional[str] = None
+    finish_reason: Optional[str] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: Optional[str] = None
+
+
+class BatchReport(Strict):
+    batch_id: int
+    results: list[RowResult] = Field(default_factory=list)
+    returned: list[int] = Field(default_factory=list)  # row idx handed back unfinished
+
+
+class ReportResponse(Strict):
+    accepted: int
+    duplicates: int
+
+
+class FactoryLimits(Strict):
+    min_workers: int = Field(default=0, ge=0)
+    max_workers: int = Field(default=1, ge=0)
+    per_cycle: int = Field(default=4, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "FactoryLimits":
+        if self.max_workers < self.min_workers:
+            raise ValueError(
+                f"max_workers ({self.max_workers}) is below min_workers ({self.min_workers})"
+            )
+        return self
+
+
+class Demand(Strict):
+    workers_wanted: int
+    reason: str
+    limits: FactoryLimits
+
+
+class WorkerStatus(Strict):
+    worker_id: str
+    host: str
+    glidein_id: Optional[str]
+    state: WorkerState
+    context_id: Optional[str]
+    context_state: ContextState
+    inflight_batches: int
+    rows_done: int
+    library_starts: int
+    idle_seconds: float
+    last_heartbeat_age: float
+
+
+class WorkloadStatus(Strict):
+    workload_id: str
+    name: str
+    state: WorkloadState
+    context_id: str
+    rows_total: int
+    rows_done: int
+    rows_failed: int
+    rows_per_second: float
+    output: str
+    created_at: float
+    finished_at: Optional[float]
+
+
+class ServiceStatus(Strict):
+    workers: list[WorkerStatus]
+    workloads: list[WorkloadStatus]
+    demand: Demand

@@ -1,0 +1,120 @@
+"""SQLite state of the service (WAL, synchronous=FULL): committed means durable."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS contexts (
+    context_id TEXT PRIMARY KEY,
+    spec TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workloads (
+    workload_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    context_id TEXT NOT NULL,
+    sampling TEXT NOT NULL,
+    batch_size INTEGER NOT NULL,
+    output TEXT NOT NULL,
+    rows_total INTEGER NOT NULL,
+    rows_done INTEGER NOT NULL DEFAULT 0,
+    rows_failed INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS rows (
+    workload_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    row_id TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    batch_id INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    text TEXT,
+    finish_reason TEXT,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    error TEXT,
+    worker_id TEXT,
+    finished_at REAL,
+    PRIMARY KEY (workload_id, idx)
+);
+CREATE INDEX IF NOT EXISTS rows_by_batch ON rows (batch_id, state);
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    workload_id TEXT NOT NULL,
+    context_id TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued',
+    worker_id TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    leased_at REAL
+);
+CREATE INDEX IF NOT EXISTS batches_by_state ON batches (state, context_id, batch_id);
+CREATE INDEX IF NOT EXISTS batches_by_worker ON batches (worker_id, state);
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    glidein_id TEXT,
+    resources TEXT NOT NULL,
+    state TEXT NOT NULL,
+    context_id TEXT,
+    context_state TEXT NOT NULL,
+    inflight INTEGER NOT NULL DEFAULT 0,
+    rows_done INTEGER NOT NULL DEFAULT 0,
+    registered_at REAL NOT NULL,
+    last_heartbeat REAL NOT NULL,
+    last_busy REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS library_events (
+    event_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    worker_id TEXT NOT NULL,
+    context_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    error TEXT,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+class Store:
+    """One connection guarded by a lock; every ``transaction()`` commits or rolls back whole."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(SCHEMA)
+        self._lock = threading.RLock()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._conn
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

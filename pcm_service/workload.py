@@ -1,0 +1,177 @@
+"""The workload file: YAML the user writes, validated and turned into a submission.
+
+All checks happen here, before anything reaches the service, so a bad file is
+rejected with a message naming the field and nothing is submitted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from pcm_service.protocol import (
+    ContextSpec,
+    EngineSettings,
+    RowIn,
+    SamplingSettings,
+    Strict,
+    WorkloadSubmission,
+)
+
+
+class WorkloadError(ValueError):
+    """A workload file problem; ``field`` is the dotted path of the offending key."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class InputSpec(Strict):
+    path: str
+    prompt_field: Optional[str] = None
+    template: Optional[str] = None
+    id_field: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> "InputSpec":
+        if (self.prompt_field is None) == (self.template is None):
+            raise ValueError("give exactly one of prompt_field or template")
+        return self
+
+
+class WorkloadFile(Strict):
+    name: str = Field(min_length=1)
+    model: str
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    inputs: InputSpec
+    batch_size: int = Field(gt=0)
+    output: str = Field(min_length=1)
+
+
+def model_digest(model_dir: Path) -> str:
+    """Cheap identity of a model directory: file names, sizes and mtimes."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(model_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _field_path(err: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in err["loc"]) or "(top level)"
+
+
+def _problem(err: dict[str, Any]) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown field"
+    if err["type"] == "missing":
+        return "required field is missing"
+    return err["msg"].removeprefix("Value error, ")
+
+
+def parse_workload_yaml(text: str, source: str = "workload") -> WorkloadFile:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise WorkloadError("(yaml)", f"{source} is not valid YAML{where}: {e}") from None
+    if not isinstance(data, dict):
+        raise WorkloadError("(top level)", f"{source} must be a YAML mapping of fields")
+    try:
+        return WorkloadFile.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise WorkloadError(_field_path(first), _problem(first)) from None
+
+
+def _template_fields(template: str) -> list[str]:
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise WorkloadError("inputs.template", f"invalid template: {e}") from None
+    for name in names:
+        if not name.isidentifier():
+            raise WorkloadError("inputs.template", f"placeholder {{{name}}} must be a plain field name")
+    return names
+
+
+def read_rows(spec: InputSpec, path: Path) -> list[RowIn]:
+    """Read the JSONL inputs and render each row's prompt, in file order."""
+    fields = _template_fields(spec.template) if spec.template is not None else []
+    rows: list[RowIn] = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path.name} line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise WorkloadError("inputs.path", f"{where} is not valid JSON: {e.msg}") from None
+            if not isinstance(obj, dict):
+                raise WorkloadError("inputs.path", f"{where} must be a JSON object")
+            if spec.template is not None:
+                missing = [f for f in fields if f not in obj]
+                if missing:
+                    raise WorkloadError(
+                        "inputs.template", f"{where} has no field {missing[0]!r} used by the template"
+                    )
+                prompt = spec.template.format_map({f: obj[f] for f in fields})
+            else:
+                assert spec.prompt_field is not None
+                if spec.prompt_field not in obj:
+                    raise WorkloadError("inputs.prompt_field", f"{where} has no field {spec.prompt_field!r}")
+                prompt = str(obj[spec.prompt_field])
+            if spec.id_field is not None:
+                if spec.id_field not in obj:
+                    raise WorkloadError("inputs.id_field", f"{where} has no field {spec.id_field!r}")
+                row_id = str(obj[spec.id_field])
+            else:
+                row_id = str(obj.get("custom_id", len(rows)))
+            if row_id in seen:
+                raise WorkloadError("inputs.id_field", f"{where} repeats row id {row_id!r}")
+            seen.add(row_id)
+            rows.append(RowIn(row_id=row_id, prompt=prompt))
+    if not rows:
+        raise WorkloadError("inputs.path", f"{path} has no rows")
+    return rows
+
+
+def load_workload(path: str | Path) -> WorkloadSubmission:
+    """Validate a workload file and everything it points at; paths resolve beside it."""
+    wl_path = Path(path)
+    try:
+        text = wl_path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise WorkloadError("(file)", f"cannot read {wl_path}: {e.strerror}") from None
+    wf = parse_workload_yaml(text, source=str(wl_path))
+    base = wl_path.resolve().parent
+
+    model_dir = (base / wf.model).resolve()
+    if not model_dir.is_dir():
+        raise WorkloadError("model", f"model directory {model_dir} does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise WorkloadError("model", f"{model_dir} has no config.json (not a Hugging Face model directory)")
+    input_path = (base / wf.inputs.path).resolve()
+    if not input_path.is_file():
+        raise WorkloadError("inputs.path", f"input file {input_path} does not exist")
+    output = (base / wf.output).resolve()
+    if output.is_dir():
+        raise WorkloadError("output", f"{output} is a directory; name a file")
+
+    rows = read_rows(wf.inputs, input_path)
+    context = ContextSpec(model=str(model_dir), model_digest=model_digest(model_dir), engine=wf.engine)
+    return WorkloadSubmission(
+        name=wf.name, context=context, sampling=wf.sampling,
+        batch_size=wf.batch_size, output=str(output), rows=rows,
+    )

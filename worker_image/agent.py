@@ -1,0 +1,296 @@
+"""The worker agent: what a glidein runs.
+
+It registers with the service, loads its assigned context once in a library
+process, keeps several batches in flight so the engine never idles between
+them, reports rows as they finish, heartbeats, and retires when idle.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import signal
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from pcm_service.client import ServiceClient, ServiceError
+from pcm_service.protocol import (
+    BatchReport,
+    ContextSpec,
+    ContextState,
+    Heartbeat,
+    LeaseRequest,
+    LeaseResponse,
+    LibraryEvent,
+    RegisterResponse,
+    Resources,
+    RowResult,
+    WorkerRegistration,
+)
+from worker_image.library_handle import LibraryFailed, LibraryHandle
+
+log = logging.getLogger("pcm.worker")
+
+
+def detect_resources() -> Resources:
+    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g and g != "10000"]
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    mem_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    return Resources(cpus=int(os.environ.get("_CONDOR_NPROCS", cpus)), memory_mb=mem_mb, gpus=gpus)
+
+
+class WorkerAgent:
+    def __init__(self, client: ServiceClient, work_dir: Optional[Path] = None,
+                 glidein_id: Optional[str] = None, idle_timeout: Optional[float] = None,
+                 target_rows: int = 64, max_batches: int = 16, start_timeout: float = 900.0,
+                 drain_timeout: float = 30.0, engine: str = "vllm") -> None:
+        self.client = client
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="pcm-worker-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.glidein_id = glidein_id or os.environ.get("PCM_GLIDEIN_ID")
+        self.idle_timeout_override = idle_timeout
+        self.target_rows = target_rows
+        self.max_batches = max_batches
+        self.start_timeout = start_timeout
+        self.drain_timeout = drain_timeout
+        self.engine = engine
+        self.worker_id = ""
+        self.reg: Optional[RegisterResponse] = None
+        self.library: Optional[LibraryHandle] = None
+        self.context_state = ContextState.ABSENT
+        self.inflight: dict[int, set[int]] = {}  # batch_id → row idx not yet finished
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self.stopping = threading.Event()
+        self._exited = threading.Event()
+        self.draining = False
+        self._reports: "queue.Queue[Optional[BatchReport]]" = queue.Queue()
+
+    # ----- service calls --------------------------------------------------------
+    def _register(self) -> None:
+        self.reg = self.client.request("POST", "/workers", WorkerRegistration(
+            host=socket.gethostname(), pid=os.getpid(), glidein_id=self.glidein_id,
+            resources=detect_resources()), RegisterResponse)
+        self.worker_id = self.reg.worker_id
+        log.info("registered as %s with %s", self.worker_id, self.client.url)
+
+    def _call(self, method: str, path: str, body=None, response=None):  # type: ignore[no-untyped-def]
+        """A worker call that re-registers if the service forgot us (e.g. declared us lost)."""
+        try:
+            return self.client.request(method, f"/workers/{self.worker_id}{path}", body, response)
+        except ServiceError as e:
+            if e.status != 404 or "unknown or retired worker" not in e.detail:
+                raise
+            log.warning("service no longer knows %s; registering again", self.worker_id)
+            self._register()
+            return self.client.request(method, f"/workers/{self.worker_id}{path}", body, response)
+
+    def _library_event(self, state: ContextState, context: ContextSpec, seconds: float = 0.0,
+                       error: Optional[str] = None) -> None:
+        self.context_state = state
+        self._call("POST", "/library", LibraryEvent(context_id=context.context_id, state=state,
+                                                    seconds=seconds, error=error))
+
+    # ----- threads --------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        assert self.reg is not None
+        while not self._exited.wait(self.reg.heartbeat_interval):
+            self._send_heartbeat()
+
+    def _send_heartbeat(self) -> None:
+        lib = self.library
+        with self._lock:
+            n = len(self.inflight)
+        try:
+            self._call("POST", "/heartbeat", Heartbeat(
+                context_id=lib.context.context_id if lib else None, context_state=self.context_state,
+                inflight_batches=n, draining=self.draining))
+        except ServiceError as e:
+            log.warning("heartbeat failed: %s", e.detail)
+
+    def _report_loop(self) -> None:
+        """Coalesce finished rows per batch so one engine step costs one request."""
+        while True:
+            first = self._reports.get()
+            items = [first]
+            while True:
+                try:
+                    items.append(self._reports.get_nowait())
+                except queue.Empty:
+                    break
+            merged: dict[int, BatchReport] = {}
+            for rep in items:
+                if rep is None:
+                    continue
+                m = merged.setdefault(rep.batch_id, BatchReport(batch_id=rep.batch_id))
+                m.results.extend(rep.results)
+                m.returned.extend(rep.returned)
+            for rep in merged.values():
+                try:
+                    self._call("POST", "/report", rep)
+                except ServiceError as e:
+                    log.error("report for batch %d refused: %s", rep.batch_id, e.detail)
+            if None in items:
+                return
+
+    def _receive_loop(self, lib: LibraryHandle) -> None:
+        while True:
+            try:
+                msg = lib.recv()
+            except (EOFError, OSError):
+                break
+            if msg[0] != "rows":
+                continue
+            batch_id, rows = msg[1], [RowResult.model_validate_json(r) for r in msg[2]]
+            with self._lock:
+                left = self.inflight.get(batch_id, set())
+                left.difference_update(r.idx for r in rows)
+                if not left:
+                    self.inflight.pop(batch_id, None)
+            self._reports.put(BatchReport(batch_id=batch_id, results=rows))
+            self._wake.set()
+        self._wake.set()
+
+    # ----- context --------------------------------------------------------------
+    def _load(self, context: ContextSpec) -> bool:
+        log.info("loading context %s (%s)", context.context_id, context.model)
+        self._library_event(ContextState.LOADING, context)
+        lib = LibraryHandle(context, self.work_dir, self.engine)
+        try:
+            seconds = lib.wait_ready(self.start_timeout, self.stopping)
+        except LibraryFailed as e:
+            lib.stop(grace=1)
+            self._library_event(ContextState.FAILED, context, error=str(e))
+            log.error("engine failed to start: %s", e)
+            return False
+        self.library = lib
+        threading.Thread(target=self._receive_loop, args=(lib,), daemon=True,
+                         name="pcm-lib-recv").start()
+        self._library_event(ContextState.READY, context, seconds=seconds)
+        log.info("context %s ready after %.1fs", context.context_id, seconds)
+        return True
+
+    def _drop_library(self) -> None:
+        """Stop the library and hand its unfinished rows back to the queue."""
+        lib, self.library = self.library, None
+        if lib is not None:
+            lib.stop()
+        with self._lock:
+            returned, self.inflight = self.inflight, {}
+        for batch_id, idx in returned.items():
+            if idx:
+                self._reports.put(BatchReport(batch_id=batch_id, returned=sorted(idx)))
+        self.context_state = ContextState.ABSENT
+
+    def _batches_wanted(self) -> int:
+        with self._lock:
+            batches = len(self.inflight)
+            rows = sum(len(v) for v in self.inflight.values())
+        if batches < 2:
+            return 2 - batches
+        if rows >= self.target_rows or batches >= self.max_batches:
+            return 0
+        per_batch = max(1, rows // batches)
+        return min(self.max_batches - batches, math.ceil((self.target_rows - rows) / per_batch))
+
+    # ----- main loop ------------------------------------------------------------
+    def run(self) -> int:
+        self._register()
+        assert self.reg is not None
+        idle_timeout = self.idle_timeout_override or self.reg.idle_timeout
+        threading.Thread(target=self._heartbeat_loop, daemon=True, name="pcm-heartbeat").start()
+        reporter = threading.Thread(target=self._report_loop, name="pcm-reporter")
+        reporter.start()
+        rc = 0
+        try:
+            rc = self._loop(idle_timeout)
+        finally:
+            self._finish(reporter)
+        return rc
+
+    def _loop(self, idle_timeout: float) -> int:
+        last_work = time.monotonic()
+        failures = 0
+        while not self.stopping.is_set():
+            lib = self.library
+            if lib is not None and not lib.alive():
+                log.error("library process died (code %s); requeueing its rows", lib.proc.returncode)
+                self._drop_library()
+                lib = None
+            if lib is None:
+                resp = self._call("POST", "/lease", LeaseRequest(max_batches=0), LeaseResponse)
+                if resp.assign_context is not None:
+                    if not self._load(resp.assign_context):
+                        failures += 1
+                        if failures >= 2:
+                            return 1
+                        continue
+                    last_work = time.monotonic()
+                    continue
+            else:
+                wanted = self._batches_wanted()
+                if wanted:
+                    resp = self._call("POST", "/lease", LeaseRequest(
+                        context_id=lib.context.context_id, context_state=ContextState.READY,
+                        max_batches=wanted), LeaseResponse)
+                    for lease in resp.batches:
+                        with self._lock:
+                            self.inflight[lease.batch_id] = {r.idx for r in lease.rows}
+                        lib.send_batch(lease)
+                    if resp.batches:
+                        last_work = time.monotonic()
+                        if len(resp.batches) == wanted:
+                            continue
+                    elif resp.assign_context is not None and not self.inflight:
+                        log.info("switching context to %s", resp.assign_context.context_id)
+                        self._drop_library()
+                        continue
+            with self._lock:
+                busy = bool(self.inflight)
+            if busy:
+                last_work = time.monotonic()
+            elif time.monotonic() - last_work > idle_timeout:
+                log.info("idle for %.0fs: retiring", idle_timeout)
+                return 0
+            self._wake.wait(0.5)
+            self._wake.clear()
+        return 0
+
+    def request_drain(self, *_args: object) -> None:
+        """SIGTERM (HTCondor eviction): stop leasing, finish or return in-flight rows, exit."""
+        self.draining = True
+        self.stopping.set()
+        self._wake.set()
+
+    def _finish(self, reporter: threading.Thread) -> None:
+        self.stopping.set()
+        deadline = time.monotonic() + (self.drain_timeout if self.draining else 0)
+        while self.inflight and self.library is not None and self.library.alive() \
+                and time.monotonic() < deadline:
+            self._wake.wait(0.2)
+            self._wake.clear()
+        self._drop_library()
+        self._reports.put(None)
+        reporter.join()
+        self._exited.set()
+        try:
+            self.client.request("DELETE", f"/workers/{self.worker_id}")
+        except ServiceError as e:
+            log.warning("could not deregister: %s", e.detail)
+        log.info("worker %s exits", self.worker_id)
+
+
+def run_worker(service_url: str, **kwargs: object) -> int:
+    client = ServiceClient(service_url, retry_for=120.0)
+    agent = WorkerAgent(client, **kwargs)  # type: ignore[arg-type]
+    signal.signal(signal.SIGTERM, agent.request_drain)
+    signal.signal(signal.SIGINT, agent.request_drain)
+    return agent.run()

@@ -1,0 +1,103 @@
+"""The agent's side of one library process: start it, wait for its engine, talk to it."""
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing.connection import Connection, Listener
+from pathlib import Path
+from typing import Optional
+
+from pcm_service.protocol import BatchLease, ContextSpec
+from worker_image.library import AUTHKEY_ENV
+
+
+class LibraryFailed(RuntimeError):
+    pass
+
+
+class LibraryHandle:
+    def __init__(self, context: ContextSpec, work_dir: Path, engine: str = "vllm") -> None:
+        self.context = context
+        self._sock_dir = tempfile.mkdtemp(prefix="pcm-lib-")  # short path: AF_UNIX limit
+        address = os.path.join(self._sock_dir, "library.sock")
+        key = secrets.token_bytes(16)
+        self._listener = Listener(address, family="AF_UNIX", authkey=key)
+        ctx_file = work_dir / f"{context.context_id}.json"
+        ctx_file.write_text(context.model_dump_json())
+        self.log_path = work_dir / f"library-{context.context_id}-{int(time.time())}.log"
+        env = dict(os.environ, **{AUTHKEY_ENV: key.hex()})
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "worker_image.library", "--address", address,
+                 "--context-file", str(ctx_file), "--engine", engine, "--spawned-at", str(time.time())],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        self.conn: Optional[Connection] = None
+        self._accepted = threading.Event()
+        self._send_lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True, name="pcm-lib-accept").start()
+
+    def _accept(self) -> None:
+        try:
+            self.conn = self._listener.accept()
+        except OSError:
+            pass  # listener closed: the library never connected
+        self._accepted.set()
+
+    def wait_ready(self, timeout: float, cancelled: threading.Event) -> float:
+        """Block until the engine is loaded; returns the load time the library measured."""
+        deadline = time.monotonic() + timeout
+        while not self._accepted.wait(0.2):
+            if self.proc.poll() is not None:
+                raise LibraryFailed(f"library exited with code {self.proc.returncode}"
+                                    f" before connecting; see {self.log_path}")
+            if cancelled.is_set() or time.monotonic() > deadline:
+                raise LibraryFailed(f"engine did not start within {timeout:.0f}s; see {self.log_path}")
+        assert self.conn is not None
+        while not self.conn.poll(0.2):
+            if self.proc.poll() is not None:
+                raise LibraryFailed(f"library exited with code {self.proc.returncode}"
+                                    f" while loading; see {self.log_path}")
+            if cancelled.is_set() or time.monotonic() > deadline:
+                raise LibraryFailed(f"engine did not start within {timeout:.0f}s; see {self.log_path}")
+        msg = self.conn.recv()
+        if msg[0] == "failed":
+            raise LibraryFailed(msg[1])
+        return float(msg[1])
+
+    def send_batch(self, lease: BatchLease) -> None:
+        assert self.conn is not None
+        with self._send_lock:
+            self.conn.send(("batch", lease.model_dump_json()))
+
+    def recv(self) -> tuple:
+        assert self.conn is not None
+        return self.conn.recv()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.conn is not None:
+            try:
+                with self._send_lock:
+                    self.conn.send(("shutdown",))
+            except OSError:
+                pass
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._listener.close()
+        if self.conn is not None:
+            self.conn.close()
+        try:
+            os.unlink(os.path.join(self._sock_dir, "library.sock"))
+            os.rmdir(self._sock_dir)
+        except OSError:
+            pass
