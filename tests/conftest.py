@@ -1,0 +1,105 @@
+"""Shared fixtures: a tiny real model, workload files, a real `pcm serve` process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import yaml
+
+from pcm_service.client import ServiceClient
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pcm_service.tinymodel import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+ENGINE = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True,
+          "kv_cache_memory_bytes": 128 * 2**20}
+
+
+@pytest.fixture
+def write_workload(tmp_path: Path) -> Callable[..., Path]:
+    """Write a workload YAML (+ its JSONL inputs) into tmp_path; overrides replace fields."""
+
+    def write(rows: list[dict[str, Any]] | None = None, model: str | Path = "model",
+              raw: str | None = None, name: str = "wl.yaml", **fields: Any) -> Path:
+        if rows is None:
+            rows = [{"id": f"r{i}", "claim": f"Claim number {i} is true."} for i in range(20)]
+        (tmp_path / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if model == "model":  # a directory that passes validation (no engine is started from it)
+            (tmp_path / "model").mkdir(exist_ok=True)
+            (tmp_path / "model" / "config.json").write_text("{}")
+        spec: dict[str, Any] = {
+            "name": "test", "model": str(model), "engine": dict(ENGINE),
+            "sampling": {"temperature": 0, "max_tokens": 8},
+            "inputs": {"path": "inputs.jsonl", "template": "Claim: {claim}\nVerdict:", "id_field": "id"},
+            "batch_size": 5, "output": "out/results.jsonl",
+        }
+        spec.update(fields)
+        path = tmp_path / name
+        path.write_text(raw if raw is not None else yaml.safe_dump(spec))
+        return path
+
+    return write
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """A real `pcm serve` subprocess that can be killed and restarted on the same state."""
+
+    def __init__(self, state_dir: Path, *args: str) -> None:
+        self.state_dir = state_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "ServeProcess":
+        log = (self.state_dir.parent / "serve.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pcm_service.cli", "serve", "--state-dir", str(self.state_dir),
+             "--port", str(self.port), *self.args], stdout=log, stderr=subprocess.STDOUT)
+        client = ServiceClient(self.url, retry_for=60.0)
+        client.request("GET", "/healthz")  # retries until the server answers
+        client.close()
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[ServeProcess]:
+    s = ServeProcess(tmp_path / "state").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PCM_SERVICE_URL", raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    os.environ.setdefault("PYTHONPATH", str(REPO))
