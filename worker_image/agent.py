@@ -168,6 +168,8 @@ class WorkerAgent:
             seconds = lib.wait_ready(self.start_timeout, self.stopping)
         except LibraryFailed as e:
             lib.stop(grace=1)
+            if self.stopping.is_set():  # evicted while loading: not the engine's fault
+                return False
             self._library_event(ContextState.FAILED, context, error=str(e))
             log.error("engine failed to start: %s", e)
             return False

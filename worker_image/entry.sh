@@ -9,7 +9,7 @@ shift
 
 # HTCondor sets CUDA_VISIBLE_DEVICES to the GPUs it assigned (10000 means none).
 if [ -n "${_CONDOR_AssignedGPUs:-}" ] && [ -z "${CUDA_VISIBLE_DEVICES:-}" ]; then
-  export CUDA_VISIBLE_DEVICES=${_CONDOR_AssignedGPUs//GPU-/GPU-}
+  export CUDA_VISIBLE_DEVICES=$_CONDOR_AssignedGPUs
 fi
 export PCM_GLIDEIN_ID=${PCM_GLIDEIN_ID:-${_CONDOR_JOB_AD:+$(awk -F' = ' '/^GlobalJobId/ {gsub(/"/,"",$2); print $2}' "$_CONDOR_JOB_AD")}}
 

@@ -10,7 +10,7 @@ import threading
 import time
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from pcm_service.protocol import BatchLease, ContextSpec
 from worker_image.library import AUTHKEY_ENV
@@ -48,23 +48,24 @@ class LibraryHandle:
             pass  # listener closed: the library never connected
         self._accepted.set()
 
+    def _wait_for(self, done: Callable[[], bool], phase: str, deadline: float,
+                  cancelled: threading.Event) -> None:
+        while not done():
+            if self.proc.poll() is not None:
+                raise LibraryFailed(f"library exited with code {self.proc.returncode}"
+                                    f" {phase}; see {self.log_path}")
+            if cancelled.is_set() or time.monotonic() > deadline:
+                raise LibraryFailed(f"engine did not start in time; see {self.log_path}")
+
     def wait_ready(self, timeout: float, cancelled: threading.Event) -> float:
         """Block until the engine is loaded; returns the load time the library measured."""
         deadline = time.monotonic() + timeout
-        while not self._accepted.wait(0.2):
-            if self.proc.poll() is not None:
-                raise LibraryFailed(f"library exited with code {self.proc.returncode}"
-                                    f" before connecting; see {self.log_path}")
-            if cancelled.is_set() or time.monotonic() > deadline:
-                raise LibraryFailed(f"engine did not start within {timeout:.0f}s; see {self.log_path}")
-        assert self.conn is not None
-        while not self.conn.poll(0.2):
-            if self.proc.poll() is not None:
-                raise LibraryFailed(f"library exited with code {self.proc.returncode}"
-                                    f" while loading; see {self.log_path}")
-            if cancelled.is_set() or time.monotonic() > deadline:
-                raise LibraryFailed(f"engine did not start within {timeout:.0f}s; see {self.log_path}")
-        msg = self.conn.recv()
+        self._wait_for(lambda: self._accepted.wait(0.2), "before connecting", deadline, cancelled)
+        conn = self.conn
+        if conn is None:
+            raise LibraryFailed(f"library never connected; see {self.log_path}")
+        self._wait_for(lambda: conn.poll(0.2), "while loading", deadline, cancelled)
+        msg = conn.recv()
         if msg[0] == "failed":
             raise LibraryFailed(msg[1])
         return float(msg[1])
