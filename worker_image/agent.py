@@ -68,6 +68,7 @@ class WorkerAgent:
         self.context_state = ContextState.ABSENT
         self.inflight: dict[int, set[int]] = {}  # batch_id → row idx not yet finished
         self._lock = threading.Lock()
+        self._register_lock = threading.Lock()
         self._wake = threading.Event()
         self.stopping = threading.Event()
         self._exited = threading.Event()
@@ -84,13 +85,16 @@ class WorkerAgent:
 
     def _call(self, method: str, path: str, body=None, response=None):  # type: ignore[no-untyped-def]
         """A worker call that re-registers if the service forgot us (e.g. declared us lost)."""
+        stale = self.worker_id
         try:
-            return self.client.request(method, f"/workers/{self.worker_id}{path}", body, response)
+            return self.client.request(method, f"/workers/{stale}{path}", body, response)
         except ServiceError as e:
             if e.status != 404 or "unknown or retired worker" not in e.detail:
                 raise
-            log.warning("service no longer knows %s; registering again", self.worker_id)
-            self._register()
+            with self._register_lock:  # heartbeat and main loop may both notice
+                if self.worker_id == stale:
+                    log.warning("service no longer knows %s; registering again", stale)
+                    self._register()
             return self.client.request(method, f"/workers/{self.worker_id}{path}", body, response)
 
     def _library_event(self, state: ContextState, context: ContextSpec, seconds: float = 0.0,
