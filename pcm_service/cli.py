@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NoReturn, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from pcm_service.client import ServiceClient, ServiceError, default_service_url
@@ -204,8 +205,8 @@ def _limits(client: ServiceClient, min_: Optional[int], max_: Optional[int],
             data[k] = v
     try:
         new = FactoryLimits(**data)
-    except ValueError as e:
-        _fail(str(e).splitlines()[-1].removeprefix("  Value error, "), code=2)
+    except ValidationError as e:
+        _fail(e.errors()[0]["msg"].removeprefix("Value error, "), code=2)
     return client.request("PUT", "/factory/limits", new, FactoryLimits)
 
 
