@@ -72,12 +72,15 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
     uvicorn.run(create_app(core), host=host, port=port, log_level="warning")
 
 
-def _progress_until_done(fetch, total: int, label: str) -> WorkloadStatus:  # type: ignore[no-untyped-def]
+def _progress_bar():  # type: ignore[no-untyped-def]
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]:.1f} rows/s"), TimeElapsedColumn(),
-                  console=console, transient=False) as bar:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]:.1f} rows/s"), TimeElapsedColumn(), console=console)
+
+
+def _progress_until_done(fetch, total: int, label: str) -> WorkloadStatus:  # type: ignore[no-untyped-def]
+    with _progress_bar() as bar:
         task = bar.add_task(label, total=total, rate=0.0)
         while True:
             st = fetch()
@@ -161,11 +164,7 @@ def run(workload: Path = typer.Argument(..., help="Workload YAML file"),
     sdir = state_dir or Path(tempfile.mkdtemp(prefix="pcm-run-"))
     console.print(f"running {sub.name}: {len(sub.rows)} rows, batch size {sub.batch_size},"
                   f" up to {workers} worker(s); state and logs in {sdir}", highlight=False)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]:.1f} rows/s"), TimeElapsedColumn(),
-                  console=console) as bar:
+    with _progress_bar() as bar:
         task = bar.add_task(sub.name, total=len(sub.rows), rate=0.0)
         try:
             res = run_workload(sub, sdir, workers=workers, config=ServiceConfig(idle_timeout=idle_timeout),
@@ -233,6 +232,9 @@ def factory_run(service: Optional[str] = ServiceOpt,
     console.print(f"factory ({backend}) for {client.url}: limits {limits.model_dump()}", highlight=False)
     be = LocalBackend(client.url, work_dir)
     fac = Factory(client, be, interval=interval)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: fac.stop())  # systemd stop: glideins drain and exit
     try:
         fac.run()
     except KeyboardInterrupt:
