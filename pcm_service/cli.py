@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import tempfile
 import time
@@ -232,8 +233,6 @@ def factory_run(service: Optional[str] = ServiceOpt,
     console.print(f"factory ({backend}) for {client.url}: limits {limits.model_dump()}", highlight=False)
     be = LocalBackend(client.url, work_dir)
     fac = Factory(client, be, interval=interval)
-    import signal
-
     signal.signal(signal.SIGTERM, lambda *_: fac.stop())  # systemd stop: glideins drain and exit
     try:
         fac.run()

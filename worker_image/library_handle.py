@@ -48,23 +48,26 @@ class LibraryHandle:
             pass  # listener closed: the library never connected
         self._accepted.set()
 
-    def _wait_for(self, done: Callable[[], bool], phase: str, deadline: float,
+    def _wait_for(self, done: Callable[[], bool], phase: str, timeout: float, deadline: float,
                   cancelled: threading.Event) -> None:
         while not done():
             if self.proc.poll() is not None:
                 raise LibraryFailed(f"library exited with code {self.proc.returncode}"
                                     f" {phase}; see {self.log_path}")
-            if cancelled.is_set() or time.monotonic() > deadline:
-                raise LibraryFailed(f"engine did not start in time; see {self.log_path}")
+            if cancelled.is_set():
+                raise LibraryFailed(f"engine start cancelled {phase}")
+            if time.monotonic() > deadline:
+                raise LibraryFailed(f"engine did not start within {timeout:.0f}s; see {self.log_path}")
 
     def wait_ready(self, timeout: float, cancelled: threading.Event) -> float:
         """Block until the engine is loaded; returns the load time the library measured."""
         deadline = time.monotonic() + timeout
-        self._wait_for(lambda: self._accepted.wait(0.2), "before connecting", deadline, cancelled)
+        self._wait_for(lambda: self._accepted.wait(0.2), "before connecting", timeout, deadline,
+                       cancelled)
         conn = self.conn
         if conn is None:
             raise LibraryFailed(f"library never connected; see {self.log_path}")
-        self._wait_for(lambda: conn.poll(0.2), "while loading", deadline, cancelled)
+        self._wait_for(lambda: conn.poll(0.2), "while loading", timeout, deadline, cancelled)
         msg = conn.recv()
         if msg[0] == "failed":
             raise LibraryFailed(msg[1])
