@@ -4,17 +4,20 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi.concurrency import run_in_threadpool
 
 from pcm_service.core import ServiceCore, UnknownWorker, UnknownWorkload
+from pcm_service.tokens import bearer_checker
 from pcm_service.protocol import (
     API_PREFIX,
     BatchReport,
     Demand,
     FactoryLimits,
+    FactoryReport,
+    FactoryView,
     Heartbeat,
     HeartbeatResponse,
     LeaseRequest,
@@ -42,7 +45,8 @@ def _reaper(core: ServiceCore, stop: threading.Event) -> None:
             log.exception("reaper cycle failed")
 
 
-def create_app(core: ServiceCore) -> FastAPI:
+def create_app(core: ServiceCore, pool_token: Optional[str] = None) -> FastAPI:
+    """``pool_token``: when set, the worker routes require it as a bearer token."""
     stop = threading.Event()
 
     @asynccontextmanager
@@ -54,6 +58,7 @@ def create_app(core: ServiceCore) -> FastAPI:
         t.join(timeout=5)
 
     app = FastAPI(title="PCM service", lifespan=lifespan)
+    worker_auth = [Depends(bearer_checker(pool_token))]
     app.state.core = core
 
     def worker_call(fn, *args):  # type: ignore[no-untyped-def]
@@ -90,34 +95,43 @@ def create_app(core: ServiceCore) -> FastAPI:
         return core.factory_limits()
 
     @app.put(f"{API_PREFIX}/factory/limits")
-    def set_limits(limits: FactoryLimits) -> FactoryLimits:
-        return core.set_factory_limits(limits)
+    def set_limits(limits: FactoryLimits, from_config: bool = False) -> FactoryLimits:
+        return core.set_factory_limits(limits, from_config)
 
-    @app.post(f"{API_PREFIX}/workers", status_code=201)
+    @app.get(f"{API_PREFIX}/factory")
+    def factory_view() -> FactoryView:
+        return core.factory_view()
+
+    @app.post(f"{API_PREFIX}/factory/report")
+    def factory_report(rep: FactoryReport) -> dict[str, bool]:
+        core.factory_report(rep)
+        return {"ok": True}
+
+    @app.post(f"{API_PREFIX}/workers", status_code=201, dependencies=worker_auth)
     def register(reg: WorkerRegistration) -> RegisterResponse:
         return core.register(reg)
 
-    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/heartbeat")
+    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/heartbeat", dependencies=worker_auth)
     def heartbeat(worker_id: str, hb: Heartbeat) -> HeartbeatResponse:
         return worker_call(core.heartbeat, worker_id, hb)
 
-    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/library")
+    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/library", dependencies=worker_auth)
     def library(worker_id: str, ev: LibraryEvent) -> dict[str, bool]:
         worker_call(core.library_event, worker_id, ev)
         return {"ok": True}
 
-    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/lease")
+    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/lease", dependencies=worker_auth)
     def lease(worker_id: str, req: LeaseRequest) -> LeaseResponse:
         return worker_call(core.lease_batch, worker_id, req)
 
-    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/report")
+    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/report", dependencies=worker_auth)
     def report(worker_id: str, rep: BatchReport) -> ReportResponse:
         try:
             return core.report(worker_id, rep)
         except LookupError as e:
             raise HTTPException(404, str(e)) from None
 
-    @app.delete(f"{API_PREFIX}/workers/{{worker_id}}")
+    @app.delete(f"{API_PREFIX}/workers/{{worker_id}}", dependencies=worker_auth)
     def retire(worker_id: str) -> dict[str, int]:
         return {"requeued_batches": core.retire(worker_id)}
 

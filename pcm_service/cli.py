@@ -2,55 +2,29 @@
 from __future__ import annotations
 
 import json
-import logging
-import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Optional
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 
-from pcm_service.client import ServiceClient, ServiceError, default_service_url
-from pcm_service.protocol import Demand, FactoryLimits, ServiceStatus, SubmitResponse, WorkloadStatus
+from pcm_service.cli_common import ServiceOpt, client_for, console, fail, setup_logging, out
+from pcm_service.cli_factory import factory_app
+from pcm_service.client import ServiceError, default_service_url
+from pcm_service.protocol import ServiceStatus, SubmitResponse, WorkloadStatus
 from pcm_service.workload import WorkloadError, load_workload
 
 app = typer.Typer(help="PCM: throughput LLM inference on opportunistic HTCondor GPU slots.",
                   no_args_is_help=True, add_completion=False)
-factory_app = typer.Typer(help="The glidein factory: run it, tune its limits, inspect it.",
-                          no_args_is_help=True)
 model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 app.add_typer(factory_app, name="factory")
 app.add_typer(model_app, name="model")
-console = Console(stderr=True)
-out = Console()
-
-ServiceOpt = typer.Option(None, "--service", "-s", help="Service URL [env PCM_SERVICE_URL]")
-
-
-def _fail(msg: str, code: int = 1) -> NoReturn:
-    console.print(f"[red]error:[/red] {msg}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _client(service: Optional[str]) -> ServiceClient:
-    return ServiceClient(service or default_service_url())
-
-
 def _load(path: Path):  # type: ignore[no-untyped-def]
     try:
         return load_workload(path)
     except WorkloadError as e:
-        _fail(f"{path}: {e}", code=2)
-
-
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+        fail(f"{path}: {e}", code=2)
 
 
 @app.command()
@@ -59,18 +33,27 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
           port: int = typer.Option(8642, help="Port to listen on"),
           heartbeat_interval: float = typer.Option(2.0, help="Seconds between worker heartbeats"),
           worker_timeout: float = typer.Option(30.0, help="A worker silent this long is lost"),
-          idle_timeout: float = typer.Option(60.0, help="An idle worker retires after this")) -> None:
+          idle_timeout: float = typer.Option(60.0, help="An idle worker retires after this"),
+          pool_token_file: Optional[Path] = typer.Option(
+              None, help="Workers must present this file's token [env PCM_POOL_TOKEN_FILE]",
+              envvar="PCM_POOL_TOKEN_FILE")) -> None:
     """Run the PCM service (HTTP API + SQLite state)."""
     import uvicorn
 
     from pcm_service.api import create_app
     from pcm_service.core import ServiceConfig, ServiceCore
 
-    _logging(False)
+    from pcm_service.tokens import TokenError, read_token
+
+    try:
+        pool_token = read_token(pool_token_file) if pool_token_file else None
+    except TokenError as e:
+        fail(f"--pool-token-file: {e}", code=2)
+    setup_logging(False)
     core = ServiceCore(state_dir, ServiceConfig(heartbeat_interval=heartbeat_interval,
                                                 worker_timeout=worker_timeout, idle_timeout=idle_timeout))
     console.print(f"PCM service on http://{host}:{port} (state in {state_dir.resolve()})")
-    uvicorn.run(create_app(core), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(core, pool_token), host=host, port=port, log_level="warning")
 
 
 def _progress_bar():  # type: ignore[no-untyped-def]
@@ -103,11 +86,11 @@ def submit(workload: Path = typer.Argument(..., help="Workload YAML file"),
            wait: bool = typer.Option(False, "--wait", help="Show progress until the output is written")) -> None:
     """Submit a workload to a running service."""
     sub = _load(workload)
-    client = _client(service)
+    client = client_for(service)
     try:
         resp: SubmitResponse = client.request("POST", "/workloads", sub, SubmitResponse)
     except ServiceError as e:
-        _fail(e.detail, code=2 if 400 <= e.status < 500 else 1)
+        fail(e.detail, code=2 if 400 <= e.status < 500 else 1)
     console.print(f"submitted {resp.workload_id}: {resp.rows} rows in {resp.batches} batches"
                   f" (context {resp.context_id})", highlight=False)
     out.print(resp.workload_id)
@@ -127,13 +110,13 @@ def status(service: Optional[str] = ServiceOpt,
     """Show workers (state, context) and workloads (rows done/total, rate)."""
     from pcm_service.status_view import render_status
 
-    client = _client(service)
+    client = client_for(service)
 
     def fetch() -> ServiceStatus:
         try:
             return client.request("GET", "/status", response=ServiceStatus, all=all_workers)
         except ServiceError as e:
-            _fail(e.detail)
+            fail(e.detail)
 
     if as_json:
         out.print_json(fetch().model_dump_json())
@@ -172,7 +155,7 @@ def run(workload: Path = typer.Argument(..., help="Workload YAML file"),
                                on_progress=lambda st: bar.update(task, completed=st.rows_done,
                                                                  rate=st.rows_per_second))
         except KeyboardInterrupt:
-            _fail(f"interrupted; state and logs kept in {sdir}", code=130)
+            fail(f"interrupted; state and logs kept in {sdir}", code=130)
     console.print(f"makespan {res.makespan:.1f}s; engine starts per worker: "
                   f"{json.dumps(res.library_starts)}", highlight=False)
     _report_done(res.status)
@@ -186,85 +169,21 @@ def worker(service: Optional[str] = ServiceOpt,
            target_rows: int = typer.Option(64, min=1, help="Rows to keep in flight in the engine"),
            start_timeout: float = typer.Option(900.0, help="Seconds allowed for the engine to start"),
            drain_timeout: float = typer.Option(30.0, help="Seconds to finish in-flight rows on SIGTERM"),
+           token_file: Optional[Path] = typer.Option(
+               None, help="File holding the pool token [env PCM_TOKEN_FILE]", envvar="PCM_TOKEN_FILE"),
            verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run a worker agent (what a glidein runs)."""
+    from pcm_service.tokens import TokenError, read_token
     from worker_image.agent import run_worker
 
-    _logging(verbose)
-    raise typer.Exit(run_worker(service or default_service_url(), glidein_id=glidein_id,
+    try:
+        token = read_token(token_file) if token_file else None
+    except TokenError as e:
+        fail(f"--token-file: {e}", code=2)
+    setup_logging(verbose)
+    raise typer.Exit(run_worker(service or default_service_url(), token=token, glidein_id=glidein_id,
                                 work_dir=work_dir, idle_timeout=idle_timeout, target_rows=target_rows,
                                 start_timeout=start_timeout, drain_timeout=drain_timeout))
-
-
-def _limits(client: ServiceClient, min_: Optional[int], max_: Optional[int],
-            per_cycle: Optional[int]) -> FactoryLimits:
-    cur: FactoryLimits = client.request("GET", "/factory/limits", response=FactoryLimits)
-    data = cur.model_dump()
-    for k, v in (("min_workers", min_), ("max_workers", max_), ("per_cycle", per_cycle)):
-        if v is not None:
-            data[k] = v
-    try:
-        new = FactoryLimits(**data)
-    except ValidationError as e:
-        _fail(e.errors()[0]["msg"].removeprefix("Value error, "), code=2)
-    return client.request("PUT", "/factory/limits", new, FactoryLimits)
-
-
-@factory_app.command("run")
-def factory_run(service: Optional[str] = ServiceOpt,
-                backend: str = typer.Option("local", help="Glidein backend: local"),
-                min_workers: Optional[int] = typer.Option(None, "--min", min=0),
-                max_workers: Optional[int] = typer.Option(None, "--max", min=0),
-                per_cycle: Optional[int] = typer.Option(None, "--per-cycle", min=1),
-                interval: float = typer.Option(2.0, help="Seconds between cycles"),
-                work_dir: Path = typer.Option(Path("pcm-glideins"), help="Logs of local glideins")) -> None:
-    """Run the factory daemon: glideins follow the service's demand within min/max."""
-    from factory.backends.local import LocalBackend
-    from factory.daemon import Factory
-
-    if backend != "local":
-        _fail(f"--backend: unknown backend {backend!r}; available: local", code=2)
-    _logging(False)
-    client = ServiceClient(service or default_service_url(), retry_for=60.0)
-    try:
-        limits = _limits(client, min_workers, max_workers, per_cycle)
-    except ServiceError as e:
-        _fail(e.detail)
-    console.print(f"factory ({backend}) for {client.url}: limits {limits.model_dump()}", highlight=False)
-    be = LocalBackend(client.url, work_dir)
-    fac = Factory(client, be, interval=interval)
-    signal.signal(signal.SIGTERM, lambda *_: fac.stop())  # systemd stop: glideins drain and exit
-    try:
-        fac.run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        be.close()
-
-
-@factory_app.command("set")
-def factory_set(service: Optional[str] = ServiceOpt,
-                min_workers: Optional[int] = typer.Option(None, "--min", min=0),
-                max_workers: Optional[int] = typer.Option(None, "--max", min=0),
-                per_cycle: Optional[int] = typer.Option(None, "--per-cycle", min=1)) -> None:
-    """Change the factory's limits; the next cycle applies them."""
-    try:
-        limits = _limits(_client(service), min_workers, max_workers, per_cycle)
-    except ServiceError as e:
-        _fail(e.detail)
-    out.print(f"min {limits.min_workers}, max {limits.max_workers}, per cycle {limits.per_cycle}")
-
-
-@factory_app.command("show")
-def factory_show(service: Optional[str] = ServiceOpt) -> None:
-    """Show the factory's limits and the service's current demand."""
-    try:
-        d: Demand = _client(service).request("GET", "/demand", response=Demand)
-    except ServiceError as e:
-        _fail(e.detail)
-    out.print(f"limits: min {d.limits.min_workers}, max {d.limits.max_workers},"
-              f" per cycle {d.limits.per_cycle}")
-    out.print(f"demand: {d.workers_wanted} workers ({d.reason})")
 
 
 @model_app.command("make-tiny")

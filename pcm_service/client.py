@@ -47,9 +47,13 @@ class ServiceClient:
     """``retry_for`` > 0 keeps retrying connection failures (with backoff) that long:
     workers ride out a service restart this way."""
 
-    def __init__(self, url: Optional[str] = None, timeout: float = 30.0, retry_for: float = 0.0) -> None:
+    def __init__(self, url: Optional[str] = None, timeout: float = 30.0, retry_for: float = 0.0,
+                 token: Optional[str] = None) -> None:
         self.url = (url or default_service_url()).rstrip("/")
         self.retry_for = retry_for
+        self._headers = {"content-type": "application/json"}
+        if token:
+            self._headers["authorization"] = f"Bearer {token}"
         self._http = httpx.Client(base_url=self.url, timeout=timeout)
 
     def request(self, method: str, path: str, body: Optional[BaseModel] = None,
@@ -61,7 +65,7 @@ class ServiceClient:
         while True:
             try:
                 resp = self._http.request(method, path, content=content, params=params or None,
-                                          headers={"content-type": "application/json"})
+                                          headers=self._headers)
                 break
             except httpx.TransportError as e:
                 if time.monotonic() + delay > deadline:

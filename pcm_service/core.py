@@ -23,8 +23,11 @@ from pcm_service.protocol import (
     ContextState,
     Demand,
     FactoryLimits,
+    FactoryReport,
+    FactoryView,
     Heartbeat,
     HeartbeatResponse,
+    Resources,
     LeaseRequest,
     LeaseResponse,
     LibraryEvent,
@@ -41,6 +44,7 @@ from pcm_service.protocol import (
     WorkloadStatus,
     WorkloadSubmission,
 )
+from pcm_service.factories import FactoryRegistry
 from pcm_service.store import Store
 
 LIVE_WORKER_STATES = (WorkerState.STARTING.value, WorkerState.IDLE.value,
@@ -76,6 +80,7 @@ class ServiceCore:
         self.config = config or ServiceConfig()
         self.clock = clock
         self.store = Store(self.state_dir / "pcm.sqlite3")
+        self.factories = FactoryRegistry(self.store)
         self._progress = threading.Condition()
         self._recover()
 
@@ -168,7 +173,18 @@ class ServiceCore:
                 " last_busy=? WHERE worker_id=?",
                 (state.value, hb.context_id, hb.context_state.value, hb.inflight_batches, now,
                  last_busy, worker_id))
-        return HeartbeatResponse()
+            retire = not hb.draining and worker_id in self._surplus_workers(db)
+        return HeartbeatResponse(retire=retire)
+
+    def _surplus_workers(self, db: sqlite3.Connection) -> set[str]:
+        """Workers beyond the factory's max (e.g. after `pcm factory set --max`): they finish
+        their batches and exit. The least busy, newest ones go first."""
+        live = db.execute("SELECT worker_id FROM workers WHERE state IN (?, ?, ?)"
+                          " ORDER BY inflight ASC, registered_at DESC",
+                          (WorkerState.STARTING.value, WorkerState.IDLE.value,
+                           WorkerState.BUSY.value)).fetchall()
+        extra = len(live) - self.factories.limits().max_workers
+        return {r["worker_id"] for r in live[:extra]} if extra > 0 else set()
 
     def library_event(self, worker_id: str, ev: LibraryEvent) -> None:
         with self.store.transaction() as db:
@@ -312,15 +328,16 @@ class ServiceCore:
 
     # ----- demand and status ----------------------------------------------------
     def factory_limits(self) -> FactoryLimits:
-        with self.store.read() as db:
-            row = db.execute("SELECT value FROM settings WHERE key='factory_limits'").fetchone()
-        return FactoryLimits.model_validate_json(row["value"]) if row else FactoryLimits()
+        return self.factories.limits()
 
-    def set_factory_limits(self, limits: FactoryLimits) -> FactoryLimits:
-        with self.store.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO settings VALUES ('factory_limits', ?)",
-                       (limits.model_dump_json(),))
-        return limits
+    def set_factory_limits(self, limits: FactoryLimits, from_config: bool = False) -> FactoryLimits:
+        return self.factories.set_limits(limits, from_config)
+
+    def factory_report(self, rep: FactoryReport) -> None:
+        self.factories.report(rep)
+
+    def factory_view(self) -> FactoryView:
+        return self.factories.view(self.clock())
 
     def demand(self) -> Demand:
         limits = self.factory_limits()
@@ -357,13 +374,14 @@ class ServiceCore:
         return ServiceStatus(
             workers=[WorkerStatus(
                 worker_id=w["worker_id"], host=w["host"], glidein_id=w["glidein_id"],
+                gpus=Resources.model_validate_json(w["resources"]).gpus,
                 state=WorkerState(w["state"]), context_id=w["context_id"],
                 context_state=ContextState(w["context_state"]), inflight_batches=w["inflight"],
                 rows_done=w["rows_done"], library_starts=starts.get(w["worker_id"], 0),
                 idle_seconds=0.0 if w["inflight"] else now - w["last_busy"],
                 last_heartbeat_age=now - w["last_heartbeat"]) for w in workers],
             workloads=[self._workload_status(r) for r in workloads],
-            demand=self.demand())
+            demand=self.demand(), glideins=self.factories.glideins(now))
 
     def close(self) -> None:
         self.store.close()

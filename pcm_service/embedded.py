@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import uvicorn
 
 from factory.backends.local import LocalBackend
+from factory.config import FactoryConfig
 from factory.daemon import Factory
 from pcm_service.api import create_app
 from pcm_service.client import ServiceClient
@@ -64,7 +65,9 @@ def run_workload(sub: WorkloadSubmission, state_dir: Path, workers: int = 1,
     """Submit one workload to a fresh embedded pool and wait for its output file."""
     service = EmbeddedService(state_dir / "service", config).start()
     backend = LocalBackend(service.url, state_dir / "glideins", worker_args=worker_args)
-    factory = Factory(ServiceClient(service.url), backend, interval=0.5)
+    factory = Factory(ServiceClient(service.url), backend,
+                      FactoryConfig(service=service.url, name="embedded", interval=0.5, idle_grace=5.0,
+                                    scale_down_delay=0.0))
     try:
         service.core.set_factory_limits(FactoryLimits(min_workers=0, max_workers=workers,
                                                       per_cycle=workers))

@@ -230,10 +230,51 @@ class Demand(Strict):
     limits: FactoryLimits
 
 
+class GlideinState(str, enum.Enum):
+    IDLE = "idle"  # queued in the batch system, not running yet
+    RUNNING = "running"
+    HELD = "held"
+    EXITED = "exited"  # completed or removed; reported once, then forgotten
+
+
+class Glidein(Strict):
+    """One batch-system job running (or meant to run) one worker, as its backend sees it."""
+    glidein_id: str  # HTCondor: "cluster.proc"
+    state: GlideinState
+    host: Optional[str] = None
+    gpus: list[str] = Field(default_factory=list)
+    detail: str = ""  # hold reason, exit code, pid
+    since: Optional[float] = None  # when it entered this state (unix time)
+
+
+class FactoryDecision(Strict):
+    at: float
+    wanted: int
+    submit: int = 0
+    remove: list[str] = Field(default_factory=list)
+    reason: str = ""
+
+
+class FactoryReport(Strict):
+    """What the factory last saw and did; it posts one every cycle."""
+    factory: str
+    backend: str
+    at: float
+    glideins: list[Glidein] = Field(default_factory=list)
+    decisions: list[FactoryDecision] = Field(default_factory=list)
+
+
+class FactoryView(Strict):
+    limits: FactoryLimits
+    config_limits: Optional[FactoryLimits] = None  # last limits a factory config file applied
+    reports: list[FactoryReport] = Field(default_factory=list)
+
+
 class WorkerStatus(Strict):
     worker_id: str
     host: str
     glidein_id: Optional[str]
+    gpus: list[str] = Field(default_factory=list)
     state: WorkerState
     context_id: Optional[str]
     context_state: ContextState
@@ -262,3 +303,4 @@ class ServiceStatus(Strict):
     workers: list[WorkerStatus]
     workloads: list[WorkloadStatus]
     demand: Demand
+    glideins: list[Glidein] = Field(default_factory=list)  # from the factories' last reports

@@ -1,21 +1,39 @@
 """Rich rendering of `pcm status`."""
 from __future__ import annotations
 
+import time
+
 from rich.console import Group
 from rich.table import Table
 
-from pcm_service.protocol import ServiceStatus
+from pcm_service.protocol import GlideinState, ServiceStatus
 
 
 def render_status(st: ServiceStatus) -> Group:
+    glideins = {g.glidein_id: g for g in st.glideins}
     workers = Table(title=f"Workers ({len(st.workers)})", title_justify="left")
-    for col in ("worker", "glidein", "host", "state", "context", "context state", "in flight",
-                "rows done", "engine starts", "idle s"):
+    for col in ("worker", "glidein", "host", "gpu", "state", "context", "ctx state", "in flight",
+                "rows", "starts", "idle s"):
         workers.add_column(col)
     for w in st.workers:
-        workers.add_row(w.worker_id, w.glidein_id or "-", w.host, w.state.value, w.context_id or "-",
+        g = glideins.get(w.glidein_id or "")
+        gpus = w.gpus or (g.gpus if g else [])
+        workers.add_row(w.worker_id, w.glidein_id or "-", (g.host if g and g.host else w.host),
+                        ",".join(gpus) or "-", w.state.value, w.context_id or "-",
                         w.context_state.value, str(w.inflight_batches), str(w.rows_done),
                         str(w.library_starts), f"{w.idle_seconds:.0f}")
+    parts: list[object] = [workers]
+    with_worker = {w.glidein_id for w in st.workers}
+    orphans = [g for g in st.glideins if g.glidein_id not in with_worker and g.state != GlideinState.EXITED]
+    if orphans:
+        now = time.time()
+        gl = Table(title=f"Glideins without a worker ({len(orphans)})", title_justify="left")
+        for col in ("glidein", "state", "for", "host", "gpus", "detail"):
+            gl.add_column(col)
+        for g in orphans:
+            gl.add_row(g.glidein_id, g.state.value, f"{now - g.since:.0f}s" if g.since else "-",
+                       g.host or "-", ",".join(g.gpus) or "-", g.detail)
+        parts.append(gl)
     loads = Table(title=f"Workloads ({len(st.workloads)})", title_justify="left")
     for col in ("workload", "name", "state", "rows", "failed", "rows/s", "output"):
         loads.add_column(col)
@@ -25,6 +43,6 @@ def render_status(st: ServiceStatus) -> Group:
                       f"{wl.rows_done}/{wl.rows_total} ({pct:.0f}%)", str(wl.rows_failed),
                       f"{wl.rows_per_second:.1f}", wl.output)
     d = st.demand
-    return Group(workers, loads,
-                 f"Demand: {d.workers_wanted} workers — {d.reason}; "
-                 f"factory limits min {d.limits.min_workers} max {d.limits.max_workers}")
+    parts += [loads, f"Demand: {d.workers_wanted} workers — {d.reason}; "
+                     f"factory limits min {d.limits.min_workers} max {d.limits.max_workers}"]
+    return Group(*parts)

@@ -9,10 +9,9 @@ import hashlib
 import json
 import string
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from pcm_service.protocol import (
     ContextSpec,
@@ -22,15 +21,11 @@ from pcm_service.protocol import (
     Strict,
     WorkloadSubmission,
 )
+from pcm_service.yamlmodel import FieldError, parse_yaml_model
 
 
-class WorkloadError(ValueError):
+class WorkloadError(FieldError):
     """A workload file problem; ``field`` is the dotted path of the offending key."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
 
 
 class InputSpec(Strict):
@@ -65,32 +60,8 @@ def model_digest(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def _field_path(err: dict[str, Any]) -> str:
-    return ".".join(str(p) for p in err["loc"]) or "(top level)"
-
-
-def _problem(err: dict[str, Any]) -> str:
-    if err["type"] == "extra_forbidden":
-        return "unknown field"
-    if err["type"] == "missing":
-        return "required field is missing"
-    return err["msg"].removeprefix("Value error, ")
-
-
 def parse_workload_yaml(text: str, source: str = "workload") -> WorkloadFile:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise WorkloadError("(yaml)", f"{source} is not valid YAML{where}: {e}") from None
-    if not isinstance(data, dict):
-        raise WorkloadError("(top level)", f"{source} must be a YAML mapping of fields")
-    try:
-        return WorkloadFile.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise WorkloadError(_field_path(first), _problem(first)) from None
+    return parse_yaml_model(text, WorkloadFile, source, WorkloadError)
 
 
 def _template_fields(template: str) -> list[str]:

@@ -24,6 +24,7 @@ from pcm_service.protocol import (
     ContextSpec,
     ContextState,
     Heartbeat,
+    HeartbeatResponse,
     LeaseRequest,
     LeaseResponse,
     LibraryEvent,
@@ -38,7 +39,8 @@ log = logging.getLogger("pcm.worker")
 
 
 def detect_resources() -> Resources:
-    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g and g != "10000"]
+    assigned = os.environ.get("_CONDOR_AssignedGPUs") or os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    gpus = [g for g in assigned.split(",") if g and g != "10000"]  # HTCondor's "no GPU" marker
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -72,7 +74,8 @@ class WorkerAgent:
         self._wake = threading.Event()
         self.stopping = threading.Event()
         self._exited = threading.Event()
-        self.draining = False
+        self.draining = False  # SIGTERM: finish or return in-flight rows within drain_timeout
+        self.retiring = False  # the service asked us to go: finish in-flight batches, lease no more
         self._reports: "queue.Queue[Optional[BatchReport]]" = queue.Queue()
 
     # ----- service calls --------------------------------------------------------
@@ -114,11 +117,18 @@ class WorkerAgent:
         with self._lock:
             n = len(self.inflight)
         try:
-            self._call("POST", "/heartbeat", Heartbeat(
+            resp = self._call("POST", "/heartbeat", Heartbeat(
                 context_id=lib.context.context_id if lib else None, context_state=self.context_state,
-                inflight_batches=n, draining=self.draining))
+                inflight_batches=n, draining=self.draining or self.retiring), HeartbeatResponse)
         except ServiceError as e:
             log.warning("heartbeat failed: %s", e.detail)
+            return
+        if resp.retire and not self.retiring:
+            log.info("the service has more workers than it may keep: finishing %d batches, then exiting", n)
+            self.retiring = True
+            if n == 0:
+                self.stopping.set()  # also cancels an engine start in progress
+            self._wake.set()
 
     def _report_loop(self) -> None:
         """Coalesce finished rows per batch so one engine step costs one request."""
@@ -231,7 +241,12 @@ class WorkerAgent:
                 log.error("library process died (code %s); requeueing its rows", lib.proc.returncode)
                 self._drop_library()
                 lib = None
-            if lib is None:
+            if self.retiring:
+                with self._lock:
+                    if not self.inflight:
+                        log.info("retiring at the service's request")
+                        return 0
+            elif lib is None:
                 resp = self._call("POST", "/lease", LeaseRequest(max_batches=0), LeaseResponse)
                 if resp.assign_context is not None:
                     if not self._load(resp.assign_context):
@@ -294,8 +309,8 @@ class WorkerAgent:
         log.info("worker %s exits", self.worker_id)
 
 
-def run_worker(service_url: str, **kwargs: object) -> int:
-    client = ServiceClient(service_url, retry_for=120.0)
+def run_worker(service_url: str, token: Optional[str] = None, **kwargs: object) -> int:
+    client = ServiceClient(service_url, retry_for=120.0, token=token)
     agent = WorkerAgent(client, **kwargs)  # type: ignore[arg-type]
     signal.signal(signal.SIGTERM, agent.request_drain)
     signal.signal(signal.SIGINT, agent.request_drain)

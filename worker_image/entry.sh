@@ -1,28 +1,43 @@
 #!/usr/bin/env bash
 # Glidein payload: activate the worker environment, pick the assigned GPU, run the agent,
-# forward SIGTERM (HTCondor eviction) so the worker drains, and exit with its status.
-#   entry.sh SERVICE_URL [extra `pcm worker` flags...]
-# Environment: PCM_VENV (a prebuilt venv on a shared path) or PCM_IMAGE (an Apptainer image).
+# forward SIGTERM (HTCondor eviction/removal) so the worker drains, exit with its status.
+#   entry.sh SERVICE_URL [pcm worker flags: --glidein-id C.P --token-file F ...]
+# Environment (from the factory config's htcondor.environment, never secrets):
+#   PCM_VENV   a prebuilt venv on a shared filesystem, or
+#   PCM_IMAGE  an Apptainer image (worker_image/pcm-worker.def), or neither: `pcm` on PATH.
 set -euo pipefail
 service=${1:?usage: entry.sh SERVICE_URL [pcm worker flags]}
 shift
 
-# HTCondor sets CUDA_VISIBLE_DEVICES to the GPUs it assigned (10000 means none).
+scratch=${_CONDOR_SCRATCH_DIR:-$PWD}
+# HTCondor leaves HOME empty; libraries write caches under it
+if [ -z "${HOME:-}" ] || [ ! -w "${HOME}" ]; then export HOME=$scratch; fi
+# HTCondor assigns GPUs by id; CUDA_VISIBLE_DEVICES normally holds them already (10000 = none)
 if [ -n "${_CONDOR_AssignedGPUs:-}" ] && [ -z "${CUDA_VISIBLE_DEVICES:-}" ]; then
   export CUDA_VISIBLE_DEVICES=$_CONDOR_AssignedGPUs
 fi
-export PCM_GLIDEIN_ID=${PCM_GLIDEIN_ID:-${_CONDOR_JOB_AD:+$(awk -F' = ' '/^GlobalJobId/ {gsub(/"/,"",$2); print $2}' "$_CONDOR_JOB_AD")}}
+# glidein id "cluster.proc" from the job ad when the factory did not pass --glidein-id
+if [ -z "${PCM_GLIDEIN_ID:-}" ] && [ -n "${_CONDOR_JOB_AD:-}" ] && [ -r "$_CONDOR_JOB_AD" ]; then
+  c=$(awk -F' = ' '$1 == "ClusterId" {print $2}' "$_CONDOR_JOB_AD")
+  p=$(awk -F' = ' '$1 == "ProcId" {print $2}' "$_CONDOR_JOB_AD")
+  [ -n "$c" ] && export PCM_GLIDEIN_ID="$c.$p"
+fi
 
 if [ -n "${PCM_IMAGE:-}" ]; then
-  cmd=(apptainer exec --nv --cleanenv "$PCM_IMAGE" pcm worker)
+  cmd=(apptainer exec --nv --bind "$scratch" "$PCM_IMAGE" pcm worker)
 elif [ -n "${PCM_VENV:-}" ]; then
   cmd=("$PCM_VENV/bin/pcm" worker)
 else
   cmd=(pcm worker)
 fi
 
-"${cmd[@]}" --service "$service" --work-dir "${_CONDOR_SCRATCH_DIR:-$PWD}/pcm-worker" "$@" &
+echo "glidein ${PCM_GLIDEIN_ID:-?} on $(hostname) gpus=${_CONDOR_AssignedGPUs:-none}: ${cmd[*]}" >&2
+"${cmd[@]}" --service "$service" --work-dir "$scratch/pcm-worker" "$@" &
 child=$!
 trap 'kill -TERM "$child" 2>/dev/null' TERM INT
-wait "$child" || true   # returns early when a trapped signal arrives
-wait "$child"
+set +e
+wait "$child"; rc=$?
+if [ "$rc" -gt 128 ] && kill -0 "$child" 2>/dev/null; then  # a trapped signal ended the first wait
+  wait "$child"; rc=$?
+fi
+exit "$rc"

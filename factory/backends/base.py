@@ -1,25 +1,19 @@
 """The interface every glidein backend implements (one small class per batch system)."""
 from __future__ import annotations
 
-import enum
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING
+
+from pcm_service.protocol import Glidein, GlideinState
+
+if TYPE_CHECKING:
+    from factory.config import FactoryConfig
+
+__all__ = ["BackendError", "Glidein", "GlideinBackend", "GlideinState"]
 
 
-class GlideinState(str, enum.Enum):
-    IDLE = "idle"  # queued in the batch system, not running yet
-    RUNNING = "running"
-    HELD = "held"
-    EXITED = "exited"  # completed or removed; reported once, then forgotten
-
-
-@dataclass
-class Glidein:
-    glidein_id: str
-    state: GlideinState
-    host: Optional[str] = None
-    detail: str = ""
+class BackendError(RuntimeError):
+    """The batch system cannot be reached or refused a request; the message says what to check."""
 
 
 class GlideinBackend(ABC):
@@ -31,11 +25,15 @@ class GlideinBackend(ABC):
 
     @abstractmethod
     def list(self) -> list[Glidein]:
-        """This factory's glideins, as the batch system sees them now."""
+        """This factory's glideins as the batch system sees them now. Ones that left since the
+        last call are returned once more as EXITED (with why), then forgotten."""
 
     @abstractmethod
     def remove(self, glidein_ids: list[str]) -> None:
         """Ask the glideins to stop (gracefully: the worker drains on SIGTERM)."""
+
+    def configure(self, config: "FactoryConfig") -> None:  # noqa: B027 - optional hook
+        """The factory config file changed: take the new settings for later submits."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the backend holds; the local backend stops its workers."""

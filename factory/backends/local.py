@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from factory.backends.base import Glidein, GlideinBackend, GlideinState
+from factory.config import FactoryConfig
 
 
 class LocalBackend(GlideinBackend):
@@ -47,9 +48,11 @@ class LocalBackend(GlideinBackend):
         for gid, proc in list(self._procs.items()):
             code = proc.poll()
             if code is None:
-                out.append(Glidein(gid, GlideinState.RUNNING, host="localhost", detail=f"pid {proc.pid}"))
+                out.append(Glidein(glidein_id=gid, state=GlideinState.RUNNING, host="localhost",
+                                   detail=f"pid {proc.pid}"))
             else:
-                out.append(Glidein(gid, GlideinState.EXITED, host="localhost", detail=f"exit code {code}"))
+                out.append(Glidein(glidein_id=gid, state=GlideinState.EXITED, host="localhost",
+                                   detail=f"exit code {code}"))
                 del self._procs[gid]
         return out
 
@@ -58,6 +61,9 @@ class LocalBackend(GlideinBackend):
             proc = self._procs.get(gid)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+
+    def configure(self, config: FactoryConfig) -> None:
+        self.worker_args = list(config.local.worker_args)
 
     def pids(self) -> dict[str, int]:
         return {gid: p.pid for gid, p in self._procs.items() if p.poll() is None}

@@ -1,0 +1,96 @@
+"""The factory's config file (factory.yaml): which pool, what a glidein asks for, how fast
+to scale. Re-read when it changes; limits in it are applied once per change of the file."""
+from __future__ import annotations
+
+import hashlib
+import socket
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from pcm_service.client import default_service_url
+from pcm_service.protocol import FactoryLimits, Strict
+from pcm_service.yamlmodel import FieldError, parse_yaml_model
+
+ENTRY_SCRIPT = Path(__file__).resolve().parent.parent / "worker_image" / "entry.sh"
+
+
+class FactoryConfigError(FieldError):
+    pass
+
+
+class HTCondorSettings(Strict):
+    """Where the schedd is and what each glidein asks of the pool (HTCondor submit names)."""
+    collector: Optional[str] = None  # host[:port]; default: the COLLECTOR_HOST HTCondor is configured with
+    schedd: Optional[str] = None  # schedd name; default: the local schedd
+    executable: str = str(ENTRY_SCRIPT)
+    transfer_executable: bool = True
+    log_dir: str = "pcm-glideins"  # glidein event log, stdout, stderr (on the submit host)
+    token_file: Optional[str] = None  # pool token: transferred as a file, never in the job ad
+    request_cpus: int = Field(default=1, gt=0)
+    request_memory: str = "8GB"
+    request_disk: str = "20GB"
+    request_gpus: int = Field(default=0, ge=0)
+    gpus_minimum_memory: Optional[int] = Field(default=None, gt=0)  # MB, as HTCondor counts it
+    gpus_minimum_capability: Optional[float] = Field(default=None, gt=0)
+    requirements: Optional[str] = None  # ClassAd expression, and-ed with HTCondor's own
+    accounting_group: Optional[str] = None
+    accounting_group_user: Optional[str] = None
+    environment: dict[str, str] = Field(default_factory=dict)  # e.g. PCM_VENV, PCM_IMAGE
+    worker_args: list[str] = Field(default_factory=list)  # extra `pcm worker` flags
+    submit: dict[str, str] = Field(default_factory=dict)  # any other submit commands, verbatim
+
+    @model_validator(mode="after")
+    def _no_secrets_in_ad(self) -> "HTCondorSettings":
+        for key in self.environment:
+            if "TOKEN" in key.upper() or "SECRET" in key.upper():
+                raise ValueError(f"environment.{key}: the job environment is visible in the queue;"
+                                 " give secrets as token_file")
+        return self
+
+
+class LocalSettings(Strict):
+    work_dir: str = "pcm-glideins"
+    worker_args: list[str] = Field(default_factory=list)
+
+
+class FactoryConfig(Strict):
+    service: str = Field(default_factory=default_service_url)
+    name: str = Field(default_factory=lambda: f"{socket.gethostname()}")
+    backend: Literal["htcondor", "local"] = "local"
+    interval: float = Field(default=5.0, gt=0)  # seconds between cycles
+    limits: Optional[FactoryLimits] = None  # applied when the file (re)appears with new limits
+    max_idle: int = Field(default=4, gt=0)  # glideins waiting in the queue at most
+    held_timeout: float = Field(default=300.0, ge=0)  # report a held glidein this long, then remove
+    idle_grace: float = Field(default=30.0, ge=0)  # a worker idle this long may be removed
+    scale_down_delay: float = Field(default=60.0, ge=0)  # demand must stay low this long first
+    htcondor: HTCondorSettings = Field(default_factory=HTCondorSettings)
+    local: LocalSettings = Field(default_factory=LocalSettings)
+
+
+def load_factory_config(path: str | Path) -> FactoryConfig:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise FactoryConfigError("(file)", f"cannot read {p}: {e.strerror}") from None
+    cfg = parse_yaml_model(text, FactoryConfig, str(p), FactoryConfigError)
+    base = p.resolve().parent
+    for section, key in (("htcondor", "log_dir"), ("htcondor", "token_file"),
+                         ("htcondor", "executable"), ("local", "work_dir")):
+        sub = getattr(cfg, section)
+        val = getattr(sub, key)
+        if val and not Path(val).is_absolute():  # paths are relative to the config file
+            setattr(sub, key, str(base / val))
+    tok = cfg.htcondor.token_file
+    if cfg.backend == "htcondor" and tok and not Path(tok).is_file():
+        raise FactoryConfigError("htcondor.token_file", f"{tok} does not exist")
+    return cfg
+
+
+def file_digest(path: str | Path) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return ""
