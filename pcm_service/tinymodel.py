@@ -74,4 +74,6 @@ def make_tiny_model(out_dir: str | Path, vocab_size: int = 1024, seed: int = 0) 
     model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)
     (out / "pcm_tiny_model.json").write_text(json.dumps({"seed": seed, "vocab_size": vocab_size}))
+    for f in out.iterdir():  # safetensors writes 0600; glideins run as another user
+        f.chmod(0o644)
     return out

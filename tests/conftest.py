@@ -55,6 +55,22 @@ def write_workload(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
+def reference_texts(model: Path, prompts: list[str], engine: dict[str, Any],
+                    sampling: dict[str, Any], tmp: Path) -> list[str]:
+    """vLLM's own LLM.generate on ``prompts``, in a separate process (tests/reference_generate.py)."""
+    from pcm_service.protocol import EngineSettings, SamplingSettings
+
+    (tmp / "prompts.json").write_text(json.dumps(prompts))
+    (tmp / "engine.json").write_text(EngineSettings(**engine).model_dump_json())
+    (tmp / "sampling.json").write_text(SamplingSettings(**sampling).model_dump_json())
+    ref = subprocess.run([sys.executable, str(REPO / "tests" / "reference_generate.py"), str(model),
+                          str(tmp / "prompts.json"), str(tmp / "engine.json"), str(tmp / "sampling.json"),
+                          str(tmp / "texts.json")],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    return json.loads((tmp / "texts.json").read_text())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ENGINE, REPO
+from conftest import ENGINE, REPO, reference_texts
 
 pytestmark = pytest.mark.engine
 
@@ -60,18 +60,8 @@ def test_every_row_once_in_input_order_with_bad_row_as_error(pcm_run) -> None:
 
 def test_greedy_text_equals_vllm_llm_generate(pcm_run, tiny_model: Path) -> None:
     tmp, spec, _ = pcm_run
-    from pcm_service.protocol import EngineSettings, SamplingSettings
-
     prompts = [f"Claim: {r['claim']}\nVerdict:" for i, r in enumerate(rows()) if i != BAD_ROW]
-    (tmp / "prompts.json").write_text(json.dumps(prompts))
-    (tmp / "engine.json").write_text(EngineSettings(**spec["engine"]).model_dump_json())
-    (tmp / "sampling.json").write_text(SamplingSettings(**spec["sampling"]).model_dump_json())
-    ref = subprocess.run([sys.executable, str(REPO / "tests" / "reference_generate.py"), str(tiny_model),
-                          str(tmp / "prompts.json"), str(tmp / "engine.json"), str(tmp / "sampling.json"),
-                          str(tmp / "texts.json")],
-                         capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    expected = json.loads((tmp / "texts.json").read_text())
+    expected = reference_texts(tiny_model, prompts, spec["engine"], spec["sampling"], tmp)
     lines = [json.loads(x) for x in (tmp / "out" / "results.jsonl").read_text().splitlines()]
     got = [x["text"] for i, x in enumerate(lines) if i != BAD_ROW]
     assert len(got) == len(expected) == N_ROWS - 1

@@ -22,7 +22,7 @@ _STATES = {1: GlideinState.IDLE, 2: GlideinState.RUNNING, 3: GlideinState.EXITED
            4: GlideinState.EXITED, 5: GlideinState.HELD, 6: GlideinState.RUNNING,
            7: GlideinState.RUNNING}
 _PROJECTION = ["ClusterId", "ProcId", "JobStatus", "RemoteHost", "LastRemoteHost", "AssignedGPUs",
-               "HoldReason", "RemoveReason", "ExitCode", "EnteredCurrentStatus", "NumJobStarts"]
+               "HoldReason", "HoldReasonCode", "RemoveReason", "ExitCode", "EnteredCurrentStatus", "NumJobStarts"]
 
 
 def condor_arguments(args: list[str]) -> str:
@@ -94,6 +94,8 @@ class HTCondorBackend(GlideinBackend):
             "log": f"{log_dir}/glideins.log",
             "output": f"{log_dir}/glidein.$(ClusterId).$(ProcId).out",
             "error": f"{log_dir}/glidein.$(ClusterId).$(ProcId).err",
+            "stream_output": "true",  # worker logs readable on the submit host while it runs
+            "stream_error": "true",
             "should_transfer_files": "YES",
             "when_to_transfer_output": "ON_EXIT",
             "kill_sig": "SIGTERM",  # the worker drains; HTCondor SIGKILLs after the vacate time
@@ -135,9 +137,9 @@ class HTCondorBackend(GlideinBackend):
         status = int(ad.get("JobStatus", 0))
         state = GlideinState.EXITED if gone else _STATES.get(status, GlideinState.IDLE)
         if status == 5:
-            detail = f"held: {ad.get('HoldReason', '')}"
+            detail = f"held (HoldReasonCode {ad.get('HoldReasonCode', '?')}): {ad.get('HoldReason') or '-'}"
         elif status == 3:
-            detail = f"removed: {ad.get('RemoveReason', '')}"
+            detail = f"removed: {ad.get('RemoveReason') or '?'}"
         elif status == 4:
             detail = f"completed, exit code {ad.get('ExitCode', '?')}"
         else:

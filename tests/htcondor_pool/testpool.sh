@@ -25,6 +25,7 @@ CPUS=${POOL_CPUS:-8}
 SIM_GPUS=${POOL_SIM_GPUS:-4,1,2,1}
 MAX_VACATE=${POOL_MAX_VACATE:-5}
 READY_TIMEOUT=${POOL_READY_TIMEOUT:-120}
+PACKAGES="minicondor libnuma1"
 
 CENV=(/usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8)
 inroot() { chroot "$ROOT" "${CENV[@]}" "$@"; }
@@ -99,7 +100,7 @@ do_umounts() {
 write_config() {
   local f="$ROOT/etc/condor/config.d/50-pcm-testpool.conf"
   cat > "$f.new" <<CONF
-# written by PCM's tests/pool/testpool.sh
+# written by PCM's tests/htcondor_pool/testpool.sh
 # the root condor_master would otherwise retune the HOST's sysctls
 ENABLE_KERNEL_TUNING = False
 # the chroot's / is no mount point: a private mount namespace fails and every job is held
@@ -139,12 +140,13 @@ do_setup() {
     touch "$ROOT/.pcm-bootstrapped"
   fi
   do_mounts
-  if ! inroot dpkg -s minicondor >/dev/null 2>&1; then
-    log "apt-get install minicondor (in the chroot)"
+  # libnuma1: the vLLM CPU engine the glideins run from the host venv links against it
+  if ! inroot dpkg -s $PACKAGES >/dev/null 2>&1; then
+    log "apt-get install $PACKAGES (in the chroot)"
     printf '#!/bin/sh\nexit 101\n' > "$ROOT/usr/sbin/policy-rc.d"; chmod 755 "$ROOT/usr/sbin/policy-rc.d"
     inroot DEBIAN_FRONTEND=noninteractive sh -c \
-      'apt-get update -q && apt-get install -y -q --no-install-recommends minicondor && apt-get clean && rm -rf /var/lib/apt/lists/*' \
-      > "$ROOT/root/apt-install.log" 2>&1 || die "apt-get in the chroot failed, see $ROOT/root/apt-install.log"
+      'apt-get update -q && apt-get install -y -q --no-install-recommends $0 && apt-get clean && rm -rf /var/lib/apt/lists/*' \
+      "$PACKAGES" > "$ROOT/root/apt-install.log" 2>&1 || die "apt-get in the chroot failed, see $ROOT/root/apt-install.log"
   fi
   write_config
   inroot id "$POOL_USER" >/dev/null 2>&1 || inroot useradd -m -u "$POOL_UID" -s /bin/bash "$POOL_USER"

@@ -1,0 +1,239 @@
+"""The factory against a real HTCondor pool (minicondor in a chroot, tests/htcondor_pool/).
+
+Real schedd, real glideins running worker_image/entry.sh with this checkout's venv, the
+real vLLM CPU engine, a real `pcm serve` that requires the pool token.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from conftest import ENGINE, ServeProcess, reference_texts
+from htcondor_pool.fixtures import (  # noqa: F401 - pool is a fixture
+    FactoryProcess,
+    PoolHandle,
+    pool,
+    testpool_config,
+    wait_for,
+)
+from pcm_service.client import ServiceClient
+from pcm_service.protocol import FactoryView, ServiceStatus, SubmitResponse, WorkloadStatus
+from pcm_service.workload import load_workload
+
+pytestmark = pytest.mark.htcondor
+
+SAMPLING = {"temperature": 0, "max_tokens": 48}
+ALIVE = (1, 2)  # JobStatus idle, running
+
+
+@pytest.fixture
+def pool_model(pool: PoolHandle, tiny_model: Path) -> Path:
+    """The tiny model where glideins can read it (the pool's shared directory)."""
+    dst = pool.share / "models" / tiny_model.name
+    if not dst.exists():
+        shutil.copytree(tiny_model, dst)  # copy2 keeps mtimes, so the context id is the same
+        for p in [dst.parent, dst, *dst.iterdir()]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    return dst
+
+
+@pytest.fixture
+def pool_service(pool: PoolHandle, tmp_path: Path) -> Iterator[tuple[ServeProcess, Path, str]]:
+    token_file = pool.dir(tmp_path.name) / "pool.token"
+    token = pool.token(token_file)
+    s = ServeProcess(tmp_path / "state", "--pool-token-file", str(token_file), "--heartbeat-interval", "1",
+                     "--worker-timeout", "20", "--idle-timeout", "600").start()
+    yield s, token_file, token
+    s.stop()
+
+
+@pytest.fixture
+def factory(pool: PoolHandle, pool_service: tuple[ServeProcess, Path, str],
+            tmp_path: Path) -> Iterator[Callable[..., FactoryProcess]]:
+    made: list[FactoryProcess] = []
+
+    def start(**overrides: Any) -> FactoryProcess:
+        serve, token_file, _ = pool_service
+        name = f"{tmp_path.name}-{len(made)}"
+        log_dir = pool.dir(f"{tmp_path.name}/glideins-{len(made)}")  # the schedd writes as the job owner
+        cfg = testpool_config(pool, serve.url, name, log_dir, token_file, **overrides)
+        fp = FactoryProcess(pool, tmp_path / f"{name}.yaml", name, tmp_path / f"{name}.log", config=cfg)
+        fp.write()
+        made.append(fp.start())
+        return fp
+
+    yield start
+    for fp in made:
+        fp.stop()
+
+
+def service_status(url: str) -> ServiceStatus:
+    return ServiceClient(url).request("GET", "/status", response=ServiceStatus)
+
+
+def submit(url: str, write_workload: Callable[..., Path], model: Path, rows: list[dict[str, str]],
+           tag: str) -> SubmitResponse:
+    path = write_workload(rows=rows, model=str(model), name=f"{tag}.yaml", sampling=SAMPLING,
+                          batch_size=10, output=f"out/{tag}.jsonl")
+    return ServiceClient(url).request("POST", "/workloads", load_workload(path), SubmitResponse)
+
+
+def workload(url: str, wl_id: str) -> WorkloadStatus:
+    return ServiceClient(url).request("GET", f"/workloads/{wl_id}", response=WorkloadStatus)
+
+
+def alive_jobs(pool: PoolHandle, fp: FactoryProcess) -> list[Any]:
+    return [a for a in pool.jobs(fp.name, ["ClusterId", "ProcId", "JobStatus", "NumJobStarts"])
+            if a["JobStatus"] in ALIVE]
+
+
+def gid(ad: Any) -> str:
+    return f"{ad['ClusterId']}.{ad['ProcId']}"
+
+
+def ready_workers(url: str) -> list[Any]:
+    return [w for w in service_status(url).workers if w.context_state.value == "ready"]
+
+
+def check_output(path: Path, rows: list[dict[str, str]], expected: list[str]) -> None:
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["id"] for x in lines] == [r["id"] for r in rows]  # every row exactly once, in order
+    assert [x["error"] for x in lines if x["error"]] == []
+    bad = [(x["id"], x["text"], e) for x, e in zip(lines, expected) if x["text"] != e]
+    assert not bad, bad[:3]
+
+
+def test_glideins_follow_the_queue_survive_vacate_and_scale_down(
+        pool: PoolHandle, pool_service: tuple[ServeProcess, Path, str], factory: Callable[..., FactoryProcess],
+        pool_model: Path, write_workload: Callable[..., Path], tmp_path: Path) -> None:
+    serve, _, token = pool_service
+    url = serve.url
+    rows = [{"id": f"c{i:04d}", "claim": f"Claim {i}: the river {i % 97} flows north of town {i % 13}."}
+            for i in range(1200)]
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    fp = factory(limits={"min_workers": 0, "max_workers": 3, "per_cycle": 3})
+
+    # 1. a workload makes the factory submit glideins; their workers connect (with the token)
+    wl1 = submit(url, write_workload, pool_model, rows[:300], "wl1")
+    wait_for(lambda: len(alive_jobs(pool, fp)) == 3, 60, "3 glideins submitted for the workload")
+    timings["3 glideins in the queue"] = time.monotonic() - t0
+    subprocess.run([sys.executable, "-m", "pcm_service.cli", "factory", "set", "--service", url,
+                    "--min", "3"], check=True, capture_output=True)
+    wait_for(lambda: workload(url, wl1.workload_id).state.value == "completed", 400, "workload 1 done")
+    wait_for(lambda: len(ready_workers(url)) == 3, 300, "3 workers with a ready engine")
+    timings["3 engines ready"] = time.monotonic() - t0
+    st = service_status(url)
+    assert {w.glidein_id for w in st.workers} == {gid(a) for a in alive_jobs(pool, fp)}
+    assert all(w.host for w in st.workers)
+
+    # 2. vacating a running glidein costs no row; it restarts and its new worker rejoins
+    wl2 = submit(url, write_workload, pool_model, rows, "wl2")
+    wait_for(lambda: workload(url, wl2.workload_id).rows_done > 0, 60, "workload 2 to start")
+    busy = wait_for(lambda: [w for w in service_status(url).workers if w.inflight_batches], 30, "a busy worker")
+    victim, victim_worker = busy[0].glidein_id, busy[0].worker_id
+    pool.act("Vacate", [victim])
+    wait_for(lambda: any(w.glidein_id == victim and w.worker_id != victim_worker
+                         for w in service_status(url).workers), 120,
+             f"glidein {victim} to restart and register a new worker")
+    starts = [a["NumJobStarts"] for a in alive_jobs(pool, fp) if gid(a) == victim]
+    assert starts and starts[0] >= 2
+    timings["vacated glidein rejoined"] = time.monotonic() - t0
+    wait_for(lambda: workload(url, wl2.workload_id).state.value == "completed", 600, "workload 2 done")
+
+    # 3. `pcm factory set --max 1` with 3 running: down to 1, no row lost
+    wait_for(lambda: len(ready_workers(url)) == 3, 300, "the vacated glidein's engine to be ready again")
+    wl3 = submit(url, write_workload, pool_model, rows, "wl3")
+    wait_for(lambda: workload(url, wl3.workload_id).rows_done > 0, 60, "workload 3 to start")
+    res = subprocess.run([sys.executable, "-m", "pcm_service.cli", "factory", "set", "--service", url,
+                          "--min", "0", "--max", "1"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    wait_for(lambda: len(alive_jobs(pool, fp)) == 1, 120, "the glideins to shrink to 1")
+    timings["scaled 3 → 1"] = time.monotonic() - t0
+    assert workload(url, wl3.workload_id).state.value == "running", "workload 3 too short for this test"
+    wait_for(lambda: workload(url, wl3.workload_id).state.value == "completed", 600, "workload 3 done")
+    assert len([w for w in service_status(url).workers]) <= 1
+
+    # 4. the queue drained: the last glidein goes away too
+    wait_for(lambda: not pool.jobs(fp.name, ["ClusterId"]), 120, "no glideins left in the queue")
+    timings["queue empty"] = time.monotonic() - t0
+
+    # every workload's output equals vLLM's own LLM.generate on the same prompts
+    expected = reference_texts(pool_model, [f"Claim: {r['claim']}\nVerdict:" for r in rows],
+                               ENGINE, SAMPLING, tmp_path)
+    check_output(tmp_path / "out" / "wl1.jsonl", rows[:300], expected[:300])
+    check_output(tmp_path / "out" / "wl2.jsonl", rows, expected)
+    check_output(tmp_path / "out" / "wl3.jsonl", rows, expected)
+
+    # the pool token is in no job ad (queue or history) and in no glidein log
+    ads = pool.schedd().history(f'PcmFactory == "{fp.name}"', [])
+    assert len(ads) >= 3
+    assert all(token not in str(ad) for ad in ads)
+    logs = [*tmp_path.glob("*.log"), *(pool.share / tmp_path.name).glob("glideins-*/*")]
+    assert all(token not in p.read_text(errors="replace") for p in logs)
+    print("\n[pool test] " + ", ".join(f"{k} at {v:.0f}s" for k, v in timings.items()), file=sys.stderr)
+
+
+def test_held_glidein_is_reported_and_removed(
+        pool: PoolHandle, pool_service: tuple[ServeProcess, Path, str],
+        factory: Callable[..., FactoryProcess]) -> None:
+    serve, _, token = pool_service
+    fp = factory(limits={"min_workers": 1, "max_workers": 1, "per_cycle": 1}, held_timeout=4)
+    first = wait_for(lambda: [w for w in service_status(serve.url).workers if w.glidein_id], 90,
+                     "a worker in a glidein")[0].glidein_id
+    ad = pool.jobs(fp.name, [])[0]
+    assert token not in str(ad) and "pool.token" in str(ad.get("TransferInput"))
+    pool.act("Hold", [first])
+
+    def held_in_view() -> Any:
+        view = ServiceClient(serve.url).request("GET", "/factory", response=FactoryView)
+        return [g for r in view.reports for g in r.glideins if g.glidein_id == first and g.state.value == "held"]
+
+    held = wait_for(held_in_view, 30, f"glidein {first} reported held")
+    assert "HoldReasonCode 1" in held[0].detail  # 1 = held by a user (here: the test)
+    show = subprocess.run([sys.executable, "-m", "pcm_service.cli", "factory", "show", "--service", serve.url],
+                          capture_output=True, text=True)
+    assert show.returncode == 0 and "1 held" in show.stdout, show.stdout
+    wait_for(lambda: first not in {gid(a) for a in pool.jobs(fp.name, ["ClusterId", "ProcId"])}, 30,
+             f"held glidein {first} removed after held_timeout")
+    # min 1 still holds: a replacement glidein runs a worker
+    wait_for(lambda: [w for w in service_status(serve.url).workers if w.glidein_id not in (None, first)],
+             90, "a replacement glidein's worker")
+
+
+def test_gpu_request_lands_only_on_a_matching_gpu(
+        pool: PoolHandle, pool_service: tuple[ServeProcess, Path, str],
+        factory: Callable[..., FactoryProcess]) -> None:
+    """The pool simulates one A100 (capability 8.0) and one V100 (7.0)."""
+    serve, _, _ = pool_service
+    import htcondor2
+
+    startd = htcondor2.Collector().query(htcondor2.AdTypes.Startd, projection=[])[0]
+    capability = {startd.eval(a)["Id"]: startd.eval(a)["Capability"]
+                  for a in startd.keys() if a.startswith("GPUs_GPU_")}
+    assert sorted(capability.values()) == [7.0, 8.0]
+    fp = factory(limits={"min_workers": 2, "max_workers": 2, "per_cycle": 2},
+                 htcondor={"request_gpus": 1, "gpus_minimum_capability": 8.0})
+    wait_for(lambda: len(pool.jobs(fp.name, ["ClusterId"])) == 2, 30, "2 GPU glideins submitted")
+    worker = wait_for(lambda: [w for w in service_status(serve.url).workers if w.glidein_id], 90,
+                      "a worker in a GPU glidein")[0]
+    assert len(worker.gpus) == 1 and capability[worker.gpus[0]] >= 8.0, (worker.gpus, capability)
+    # the second glidein stays idle: the negotiator considers it and finds no match (the only
+    # other GPU is below the minimum capability)
+    rejected = wait_for(lambda: [a for a in pool.jobs(fp.name, ["JobStatus", "LastRejMatchTime"])
+                                 if a["JobStatus"] == 1 and a.get("LastRejMatchTime")], 60,
+                        "the negotiator to reject the second GPU glidein")
+    assert len(rejected) == 1
+    assert sorted(a["JobStatus"] for a in pool.jobs(fp.name, ["JobStatus"])) == [1, 2]
+    assert len(service_status(serve.url).workers) == 1
+    st = subprocess.run([sys.executable, "-m", "pcm_service.cli", "status", "--service", serve.url],
+                        capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert worker.gpus[0] in st.stdout and "without a worker" in st.stdout, st.stdout
