@@ -23,8 +23,10 @@ $(TINY)/config.json: $(STAMP)
 demo: $(STAMP) $(TINY)/config.json
 	$(VENV)/bin/pcm run configs/workloads/claims.yaml --workers 1
 
+# tests/test_htcondor_pool.py starts a real HTCondor pool (tests/htcondor_pool/testpool.sh,
+# needs root) and stops it afterwards; without root those tests are skipped with the reason.
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=8 tests
 
 bench: $(STAMP) $(TINY)/config.json
 	$(PY) bench/context_reuse.py

@@ -91,7 +91,7 @@ def workload(url: str, wl_id: str) -> WorkloadStatus:
 
 
 def alive_jobs(pool: PoolHandle, fp: FactoryProcess) -> list[Any]:
-    return [a for a in pool.jobs(fp.name, ["ClusterId", "ProcId", "JobStatus", "NumJobStarts"])
+    return [a for a in pool.jobs(fp.name, ["ClusterId", "ProcId", "JobStatus", "JobRunCount"])
             if a["JobStatus"] in ALIVE]
 
 
@@ -136,7 +136,8 @@ def test_glideins_follow_the_queue_survive_vacate_and_scale_down(
     assert all(w.host for w in st.workers)
 
     # 2. vacating a running glidein costs no row; it restarts and its new worker rejoins
-    wl2 = submit(url, write_workload, pool_model, rows, "wl2")
+    rows4 = [{"id": f"{r['id']}-{k}", "claim": r["claim"]} for k in range(4) for r in rows]
+    wl2 = submit(url, write_workload, pool_model, rows4, "wl2")
     wait_for(lambda: workload(url, wl2.workload_id).rows_done > 0, 60, "workload 2 to start")
     busy = wait_for(lambda: [w for w in service_status(url).workers if w.inflight_batches], 30, "a busy worker")
     victim, victim_worker = busy[0].glidein_id, busy[0].worker_id
@@ -144,14 +145,15 @@ def test_glideins_follow_the_queue_survive_vacate_and_scale_down(
     wait_for(lambda: any(w.glidein_id == victim and w.worker_id != victim_worker
                          for w in service_status(url).workers), 120,
              f"glidein {victim} to restart and register a new worker")
-    starts = [a["NumJobStarts"] for a in alive_jobs(pool, fp) if gid(a) == victim]
+    starts = [a["JobRunCount"] for a in alive_jobs(pool, fp) if gid(a) == victim]
     assert starts and starts[0] >= 2
     timings["vacated glidein rejoined"] = time.monotonic() - t0
     wait_for(lambda: workload(url, wl2.workload_id).state.value == "completed", 600, "workload 2 done")
+    timings["workload 2 done"] = time.monotonic() - t0
 
     # 3. `pcm factory set --max 1` with 3 running: down to 1, no row lost
     wait_for(lambda: len(ready_workers(url)) == 3, 300, "the vacated glidein's engine to be ready again")
-    wl3 = submit(url, write_workload, pool_model, rows, "wl3")
+    wl3 = submit(url, write_workload, pool_model, rows4, "wl3")
     wait_for(lambda: workload(url, wl3.workload_id).rows_done > 0, 60, "workload 3 to start")
     res = subprocess.run([sys.executable, "-m", "pcm_service.cli", "factory", "set", "--service", url,
                           "--min", "0", "--max", "1"], capture_output=True, text=True)
@@ -170,8 +172,8 @@ def test_glideins_follow_the_queue_survive_vacate_and_scale_down(
     expected = reference_texts(pool_model, [f"Claim: {r['claim']}\nVerdict:" for r in rows],
                                ENGINE, SAMPLING, tmp_path)
     check_output(tmp_path / "out" / "wl1.jsonl", rows[:300], expected[:300])
-    check_output(tmp_path / "out" / "wl2.jsonl", rows, expected)
-    check_output(tmp_path / "out" / "wl3.jsonl", rows, expected)
+    check_output(tmp_path / "out" / "wl2.jsonl", rows4, expected * 4)
+    check_output(tmp_path / "out" / "wl3.jsonl", rows4, expected * 4)
 
     # the pool token is in no job ad (queue or history) and in no glidein log
     ads = pool.schedd().history(f'PcmFactory == "{fp.name}"', [])
@@ -207,6 +209,12 @@ def test_held_glidein_is_reported_and_removed(
     # min 1 still holds: a replacement glidein runs a worker
     wait_for(lambda: [w for w in service_status(serve.url).workers if w.glidein_id not in (None, first)],
              90, "a replacement glidein's worker")
+    # the factory re-reads its config file when it changes: new limits, applied without a restart
+    fp.write(limits={"min_workers": 0, "max_workers": 0, "per_cycle": 1})
+    wait_for(lambda: not pool.jobs(fp.name, ["ClusterId"]), 60, "max 0 from the edited config to empty the queue")
+    view = ServiceClient(serve.url).request("GET", "/factory", response=FactoryView)
+    assert view.limits.max_workers == 0 and view.config_limits == view.limits
+    assert fp.proc is not None and fp.proc.poll() is None
 
 
 def test_gpu_request_lands_only_on_a_matching_gpu(

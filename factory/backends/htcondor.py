@@ -22,7 +22,7 @@ _STATES = {1: GlideinState.IDLE, 2: GlideinState.RUNNING, 3: GlideinState.EXITED
            4: GlideinState.EXITED, 5: GlideinState.HELD, 6: GlideinState.RUNNING,
            7: GlideinState.RUNNING}
 _PROJECTION = ["ClusterId", "ProcId", "JobStatus", "RemoteHost", "LastRemoteHost", "AssignedGPUs",
-               "HoldReason", "HoldReasonCode", "RemoveReason", "ExitCode", "EnteredCurrentStatus", "NumJobStarts"]
+               "HoldReason", "HoldReasonCode", "RemoveReason", "ExitCode", "EnteredCurrentStatus", "JobRunCount"]
 
 
 def condor_arguments(args: list[str]) -> str:
@@ -143,7 +143,7 @@ class HTCondorBackend(GlideinBackend):
         elif status == 4:
             detail = f"completed, exit code {ad.get('ExitCode', '?')}"
         else:
-            detail = f"starts {ad.get('NumJobStarts', 0)}"
+            detail = f"run {ad.get('JobRunCount', 0)}"
         host = ad.get("RemoteHost") or ad.get("LastRemoteHost")
         gpus = [g for g in str(ad.get("AssignedGPUs", "")).split(",") if g]
         return Glidein(glidein_id=gid, state=state, host=host, gpus=gpus, detail=detail,

@@ -1,0 +1,118 @@
+"""factory.yaml: bad configs fail clearly; limits from the file vs. `pcm factory set`; the pool token."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import ServeProcess
+from factory.backends.local import LocalBackend
+from factory.config import FactoryConfig, load_factory_config
+from factory.daemon import Factory
+from pcm_service.client import ServiceClient
+from pcm_service.protocol import FactoryLimits
+
+
+def factory_run(cfg: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pcm_service.cli", "factory", "run", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "factory.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, message", [
+    ("backend: htcondor\nhtcondor: {request_gpu: 1}\n", "htcondor.request_gpu: unknown field"),
+    ("limits: {min_workers: 3, max_workers: 1}\n", "max_workers (1) is below min_workers (3)"),
+    ("interval: 0\n", "interval: Input should be greater than 0"),
+    ("backend: slurm\n", "backend: Input should be 'htcondor' or 'local'"),
+    ("htcondor: {environment: {PCM_TOKEN: abc}}\n", "give secrets as token_file"),
+    ("backend: htcondor\nhtcondor: {token_file: nowhere.token}\n", "htcondor.token_file"),
+    ("limits: [1, 2\n", "not valid YAML"),
+])
+def test_bad_config_names_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    res = factory_run(write(tmp_path, text))
+    assert res.returncode == 2, res.stderr
+    assert message in " ".join(res.stderr.split()), res.stderr
+
+
+def test_unreachable_schedd_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = write(tmp_path, "backend: htcondor\nhtcondor: {collector: '127.0.0.1:9', schedd: nosuch}\n")
+    res = factory_run(cfg, CONDOR_CONFIG="ONLY_ENV", _CONDOR_TOOL_TIMEOUT_MULTIPLIER="1")
+    assert res.returncode == 1, res.stderr
+    err = " ".join(res.stderr.split())
+    assert "cannot reach schedd 'nosuch' via collector 127.0.0.1:9" in err, err
+    assert "htcondor.collector" in err
+
+
+def test_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "pool.token").write_text("x")
+    cfg = load_factory_config(write(tmp_path, "backend: htcondor\nhtcondor: {token_file: pool.token,"
+                                              " log_dir: logs}\n"))
+    assert cfg.htcondor.token_file == str(tmp_path / "pool.token")
+    assert cfg.htcondor.log_dir == str(tmp_path / "logs")
+
+
+def test_file_limits_apply_once_and_set_survives_restarts(tmp_path: Path) -> None:
+    """The file's limits are applied when they change; `pcm factory set` made later survives a
+    restart of the service and of a factory started again with the same file."""
+    serve = ServeProcess(tmp_path / "state").start()
+    cfg_path = write(tmp_path, yaml.safe_dump({"service": serve.url,
+                                               "limits": {"min_workers": 1, "max_workers": 4}}))
+    client = ServiceClient(serve.url)
+
+    def factory() -> Factory:
+        cfg = load_factory_config(cfg_path)
+        return Factory(client, LocalBackend(serve.url, tmp_path / "g"), cfg, config_path=cfg_path)
+
+    try:
+        assert factory().apply_config_limits() == FactoryLimits(min_workers=1, max_workers=4)
+        res = subprocess.run([sys.executable, "-m", "pcm_service.cli", "factory", "set", "--service",
+                              serve.url, "--max", "2"], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        serve.stop()
+        serve.start()
+        assert factory().apply_config_limits() is None  # same file: the later `set` stands
+        assert client.request("GET", "/factory/limits", response=FactoryLimits).max_workers == 2
+        fac = factory()
+        cfg_path.write_text(yaml.safe_dump({"service": serve.url, "limits": {"min_workers": 0,
+                                                                             "max_workers": 7}}))
+        assert fac.reload_if_changed()  # an edited file is a new setting
+        assert client.request("GET", "/factory/limits", response=FactoryLimits).max_workers == 7
+        cfg_path.write_text("interval: -1\n")
+        assert not fac.reload_if_changed() and fac.config.interval == FactoryConfig().interval
+    finally:
+        serve.stop()
+
+
+def test_worker_routes_need_the_pool_token(tmp_path: Path) -> None:
+    token_file = tmp_path / "pool.token"
+    token_file.write_text("s3cret-pool-token\n")
+    serve = ServeProcess(tmp_path / "state", "--pool-token-file", str(token_file)).start()
+    reg = {"host": "h", "pid": 1}
+    try:
+        r = httpx.post(f"{serve.url}/v1/workers", json=reg)
+        assert r.status_code == 401 and "missing pool token" in r.text
+        r = httpx.post(f"{serve.url}/v1/workers", json=reg, headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 403
+        r = httpx.post(f"{serve.url}/v1/workers", json=reg,
+                       headers={"Authorization": "Bearer s3cret-pool-token"})
+        assert r.status_code == 201
+        assert httpx.get(f"{serve.url}/v1/status").status_code == 200  # user API: issue 5
+    finally:
+        serve.stop()
+    assert "s3cret-pool-token" not in (tmp_path / "serve.log").read_text()
+
+
+def test_worker_with_unreadable_token_file_exits_2(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "pcm_service.cli", "worker", "--service", "http://127.0.0.1:9",
+                          "--token-file", str(tmp_path / "missing.token")], capture_output=True, text=True)
+    assert res.returncode == 2 and "--token-file: cannot read the token file" in res.stderr
