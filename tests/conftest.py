@@ -16,6 +16,7 @@ import yaml
 from pcm_service.client import ServiceClient
 
 REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["htcondor_pool.fixtures"]  # the `pool` fixture: a real HTCondor test pool
 
 
 @pytest.fixture(scope="session")

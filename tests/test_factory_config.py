@@ -116,3 +116,21 @@ def test_worker_with_unreadable_token_file_exits_2(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "pcm_service.cli", "worker", "--service", "http://127.0.0.1:9",
                           "--token-file", str(tmp_path / "missing.token")], capture_output=True, text=True)
     assert res.returncode == 2 and "--token-file: cannot read the token file" in res.stderr
+
+
+@pytest.mark.parametrize("name", ["factory-gpu-pool.yaml", "factory-testpool.yaml"])
+def test_example_configs_make_valid_glidein_descriptions(name: str) -> None:
+    """The shipped examples parse, and the bindings accept the glidein they describe."""
+    htcondor2 = pytest.importorskip("htcondor2")
+    from factory.backends.htcondor import glidein_description
+    from pcm_service.yamlmodel import parse_yaml_model
+
+    repo = Path(__file__).resolve().parent.parent
+    cfg = parse_yaml_model((repo / "configs" / name).read_text(), FactoryConfig, name)
+    sub = htcondor2.Submit(glidein_description(cfg.htcondor, cfg.service, cfg.name))
+    text = str(sub)
+    assert f'MY.PcmFactory = "{cfg.name}"' in text and "--glidein-id $(ClusterId).$(ProcId)" in text
+    assert "--token-file pool.token" in text and sub["transfer_input_files"].endswith("pool.token")
+    if name == "factory-gpu-pool.yaml":
+        assert (sub["request_gpus"], sub["gpus_minimum_capability"]) == ("1", "8.0")
+        assert sub["MY.IsOpportunistic"] == "true" and sub["accounting_group"] == "group_opportunistic.pcm"

@@ -17,13 +17,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from conftest import ENGINE, ServeProcess, reference_texts
-from htcondor_pool.fixtures import (  # noqa: F401 - pool is a fixture
-    FactoryProcess,
-    PoolHandle,
-    pool,
-    testpool_config,
-    wait_for,
-)
+from htcondor_pool.fixtures import FactoryProcess, PoolHandle, pool_factory_config, wait_for
 from pcm_service.client import ServiceClient
 from pcm_service.protocol import FactoryView, ServiceStatus, SubmitResponse, WorkloadStatus
 from pcm_service.workload import load_workload
@@ -64,7 +58,7 @@ def factory(pool: PoolHandle, pool_service: tuple[ServeProcess, Path, str],
         serve, token_file, _ = pool_service
         name = f"{tmp_path.name}-{len(made)}"
         log_dir = pool.dir(f"{tmp_path.name}/glideins-{len(made)}")  # the schedd writes as the job owner
-        cfg = testpool_config(pool, serve.url, name, log_dir, token_file, **overrides)
+        cfg = pool_factory_config(pool, serve.url, name, log_dir, token_file, **overrides)
         fp = FactoryProcess(pool, tmp_path / f"{name}.yaml", name, tmp_path / f"{name}.log", config=cfg)
         fp.write()
         made.append(fp.start())

@@ -194,17 +194,22 @@ class WorkerAgent:
         log.info("context %s ready after %.1fs", context.context_id, seconds)
         return True
 
-    def _drop_library(self) -> None:
-        """Stop the library and hand its unfinished rows back to the queue."""
+    def _release_rows(self) -> Optional[LibraryHandle]:
+        """Detach the library and hand its unfinished rows back to the queue (the reporter
+        sends them at once); the caller stops the library, which can take seconds."""
         lib, self.library = self.library, None
-        if lib is not None:
-            lib.stop()
         with self._lock:
             returned, self.inflight = self.inflight, {}
         for batch_id, idx in returned.items():
             if idx:
                 self._reports.put(BatchReport(batch_id=batch_id, returned=sorted(idx)))
         self.context_state = ContextState.ABSENT
+        return lib
+
+    def _drop_library(self) -> None:
+        lib = self._release_rows()
+        if lib is not None:
+            lib.stop()
 
     def _batches_wanted(self) -> int:
         with self._lock:
@@ -298,14 +303,16 @@ class WorkerAgent:
                 and time.monotonic() < deadline:
             self._wake.wait(0.2)
             self._wake.clear()
-        self._drop_library()
+        lib = self._release_rows()
         self._reports.put(None)
-        reporter.join()
+        reporter.join()  # rows reported and returned before the (slow) engine shutdown
         self._exited.set()
         try:
             self.client.request("DELETE", f"/workers/{self.worker_id}")
         except ServiceError as e:
             log.warning("could not deregister: %s", e.detail)
+        if lib is not None:
+            lib.stop(grace=5)
         log.info("worker %s exits", self.worker_id)
 
 

@@ -37,6 +37,52 @@ def condor_environment(env: dict[str, str]) -> str:
     return condor_arguments([f"{k}={v}" for k, v in env.items()])
 
 
+def glidein_description(s: HTCondorSettings, service_url: str, factory_name: str) -> dict[str, str]:
+    """The submit description of one glidein (a dict of HTCondor submit commands)."""
+    from classad2 import quote
+
+    log_dir = str(Path(s.log_dir).resolve())
+    args = [service_url, "--glidein-id", "$(ClusterId).$(ProcId)"]
+    d = {
+        "universe": "vanilla",
+        "executable": s.executable,
+        "transfer_executable": str(s.transfer_executable).lower(),
+        "initialdir": log_dir,
+        "log": f"{log_dir}/glideins.log",
+        "output": f"{log_dir}/glidein.$(ClusterId).$(ProcId).out",
+        "error": f"{log_dir}/glidein.$(ClusterId).$(ProcId).err",
+        "stream_output": "true",  # worker logs readable on the submit host while it runs
+        "stream_error": "true",
+        "should_transfer_files": "YES",
+        "when_to_transfer_output": "ON_EXIT",
+        "kill_sig": "SIGTERM",  # the worker drains; HTCondor SIGKILLs after the vacate time
+        "request_cpus": str(s.request_cpus),
+        "request_memory": s.request_memory,
+        "request_disk": s.request_disk,
+        "MY.PcmFactory": quote(factory_name),
+        "MY.PcmService": quote(service_url),
+        "MY.PcmGlidein": "true",
+    }
+    if s.token_file:
+        d["transfer_input_files"] = s.token_file
+        args += ["--token-file", Path(s.token_file).name]  # a name in the sandbox, not the token
+    if s.request_gpus:
+        d["request_gpus"] = str(s.request_gpus)
+        if s.gpus_minimum_memory:
+            d["gpus_minimum_memory"] = str(s.gpus_minimum_memory)
+        if s.gpus_minimum_capability:
+            d["gpus_minimum_capability"] = str(s.gpus_minimum_capability)
+    for key in ("requirements", "accounting_group", "accounting_group_user"):
+        if getattr(s, key):
+            d[key] = str(getattr(s, key))
+    if s.environment:
+        d["environment"] = condor_environment(s.environment)
+    d["arguments"] = condor_arguments(args + s.worker_args)
+    # "+Attr" is condor_submit's spelling; the bindings want "MY.Attr"
+    d.update({f"MY.{k[1:]}" if k.startswith("+") else k: v for k, v in s.submit.items()})
+    return d
+
+
 class HTCondorBackend(GlideinBackend):
     name = "htcondor"
 
@@ -81,48 +127,8 @@ class HTCondorBackend(GlideinBackend):
         except self.htcondor.HTCondorException as e:
             raise BackendError(f"schedd {what} failed: {e}") from None
 
-    # ----- submit description -----------------------------------------------------
     def description(self) -> dict[str, str]:
-        s = self.settings
-        log_dir = str(Path(s.log_dir).resolve())
-        args = [self.service_url, "--glidein-id", "$(ClusterId).$(ProcId)"]
-        d = {
-            "universe": "vanilla",
-            "executable": s.executable,
-            "transfer_executable": str(s.transfer_executable).lower(),
-            "initialdir": log_dir,
-            "log": f"{log_dir}/glideins.log",
-            "output": f"{log_dir}/glidein.$(ClusterId).$(ProcId).out",
-            "error": f"{log_dir}/glidein.$(ClusterId).$(ProcId).err",
-            "stream_output": "true",  # worker logs readable on the submit host while it runs
-            "stream_error": "true",
-            "should_transfer_files": "YES",
-            "when_to_transfer_output": "ON_EXIT",
-            "kill_sig": "SIGTERM",  # the worker drains; HTCondor SIGKILLs after the vacate time
-            "request_cpus": str(s.request_cpus),
-            "request_memory": s.request_memory,
-            "request_disk": s.request_disk,
-            "MY.PcmFactory": self.classad.quote(self.factory_name),
-            "MY.PcmService": self.classad.quote(self.service_url),
-            "MY.PcmGlidein": "true",
-        }
-        if s.token_file:
-            d["transfer_input_files"] = s.token_file
-            args += ["--token-file", Path(s.token_file).name]  # a name in the sandbox, not the token
-        if s.request_gpus:
-            d["request_gpus"] = str(s.request_gpus)
-            if s.gpus_minimum_memory:
-                d["gpus_minimum_memory"] = str(s.gpus_minimum_memory)
-            if s.gpus_minimum_capability:
-                d["gpus_minimum_capability"] = str(s.gpus_minimum_capability)
-        for key in ("requirements", "accounting_group", "accounting_group_user"):
-            if getattr(s, key):
-                d[key] = str(getattr(s, key))
-        if s.environment:
-            d["environment"] = condor_environment(s.environment)
-        d["arguments"] = condor_arguments(args + s.worker_args)
-        d.update(s.submit)
-        return d
+        return glidein_description(self.settings, self.service_url, self.factory_name)
 
     # ----- the backend interface --------------------------------------------------
     def submit(self, count: int) -> list[str]:

@@ -141,7 +141,7 @@ class FactoryProcess:
             self.pool.act("Remove", ids)
 
 
-def testpool_config(pool: PoolHandle, service_url: str, name: str, log_dir: Path,
+def pool_factory_config(pool: PoolHandle, service_url: str, name: str, log_dir: Path,
                     token_file: Path, **overrides: Any) -> dict[str, Any]:
     """configs/factory-testpool.yaml with this checkout's paths and the test's settings."""
     cfg = yaml.safe_load((REPO / "configs" / "factory-testpool.yaml").read_text())
