@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from pcm_service.client import default_service_url
 from pcm_service.protocol import FactoryLimits, Strict
-from pcm_service.yamlmodel import FieldError, parse_yaml_model
+from pcm_service.yamlmodel import FieldError, load_yaml_model
 
 ENTRY_SCRIPT = Path(__file__).resolve().parent.parent / "worker_image" / "entry.sh"
 
@@ -71,11 +71,7 @@ class FactoryConfig(Strict):
 
 def load_factory_config(path: str | Path) -> FactoryConfig:
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise FactoryConfigError("(file)", f"cannot read {p}: {e.strerror}") from None
-    cfg = parse_yaml_model(text, FactoryConfig, str(p), FactoryConfigError)
+    cfg = load_yaml_model(p, FactoryConfig, FactoryConfigError)
     base = p.resolve().parent
     for section, key in (("htcondor", "log_dir"), ("htcondor", "token_file"),
                          ("htcondor", "executable"), ("local", "work_dir")):

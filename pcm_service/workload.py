@@ -21,7 +21,7 @@ from pcm_service.protocol import (
     Strict,
     WorkloadSubmission,
 )
-from pcm_service.yamlmodel import FieldError, parse_yaml_model
+from pcm_service.yamlmodel import FieldError, load_yaml_model
 
 
 class WorkloadError(FieldError):
@@ -58,10 +58,6 @@ def model_digest(model_dir: Path) -> str:
         st = f.stat()
         h.update(f"{f.relative_to(model_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
-
-
-def parse_workload_yaml(text: str, source: str = "workload") -> WorkloadFile:
-    return parse_yaml_model(text, WorkloadFile, source, WorkloadError)
 
 
 def _template_fields(template: str) -> list[str]:
@@ -121,11 +117,7 @@ def read_rows(spec: InputSpec, path: Path) -> list[RowIn]:
 def load_workload(path: str | Path) -> WorkloadSubmission:
     """Validate a workload file and everything it points at; paths resolve beside it."""
     wl_path = Path(path)
-    try:
-        text = wl_path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise WorkloadError("(file)", f"cannot read {wl_path}: {e.strerror}") from None
-    wf = parse_workload_yaml(text, source=str(wl_path))
+    wf = load_yaml_model(wl_path, WorkloadFile, WorkloadError)
     base = wl_path.resolve().parent
 
     model_dir = (base / wf.model).resolve()

@@ -2,6 +2,7 @@
 with one error type that names the offending field."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
@@ -47,3 +48,11 @@ def parse_yaml_model(text: str, model: type[M], source: str, error: type[FieldEr
     except ValidationError as e:
         first = e.errors()[0]
         raise error(field_path(first), problem(first)) from None
+
+
+def load_yaml_model(path: Path, model: type[M], error: type[FieldError] = FieldError) -> M:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise error("(file)", f"cannot read {path}: {e.strerror}") from None
+    return parse_yaml_model(text, model, str(path), error)
