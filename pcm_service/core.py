@@ -183,7 +183,10 @@ class ServiceCore:
                           " ORDER BY inflight ASC, registered_at DESC",
                           (WorkerState.STARTING.value, WorkerState.IDLE.value,
                            WorkerState.BUSY.value)).fetchall()
-        extra = len(live) - self.factories.limits().max_workers
+        limits = self.factories.explicit_limits()
+        if limits is None:  # no factory manages this pool: workers started by hand all stay
+            return set()
+        extra = len(live) - limits.max_workers
         return {r["worker_id"] for r in live[:extra]} if extra > 0 else set()
 
     def library_event(self, worker_id: str, ev: LibraryEvent) -> None:

@@ -23,8 +23,12 @@ class FactoryRegistry:
         return row["value"] if row else None
 
     def limits(self) -> FactoryLimits:
+        return self.explicit_limits() or FactoryLimits()
+
+    def explicit_limits(self) -> Optional[FactoryLimits]:
+        """The limits someone set (a factory, `pcm factory set`, `pcm run`); None if never set."""
         raw = self._get("factory_limits")
-        return FactoryLimits.model_validate_json(raw) if raw else FactoryLimits()
+        return FactoryLimits.model_validate_json(raw) if raw else None
 
     def set_limits(self, limits: FactoryLimits, from_config: bool = False) -> FactoryLimits:
         """``from_config``: a factory applies its config file's limits; remembered so that a

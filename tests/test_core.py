@@ -12,6 +12,7 @@ from pcm_service.protocol import (
     ContextSpec,
     ContextState,
     FactoryLimits,
+    Heartbeat,
     LeaseRequest,
     LibraryEvent,
     RowIn,
@@ -158,6 +159,27 @@ def test_demand_follows_work_and_limits(core, tmp_path) -> None:
     assert core.demand().workers_wanted == 3
     core.set_factory_limits(FactoryLimits(min_workers=5, max_workers=10))
     assert core.demand().workers_wanted == 8
+
+
+def test_workers_beyond_max_are_told_to_retire_busy_ones_last(core, tmp_path) -> None:
+    """`pcm factory set --max 1` with 3 workers: the two least busy (newest first) retire."""
+    wl = core.submit(submission(tmp_path, n=9, batch_size=3))
+    busy = ready_worker(core, wl.context_id)
+    lease(core, busy, wl.context_id)
+    idle = [ready_worker(core, wl.context_id) for _ in range(2)]
+
+    def hb(wid: str, inflight: int = 0) -> bool:
+        return core.heartbeat(wid, Heartbeat(context_id=wl.context_id, context_state=ContextState.READY,
+                                             inflight_batches=inflight)).retire
+
+    assert not any([hb(busy, 1), *map(hb, idle)])  # no limits set: nobody manages the pool
+    core.set_factory_limits(FactoryLimits(max_workers=3))
+    assert not any([hb(busy, 1), *map(hb, idle)])
+    core.set_factory_limits(FactoryLimits(max_workers=1))
+    assert (hb(busy, 1), [hb(w) for w in idle]) == (False, [True, True])
+    draining = core.heartbeat(idle[0], Heartbeat(context_id=wl.context_id, draining=True,
+                                                 context_state=ContextState.READY))
+    assert not draining.retire  # already leaving: not counted, not told twice
 
 
 def test_factory_limits_validated() -> None:
