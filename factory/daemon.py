@@ -16,10 +16,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from factory.backends.base import BackendError, Glidein, GlideinBackend, GlideinState
-from factory.config import FactoryConfig, FactoryConfigError, file_digest, load_factory_config
+from factory.config import (
+    FactoryConfig,
+    FactoryConfigError,
+    file_digest,
+    load_factory_config,
+)
 from pcm_service.client import ServiceClient, ServiceError
 from pcm_service.protocol import (
-    Demand,
     FactoryDecision,
     FactoryLimits,
     FactoryReport,
@@ -54,8 +58,8 @@ def decide(wanted: int, glideins: list[Glidein], workers: list[WorkerStatus], po
     n = len(alive)
     held_note = f"; remove {len(expired)} held" if expired else ""
     if n < wanted:
-        room = max(0, int(min(policy.max_idle, 1e9)) - len(queued) - len(held))
-        k = min(wanted - n, policy.per_cycle, room)
+        room = max(0, policy.max_idle - len(queued) - len(held))
+        k = int(min(wanted - n, policy.per_cycle, room))
         capped = "" if k == min(wanted - n, policy.per_cycle) else \
             f" (capped: {len(queued)} idle + {len(held)} held in the queue, max_idle {policy.max_idle:g})"
         return FactoryDecision(at=now, wanted=wanted, submit=k, remove=expired,
@@ -160,8 +164,8 @@ class Factory:
 
     def cycle(self) -> FactoryDecision:
         self.reload_if_changed()
-        demand: Demand = self.client.request("GET", "/demand", response=Demand)
         status: ServiceStatus = self.client.request("GET", "/status", response=ServiceStatus)
+        demand = status.demand
         glideins = self.backend.list()
         now = self.clock()
         self._note(glideins)
@@ -179,6 +183,7 @@ class Factory:
         return d
 
     def _note(self, glideins: list[Glidein]) -> None:
+        self.reported_held &= {g.glidein_id for g in glideins if g.state == GlideinState.HELD}
         for g in glideins:
             if g.state == GlideinState.EXITED:
                 log.info("glidein %s left the queue (%s)", g.glidein_id, g.detail)

@@ -10,7 +10,6 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.concurrency import run_in_threadpool
 
 from pcm_service.core import ServiceCore, UnknownWorker, UnknownWorkload
-from pcm_service.tokens import bearer_checker
 from pcm_service.protocol import (
     API_PREFIX,
     BatchReport,
@@ -31,6 +30,7 @@ from pcm_service.protocol import (
     WorkloadStatus,
     WorkloadSubmission,
 )
+from pcm_service.tokens import bearer_checker
 
 log = logging.getLogger("pcm.service")
 

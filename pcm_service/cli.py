@@ -9,7 +9,15 @@ from typing import Optional
 
 import typer
 
-from pcm_service.cli_common import ServiceOpt, client_for, console, fail, setup_logging, out
+from pcm_service.cli_common import (
+    ServiceOpt,
+    client_for,
+    console,
+    fail,
+    out,
+    setup_logging,
+    token_from,
+)
 from pcm_service.cli_factory import factory_app
 from pcm_service.client import ServiceError, default_service_url
 from pcm_service.protocol import ServiceStatus, SubmitResponse, WorkloadStatus
@@ -20,6 +28,8 @@ app = typer.Typer(help="PCM: throughput LLM inference on opportunistic HTCondor 
 model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 app.add_typer(factory_app, name="factory")
 app.add_typer(model_app, name="model")
+
+
 def _load(path: Path):  # type: ignore[no-untyped-def]
     try:
         return load_workload(path)
@@ -43,12 +53,7 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
     from pcm_service.api import create_app
     from pcm_service.core import ServiceConfig, ServiceCore
 
-    from pcm_service.tokens import TokenError, read_token
-
-    try:
-        pool_token = read_token(pool_token_file) if pool_token_file else None
-    except TokenError as e:
-        fail(f"--pool-token-file: {e}", code=2)
+    pool_token = token_from(pool_token_file, "--pool-token-file")
     setup_logging(False)
     core = ServiceCore(state_dir, ServiceConfig(heartbeat_interval=heartbeat_interval,
                                                 worker_timeout=worker_timeout, idle_timeout=idle_timeout))
@@ -57,7 +62,13 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
 
 
 def _progress_bar():  # type: ignore[no-untyped-def]
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]:.1f} rows/s"), TimeElapsedColumn(), console=console)
@@ -173,13 +184,9 @@ def worker(service: Optional[str] = ServiceOpt,
                None, help="File holding the pool token [env PCM_TOKEN_FILE]", envvar="PCM_TOKEN_FILE"),
            verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run a worker agent (what a glidein runs)."""
-    from pcm_service.tokens import TokenError, read_token
     from worker_image.agent import run_worker
 
-    try:
-        token = read_token(token_file) if token_file else None
-    except TokenError as e:
-        fail(f"--token-file: {e}", code=2)
+    token = token_from(token_file, "--token-file")
     setup_logging(verbose)
     raise typer.Exit(run_worker(service or default_service_url(), token=token, glidein_id=glidein_id,
                                 work_dir=work_dir, idle_timeout=idle_timeout, target_rows=target_rows,

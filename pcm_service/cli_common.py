@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import NoReturn, Optional
 
 import typer
@@ -19,6 +20,16 @@ ServiceOpt = typer.Option(None, "--service", "-s", help="Service URL [env PCM_SE
 def fail(msg: str, code: int = 1) -> NoReturn:
     console.print(f"[red]error:[/red] {msg}", highlight=False)
     raise typer.Exit(code)
+
+
+def token_from(path: Optional[Path], flag: str) -> Optional[str]:
+    """The token in ``path`` (None without one); an unreadable or empty file exits 2."""
+    from pcm_service.tokens import TokenError, read_token
+
+    try:
+        return read_token(path) if path else None
+    except TokenError as e:
+        fail(f"{flag}: {e}", code=2)
 
 
 def client_for(service: Optional[str], **kw: float) -> ServiceClient:

@@ -11,7 +11,14 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from pcm_service.cli_common import ServiceOpt, client_for, console, fail, out, setup_logging
+from pcm_service.cli_common import (
+    ServiceOpt,
+    client_for,
+    console,
+    fail,
+    out,
+    setup_logging,
+)
 from pcm_service.client import ServiceClient, ServiceError
 from pcm_service.protocol import Demand, FactoryLimits, FactoryView, GlideinState
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from pcm_service.factories import FactoryRegistry
 from pcm_service.protocol import (
     BatchLease,
     BatchReport,
@@ -27,12 +28,12 @@ from pcm_service.protocol import (
     FactoryView,
     Heartbeat,
     HeartbeatResponse,
-    Resources,
     LeaseRequest,
     LeaseResponse,
     LibraryEvent,
     RegisterResponse,
     ReportResponse,
+    Resources,
     RowTask,
     SamplingSettings,
     ServiceStatus,
@@ -44,7 +45,6 @@ from pcm_service.protocol import (
     WorkloadStatus,
     WorkloadSubmission,
 )
-from pcm_service.factories import FactoryRegistry
 from pcm_service.store import Store
 
 LIVE_WORKER_STATES = (WorkerState.STARTING.value, WorkerState.IDLE.value,
@@ -162,6 +162,7 @@ class ServiceCore:
 
     def heartbeat(self, worker_id: str, hb: Heartbeat) -> HeartbeatResponse:
         now = self.clock()
+        limits = self.factories.explicit_limits()
         with self.store.transaction() as db:
             w = self._live_worker(db, worker_id)
             state = (WorkerState.DRAINING if hb.draining else
@@ -173,20 +174,19 @@ class ServiceCore:
                 " last_busy=? WHERE worker_id=?",
                 (state.value, hb.context_id, hb.context_state.value, hb.inflight_batches, now,
                  last_busy, worker_id))
-            retire = not hb.draining and worker_id in self._surplus_workers(db)
+            # with no limits set, no factory manages this pool: workers started by hand all stay
+            retire = (limits is not None and not hb.draining
+                      and worker_id in self._surplus_workers(db, limits.max_workers))
         return HeartbeatResponse(retire=retire)
 
-    def _surplus_workers(self, db: sqlite3.Connection) -> set[str]:
+    def _surplus_workers(self, db: sqlite3.Connection, max_workers: int) -> set[str]:
         """Workers beyond the factory's max (e.g. after `pcm factory set --max`): they finish
         their batches and exit. The least busy, newest ones go first."""
         live = db.execute("SELECT worker_id FROM workers WHERE state IN (?, ?, ?)"
                           " ORDER BY inflight ASC, registered_at DESC",
                           (WorkerState.STARTING.value, WorkerState.IDLE.value,
                            WorkerState.BUSY.value)).fetchall()
-        limits = self.factories.explicit_limits()
-        if limits is None:  # no factory manages this pool: workers started by hand all stay
-            return set()
-        extra = len(live) - limits.max_workers
+        extra = len(live) - max_workers
         return {r["worker_id"] for r in live[:extra]} if extra > 0 else set()
 
     def library_event(self, worker_id: str, ev: LibraryEvent) -> None:

@@ -16,7 +16,12 @@ from factory.daemon import Factory
 from pcm_service.api import create_app
 from pcm_service.client import ServiceClient
 from pcm_service.core import ServiceConfig, ServiceCore
-from pcm_service.protocol import FactoryLimits, WorkloadState, WorkloadStatus, WorkloadSubmission
+from pcm_service.protocol import (
+    FactoryLimits,
+    WorkloadState,
+    WorkloadStatus,
+    WorkloadSubmission,
+)
 
 
 class EmbeddedService:

@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from conftest import ServeProcess
+
 from factory.backends.local import LocalBackend
 from factory.config import FactoryConfig, load_factory_config
 from factory.daemon import Factory

@@ -15,11 +15,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-
 from conftest import ENGINE, ServeProcess, reference_texts
-from htcondor_pool.fixtures import FactoryProcess, PoolHandle, pool_factory_config, wait_for
+from htcondor_pool.fixtures import (
+    FactoryProcess,
+    PoolHandle,
+    pool_factory_config,
+    wait_for,
+)
+
 from pcm_service.client import ServiceClient
-from pcm_service.protocol import FactoryView, ServiceStatus, SubmitResponse, WorkloadStatus
+from pcm_service.protocol import (
+    FactoryView,
+    ServiceStatus,
+    SubmitResponse,
+    WorkloadStatus,
+)
 from pcm_service.workload import load_workload
 
 pytestmark = pytest.mark.htcondor

@@ -6,8 +6,8 @@ import signal
 from pathlib import Path
 
 import pytest
-
 from conftest import ServeProcess
+
 from pcm_service.client import ServiceClient
 from pcm_service.protocol import (
     BatchReport,

@@ -93,7 +93,6 @@ class HTCondorBackend(GlideinBackend):
         except ImportError:
             raise BackendError("the htcondor bindings are not installed: pip install 'pcm[htcondor]'")
         self.htcondor = htcondor2
-        self.classad = classad2
         self.settings = settings
         self.service_url = service_url
         self.factory_name = factory_name
