@@ -26,7 +26,6 @@ sys.path.insert(0, str(REPO))
 
 from pcm_service.embedded import run_workload  # noqa: E402
 from pcm_service.protocol import ContextSpec, EngineSettings, RowIn, SamplingSettings, WorkloadSubmission  # noqa: E402
-from pcm_service.workload import model_digest  # noqa: E402
 
 ONE_BATCH = r"""
 import json, sys, time
@@ -55,7 +54,7 @@ def prompts(n: int) -> list[str]:
 def run_pcm(model: Path, ps: list[str], args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     sub = WorkloadSubmission(
         name="bench", batch_size=args.batch_size, output=str(tmp / "pcm.jsonl"),
-        context=ContextSpec(model=str(model), model_digest=model_digest(model), engine=EngineSettings(**ENGINE)),
+        context=ContextSpec(model=str(model), engine=EngineSettings(**ENGINE)),
         sampling=SamplingSettings(temperature=0, max_tokens=args.max_tokens),
         rows=[RowIn(row_id=str(i), prompt=p) for i, p in enumerate(ps)])
     res = run_workload(sub, tmp / "pcm", workers=args.workers)

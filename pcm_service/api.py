@@ -1,14 +1,19 @@
 """HTTP layer: a thin FastAPI shell over ``ServiceCore``."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import AsyncIterator, Optional
 
-from fastapi import Depends, FastAPI, HTTPException
+import anyio.to_thread
+from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 
+from pcm_service.blobs import CHUNK_RE, parse_range, read_pieces
 from pcm_service.core import ServiceCore, UnknownWorker, UnknownWorkload
 from pcm_service.protocol import (
     API_PREFIX,
@@ -17,11 +22,15 @@ from pcm_service.protocol import (
     FactoryLimits,
     FactoryReport,
     FactoryView,
+    FetchPlan,
+    FetchRequest,
     Heartbeat,
     HeartbeatResponse,
     LeaseRequest,
     LeaseResponse,
     LibraryEvent,
+    ModelManifest,
+    ModelRegistration,
     RegisterResponse,
     ReportResponse,
     ServiceStatus,
@@ -30,6 +39,7 @@ from pcm_service.protocol import (
     WorkloadStatus,
     WorkloadSubmission,
 )
+from pcm_service.replicas import ModelUnavailable
 from pcm_service.tokens import bearer_checker
 
 log = logging.getLogger("pcm.service")
@@ -45,14 +55,40 @@ def _reaper(core: ServiceCore, stop: threading.Event) -> None:
             log.exception("reaper cycle failed")
 
 
+class _Changes:
+    """Wakes long-polling fetch requests when a transfer finishes or a source frees up."""
+
+    def __init__(self) -> None:
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.event: Optional[asyncio.Event] = None
+
+    def bind(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.event = asyncio.Event()
+
+    def _fire(self) -> None:
+        ev, self.event = self.event, asyncio.Event()
+        if ev is not None:
+            ev.set()
+
+    def notify(self) -> None:  # called from any thread
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._fire)
+
+
 def create_app(core: ServiceCore, pool_token: Optional[str] = None) -> FastAPI:
     """``pool_token``: when set, the worker routes require it as a bearer token."""
     stop = threading.Event()
+    changes = _Changes()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         t = threading.Thread(target=_reaper, args=(core, stop), name="pcm-reaper", daemon=True)
         t.start()
+        changes.bind()
+        core.replicas.on_change = changes.notify
+        # chunk streams and plan requests run in threads: leave room for a large pool
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 200
         yield
         stop.set()
         t.join(timeout=5)
@@ -73,7 +109,43 @@ def create_app(core: ServiceCore, pool_token: Optional[str] = None) -> FastAPI:
 
     @app.post(f"{API_PREFIX}/workloads", status_code=201)
     async def submit(sub: WorkloadSubmission) -> SubmitResponse:
-        return await run_in_threadpool(core.submit, sub)
+        try:
+            return await run_in_threadpool(core.submit, sub)
+        except ModelUnavailable as e:
+            raise HTTPException(400, f"context.model: {e}") from None
+
+    @app.post(f"{API_PREFIX}/models", status_code=201)
+    async def register_model(reg: ModelRegistration) -> ModelManifest:
+        try:
+            return await run_in_threadpool(core.replicas.register_model, Path(reg.path))
+        except ModelUnavailable as e:
+            raise HTTPException(400, f"path: {e}") from None
+
+    @app.get(f"{API_PREFIX}/models/{{digest}}", dependencies=worker_auth)
+    def manifest(digest: str) -> ModelManifest:
+        try:
+            return core.replicas.manifest(digest)
+        except KeyError:
+            raise HTTPException(404, f"unknown model manifest {digest}") from None
+
+    @app.get(f"{API_PREFIX}/blobs/{{chunk}}", dependencies=worker_auth)
+    def origin_chunk(chunk: str, range: Optional[str] = Header(None)) -> StreamingResponse:
+        """The origin copy of a chunk, paced by the origin's upload rate."""
+        loc = core.replicas.origin_location(chunk) if CHUNK_RE.fullmatch(chunk) else None
+        if loc is None:
+            raise HTTPException(404, f"no chunk {chunk} in any registered model")
+        path, offset, length = loc
+        try:
+            span = parse_range(range, length)
+        except ValueError as e:
+            raise HTTPException(416, str(e)) from None
+        start, end = span or (0, length)
+        headers = {"content-length": str(end - start)}
+        if span:
+            headers["content-range"] = f"bytes {start}-{end - 1}/{length}"
+        return StreamingResponse(read_pieces(path, offset + start, end - start, core.replicas.origin_limiter),
+                                 status_code=206 if span else 200, headers=headers,
+                                 media_type="application/octet-stream")
 
     @app.get(f"{API_PREFIX}/workloads/{{workload_id}}")
     def workload(workload_id: str) -> WorkloadStatus:
@@ -130,6 +202,27 @@ def create_app(core: ServiceCore, pool_token: Optional[str] = None) -> FastAPI:
             return core.report(worker_id, rep)
         except LookupError as e:
             raise HTTPException(404, str(e)) from None
+
+    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/fetch", dependencies=worker_auth)
+    async def fetch(worker_id: str, req: FetchRequest) -> FetchPlan:
+        """A transfer plan; with ``wait`` it long-polls until a source frees up."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + req.wait
+        while True:
+            ev = changes.event
+            try:
+                plan = await run_in_threadpool(worker_call, core.fetch_plan, worker_id, req)
+            except KeyError:
+                raise HTTPException(404, f"unknown model manifest {req.manifest_digest}") from None
+            left = deadline - loop.time()
+            done = plan.progress.chunks_held == plan.progress.chunks_total
+            if plan.assignments or req.want == 0 or done or left <= 0 or ev is None:
+                return plan
+            req = req.model_copy(update={"results": []})  # recorded once
+            try:
+                await asyncio.wait_for(ev.wait(), left)
+            except asyncio.TimeoutError:
+                pass
 
     @app.delete(f"{API_PREFIX}/workers/{{worker_id}}", dependencies=worker_auth)
     def retire(worker_id: str) -> dict[str, int]:

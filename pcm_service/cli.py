@@ -46,17 +46,25 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
           idle_timeout: float = typer.Option(60.0, help="An idle worker retires after this"),
           pool_token_file: Optional[Path] = typer.Option(
               None, help="Workers must present this file's token [env PCM_POOL_TOKEN_FILE]",
-              envvar="PCM_POOL_TOKEN_FILE")) -> None:
-    """Run the PCM service (HTTP API + SQLite state)."""
+              envvar="PCM_POOL_TOKEN_FILE"),
+          chunk_size: float = typer.Option(64, min=0.001, help="Model chunk size in MiB"),
+          origin_rate: float = typer.Option(0, min=0, help="The origin's upload MB/s (0: unlimited)"),
+          origin_slots: int = typer.Option(4, min=1, help="Chunk transfers the origin serves at once"),
+          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Run the PCM service (HTTP API + SQLite state; the origin copy of model weights)."""
     import uvicorn
 
     from pcm_service.api import create_app
     from pcm_service.core import ServiceConfig, ServiceCore
+    from pcm_service.replicas import TransferPolicy
 
     pool_token = token_from(pool_token_file, "--pool-token-file")
-    setup_logging(False)
+    setup_logging(verbose)
+    transfers = TransferPolicy(chunk_size=int(chunk_size * 2**20), origin_rate=origin_rate * 1e6,
+                               origin_slots=origin_slots)
     core = ServiceCore(state_dir, ServiceConfig(heartbeat_interval=heartbeat_interval,
-                                                worker_timeout=worker_timeout, idle_timeout=idle_timeout))
+                                                worker_timeout=worker_timeout, idle_timeout=idle_timeout,
+                                                transfers=transfers))
     console.print(f"PCM service on http://{host}:{port} (state in {state_dir.resolve()})")
     uvicorn.run(create_app(core, pool_token), host=host, port=port, log_level="warning")
 
@@ -182,15 +190,25 @@ def worker(service: Optional[str] = ServiceOpt,
            drain_timeout: float = typer.Option(30.0, help="Seconds to finish in-flight rows on SIGTERM"),
            token_file: Optional[Path] = typer.Option(
                None, help="File holding the pool token [env PCM_TOKEN_FILE]", envvar="PCM_TOKEN_FILE"),
+           serve_blobs: bool = typer.Option(True, "--serve-blobs/--no-serve-blobs",
+                                            help="Serve verified model chunks to peers"),
+           blob_host: Optional[str] = typer.Option(
+               None, help="Address peers reach this worker on (default: the one facing the service)"),
+           blob_port: int = typer.Option(0, min=0, help="Blob server port (0: any free one)"),
+           upload_rate: float = typer.Option(0, min=0, help="Upload MB/s to peers (0: unlimited)"),
+           upload_slots: int = typer.Option(2, min=1, help="Chunk uploads to peers at once"),
+           fetch_parallel: int = typer.Option(4, min=1, help="Chunk downloads at once"),
            verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run a worker agent (what a glidein runs)."""
-    from worker_image.agent import run_worker
+    from worker_image.agent import PeerSettings, run_worker
 
     token = token_from(token_file, "--token-file")
     setup_logging(verbose)
+    peers = PeerSettings(serve=serve_blobs, host=blob_host, port=blob_port, upload_rate=upload_rate * 1e6,
+                         upload_slots=upload_slots, fetch_parallel=fetch_parallel)
     raise typer.Exit(run_worker(service or default_service_url(), token=token, glidein_id=glidein_id,
                                 work_dir=work_dir, idle_timeout=idle_timeout, target_rows=target_rows,
-                                start_timeout=start_timeout, drain_timeout=drain_timeout))
+                                start_timeout=start_timeout, drain_timeout=drain_timeout, peers=peers))
 
 
 @model_app.command("make-tiny")

@@ -12,12 +12,13 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from pcm_service.factories import FactoryRegistry
 from pcm_service.protocol import (
+    LIVE_WORKER_STATES,
     BatchLease,
     BatchReport,
     ContextSpec,
@@ -26,6 +27,8 @@ from pcm_service.protocol import (
     FactoryLimits,
     FactoryReport,
     FactoryView,
+    FetchPlan,
+    FetchRequest,
     Heartbeat,
     HeartbeatResponse,
     LeaseRequest,
@@ -45,10 +48,8 @@ from pcm_service.protocol import (
     WorkloadStatus,
     WorkloadSubmission,
 )
+from pcm_service.replicas import ReplicaMap, TransferPolicy
 from pcm_service.store import Store
-
-LIVE_WORKER_STATES = (WorkerState.STARTING.value, WorkerState.IDLE.value,
-                      WorkerState.BUSY.value, WorkerState.DRAINING.value)
 
 
 class UnknownWorker(LookupError):
@@ -66,6 +67,7 @@ class ServiceConfig:
     idle_timeout: float = 60.0  # a worker with nothing to do retires after this
     batches_per_worker: int = 4  # demand: one worker per this many batches left
     max_attempts: int = 3  # a batch leased this often without finishing is failed
+    transfers: TransferPolicy = field(default_factory=TransferPolicy)  # model weights
 
 
 def _now() -> float:
@@ -81,6 +83,7 @@ class ServiceCore:
         self.clock = clock
         self.store = Store(self.state_dir / "pcm.sqlite3")
         self.factories = FactoryRegistry(self.store)
+        self.replicas = ReplicaMap(self.store, self.config.transfers, clock)
         self._progress = threading.Condition()
         self._recover()
 
@@ -98,6 +101,8 @@ class ServiceCore:
 
     # ----- workloads ------------------------------------------------------------
     def submit(self, sub: WorkloadSubmission) -> SubmitResponse:
+        """Raises ModelUnavailable when the service cannot read the model (its origin copy)."""
+        sub.context.model_digest = self.replicas.register_model(Path(sub.context.model)).digest
         ctx_id = sub.context.context_id
         wl_id = "wl-" + uuid.uuid4().hex[:12]
         n_batches = math.ceil(len(sub.rows) / sub.batch_size)
@@ -151,6 +156,7 @@ class ServiceCore:
                 " registered_at, last_heartbeat, last_busy) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (worker_id, reg.host, reg.pid, reg.glidein_id, reg.resources.model_dump_json(),
                  WorkerState.STARTING.value, ContextState.ABSENT.value, now, now, now))
+            self.replicas.add_worker(db, worker_id, reg)
         return RegisterResponse(worker_id=worker_id, heartbeat_interval=self.config.heartbeat_interval,
                                 idle_timeout=self.config.idle_timeout)
 
@@ -224,8 +230,10 @@ class ServiceCore:
         with self.store.transaction() as db:
             db.execute("UPDATE workers SET state=?, inflight=0 WHERE worker_id=?",
                        (state.value, worker_id))
-            return db.execute("UPDATE batches SET state='queued', worker_id=NULL"
-                              " WHERE worker_id=? AND state='leased'", (worker_id,)).rowcount
+            n = db.execute("UPDATE batches SET state='queued', worker_id=NULL"
+                           " WHERE worker_id=? AND state='leased'", (worker_id,)).rowcount
+        self.replicas.drop_worker(worker_id)
+        return n
 
     def reap(self) -> list[str]:
         """Declare workers without a recent heartbeat lost and requeue their work."""
@@ -237,6 +245,12 @@ class ServiceCore:
         for worker_id in lost:
             self.retire(worker_id, WorkerState.LOST)
         return lost
+
+    def fetch_plan(self, worker_id: str, req: FetchRequest) -> FetchPlan:
+        """Record finished chunk transfers, then hand out sources for up to ``req.want`` more."""
+        with self.store.read() as db:
+            self._live_worker(db, worker_id)
+        return self.replicas.plan(worker_id, req)
 
     # ----- leasing --------------------------------------------------------------
     def _context_with_most_work(self, db: sqlite3.Connection) -> Optional[ContextSpec]:
@@ -382,9 +396,12 @@ class ServiceCore:
                 context_state=ContextState(w["context_state"]), inflight_batches=w["inflight"],
                 rows_done=w["rows_done"], library_starts=starts.get(w["worker_id"], 0),
                 idle_seconds=0.0 if w["inflight"] else now - w["last_busy"],
-                last_heartbeat_age=now - w["last_heartbeat"]) for w in workers],
+                last_heartbeat_age=now - w["last_heartbeat"],
+                fetch=self.replicas.progress(w["worker_id"])
+                if w["context_state"] == ContextState.FETCHING.value else None) for w in workers],
             workloads=[self._workload_status(r) for r in workloads],
-            demand=self.demand(), glideins=self.factories.glideins(now))
+            demand=self.demand(), glideins=self.factories.glideins(now),
+            transfers=self.replicas.stats())
 
     def close(self) -> None:
         self.store.close()

@@ -39,6 +39,9 @@ class WorkerState(str, enum.Enum):
     LOST = "lost"
 
 
+LIVE_WORKER_STATES = ("starting", "idle", "busy", "draining")  # as SQL values
+
+
 class WorkloadState(str, enum.Enum):
     RUNNING = "running"
     COMPLETED = "completed"
@@ -81,8 +84,8 @@ class SamplingSettings(Strict):
 class ContextSpec(Strict):
     """What a batch needs loaded before it can run: a model and an engine configuration."""
 
-    model: str  # absolute path of a Hugging Face-format model directory
-    model_digest: str
+    model: str  # absolute path of a Hugging Face-format model directory (the origin copy)
+    model_digest: str = ""  # the digest of the model's manifest; the service sets it on submit
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
     @property
@@ -135,6 +138,9 @@ class WorkerRegistration(Strict):
     pid: int
     glidein_id: Optional[str] = None
     resources: Resources = Field(default_factory=Resources)
+    blob_url: Optional[str] = None  # the worker's blob server, when it serves chunks to peers
+    upload_slots: int = Field(default=0, ge=0)  # transfers its blob server serves at once
+    chunks: list[str] = Field(default_factory=list)  # verified chunks already in its cache
 
 
 class RegisterResponse(Strict):
@@ -270,6 +276,94 @@ class FactoryView(Strict):
     reports: list[FactoryReport] = Field(default_factory=list)
 
 
+# ----- model weights: manifests, replicas, transfers ------------------------------------
+ORIGIN = "origin"  # the source name of the service's own copy of a model
+
+
+class ModelFile(Strict):
+    path: str  # relative to the model directory
+    size: int = Field(ge=0)
+    chunks: list[str] = Field(default_factory=list)  # sha256 of each chunk_size piece, in order
+
+
+class ModelManifest(Strict):
+    """A model directory as content-addressed chunks: what a worker fetches and verifies."""
+
+    chunk_size: int = Field(gt=0)
+    files: list[ModelFile]
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def locations(self) -> dict[str, list[tuple[str, int, int]]]:
+        """chunk → every (file, offset, length) holding it (identical pieces share a chunk)."""
+        out: dict[str, list[tuple[str, int, int]]] = {}
+        for f in self.files:
+            for i, c in enumerate(f.chunks):
+                off = i * self.chunk_size
+                out.setdefault(c, []).append((f.path, off, min(self.chunk_size, f.size - off)))
+        return out
+
+    def chunk_lengths(self) -> dict[str, int]:
+        return {c: locs[0][2] for c, locs in self.locations().items()}
+
+
+class ModelRegistration(Strict):
+    path: str  # a model directory readable by the service: it becomes an origin copy
+
+
+class TransferResult(Strict):
+    chunk: str
+    source: str  # a worker id or ORIGIN
+    ok: bool
+    bytes: int = 0
+    seconds: float = 0.0
+    error: Optional[str] = None
+    corrupt: bool = False  # the bytes did not match the chunk's hash
+    busy: bool = False  # the source refused: all its upload slots were taken
+
+
+class FetchRequest(Strict):
+    manifest_digest: str
+    results: list[TransferResult] = Field(default_factory=list)
+    want: int = Field(default=0, ge=0)  # how many more transfers the worker can run now
+    wait: float = Field(default=0.0, ge=0, le=30)  # block this long for a free source
+
+
+class ChunkAssignment(Strict):
+    chunk: str
+    length: int
+    source: str
+    url: Optional[str] = None  # None: the origin, i.e. the service the worker talks to
+
+
+class FetchProgress(Strict):
+    manifest_digest: str
+    chunks_held: int
+    chunks_total: int
+    bytes_held: int
+    bytes_total: int
+    sources: int  # distinct sources of the transfers in flight
+
+
+class FetchPlan(Strict):
+    assignments: list[ChunkAssignment] = Field(default_factory=list)
+    progress: FetchProgress
+
+
+class TransferStats(Strict):
+    origin_bytes: int = 0
+    peer_bytes: int = 0
+    transfers: int = 0
+    failures: int = 0
+    active: int = 0
+
+
 class WorkerStatus(Strict):
     worker_id: str
     host: str
@@ -283,6 +377,7 @@ class WorkerStatus(Strict):
     library_starts: int
     idle_seconds: float
     last_heartbeat_age: float
+    fetch: Optional[FetchProgress] = None  # while its context is fetching
 
 
 class WorkloadStatus(Strict):
@@ -304,3 +399,4 @@ class ServiceStatus(Strict):
     workloads: list[WorkloadStatus]
     demand: Demand
     glideins: list[Glidein] = Field(default_factory=list)  # from the factories' last reports
+    transfers: TransferStats = Field(default_factory=TransferStats)

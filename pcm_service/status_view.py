@@ -6,7 +6,19 @@ import time
 from rich.console import Group
 from rich.table import Table
 
-from pcm_service.protocol import GlideinState, ServiceStatus
+from pcm_service.protocol import GlideinState, ServiceStatus, WorkerStatus
+
+MIB = 2**20
+
+
+def context_cell(w: WorkerStatus) -> str:
+    """"fetching 5/16 chunks (80/256 MiB) from 3 sources", or just the state."""
+    f = w.fetch
+    if f is None:
+        return w.context_state.value
+    return (f"{w.context_state.value} {f.chunks_held}/{f.chunks_total} chunks"
+            f" ({f.bytes_held / MIB:.0f}/{f.bytes_total / MIB:.0f} MiB)"
+            f" from {f.sources} source{'s' if f.sources != 1 else ''}")
 
 
 def render_status(st: ServiceStatus) -> Group:
@@ -20,7 +32,7 @@ def render_status(st: ServiceStatus) -> Group:
         gpus = w.gpus or (g.gpus if g else [])
         workers.add_row(w.worker_id, w.glidein_id or "-", (g.host if g and g.host else w.host),
                         ",".join(gpus) or "-", w.state.value, w.context_id or "-",
-                        w.context_state.value, str(w.inflight_batches), str(w.rows_done),
+                        context_cell(w), str(w.inflight_batches), str(w.rows_done),
                         str(w.library_starts), f"{w.idle_seconds:.0f}")
     parts: list[object] = [workers]
     with_worker = {w.glidein_id for w in st.workers}
@@ -42,7 +54,10 @@ def render_status(st: ServiceStatus) -> Group:
         loads.add_row(wl.workload_id, wl.name, wl.state.value,
                       f"{wl.rows_done}/{wl.rows_total} ({pct:.0f}%)", str(wl.rows_failed),
                       f"{wl.rows_per_second:.1f}", wl.output)
-    d = st.demand
+    d, t = st.demand, st.transfers
+    if t.transfers:
+        parts.append(f"Weights served: origin {t.origin_bytes / MIB:.1f} MiB, peers {t.peer_bytes / MIB:.1f} MiB"
+                     f" ({t.transfers} chunk transfers, {t.failures} failed, {t.active} in flight)")
     parts += [loads, f"Demand: {d.workers_wanted} workers — {d.reason}; "
                      f"factory limits min {d.limits.min_workers} max {d.limits.max_workers}"]
     return Group(*parts)

@@ -78,6 +78,37 @@ CREATE TABLE IF NOT EXISTS library_events (
     error TEXT,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS models (
+    digest TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    manifest TEXT NOT NULL,
+    registered_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS models_by_path ON models (path, signature, chunk_size);
+CREATE TABLE IF NOT EXISTS peers (
+    worker_id TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    slots INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS replicas (
+    chunk TEXT NOT NULL,
+    worker_id TEXT NOT NULL,
+    PRIMARY KEY (chunk, worker_id)
+);
+CREATE INDEX IF NOT EXISTS replicas_by_worker ON replicas (worker_id);
+CREATE TABLE IF NOT EXISTS transfers (
+    transfer_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    worker_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    chunk TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    ok INTEGER NOT NULL,
+    error TEXT,
+    at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL

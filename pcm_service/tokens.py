@@ -23,14 +23,23 @@ def read_token(path: str | Path) -> str:
     return token
 
 
+def check_bearer(authorization: Optional[str], expected: Optional[str],
+                 what: str = "pool token") -> Optional[tuple[int, str]]:
+    """None when allowed; else (401, why) without a bearer token or (403, why) with a wrong one."""
+    if expected is None:
+        return None
+    if not authorization or not authorization.startswith("Bearer "):
+        return 401, f"missing {what}: send 'Authorization: Bearer <token>'"
+    if not hmac.compare_digest(authorization[7:].strip().encode(), expected.encode()):
+        return 403, f"wrong {what}"
+    return None
+
+
 def bearer_checker(expected: Optional[str], what: str = "pool token"):  # type: ignore[no-untyped-def]
-    """A FastAPI dependency: 401 without a bearer token, 403 with a wrong one."""
+    """A FastAPI dependency applying ``check_bearer``."""
     def check(authorization: Optional[str] = Header(default=None)) -> None:
-        if expected is None:
-            return
-        if not authorization or not authorization.startswith("Bearer "):
-            raise HTTPException(401, f"missing {what}: send 'Authorization: Bearer <token>'",
-                                headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(authorization[7:].strip().encode(), expected.encode()):
-            raise HTTPException(403, f"wrong {what}")
+        refused = check_bearer(authorization, expected, what)
+        if refused is not None:
+            headers = {"WWW-Authenticate": "Bearer"} if refused[0] == 401 else None
+            raise HTTPException(refused[0], refused[1], headers=headers)
     return check

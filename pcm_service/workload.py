@@ -5,7 +5,6 @@ rejected with a message naming the field and nothing is submitted.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import string
 from pathlib import Path
@@ -49,15 +48,6 @@ class WorkloadFile(Strict):
     inputs: InputSpec
     batch_size: int = Field(gt=0)
     output: str = Field(min_length=1)
-
-
-def model_digest(model_dir: Path) -> str:
-    """Cheap identity of a model directory: file names, sizes and mtimes."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        st = f.stat()
-        h.update(f"{f.relative_to(model_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 def _template_fields(template: str) -> list[str]:
@@ -133,7 +123,7 @@ def load_workload(path: str | Path) -> WorkloadSubmission:
         raise WorkloadError("output", f"{output} is a directory; name a file")
 
     rows = read_rows(wf.inputs, input_path)
-    context = ContextSpec(model=str(model_dir), model_digest=model_digest(model_dir), engine=wf.engine)
+    context = ContextSpec(model=str(model_dir), engine=wf.engine)  # the service adds the digest
     return WorkloadSubmission(
         name=wf.name, context=context, sampling=wf.sampling,
         batch_size=wf.batch_size, output=str(output), rows=rows,

@@ -32,8 +32,11 @@ class Clock:
 
 
 def submission(tmp_path: Path, n: int = 7, batch_size: int = 3) -> WorkloadSubmission:
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text("{}")
     return WorkloadSubmission(
-        name="t", context=ContextSpec(model="/m", model_digest="d"), batch_size=batch_size,
+        name="t", context=ContextSpec(model=str(model)), batch_size=batch_size,
         output=str(tmp_path / "out" / "r.jsonl"),
         rows=[RowIn(row_id=f"id{i}", prompt=f"p{i}") for i in range(n)])
 

@@ -15,6 +15,7 @@ import socket
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,8 @@ from pcm_service.protocol import (
     BatchReport,
     ContextSpec,
     ContextState,
+    FetchPlan,
+    FetchRequest,
     Heartbeat,
     HeartbeatResponse,
     LeaseRequest,
@@ -33,6 +36,9 @@ from pcm_service.protocol import (
     RowResult,
     WorkerRegistration,
 )
+from worker_image.blobserver import BlobServer, outward_address
+from worker_image.chunkstore import ChunkStore
+from worker_image.fetcher import FetchFailed, ModelFetcher
 from worker_image.library_handle import LibraryFailed, LibraryHandle
 
 log = logging.getLogger("pcm.worker")
@@ -49,11 +55,24 @@ def detect_resources() -> Resources:
     return Resources(cpus=int(os.environ.get("_CONDOR_NPROCS", cpus)), memory_mb=mem_mb, gpus=gpus)
 
 
+@dataclass
+class PeerSettings:
+    """How this worker gets weights from peers and serves them to newcomers."""
+
+    serve: bool = True  # run a blob server (peers must be able to connect to it)
+    host: Optional[str] = None  # address peers reach it on (default: the one facing the service)
+    port: int = 0
+    upload_rate: float = 0.0  # bytes/s for all uploads together, 0: unlimited
+    upload_slots: int = 2  # uploads at once
+    fetch_parallel: int = 4  # downloads at once
+
+
 class WorkerAgent:
     def __init__(self, client: ServiceClient, work_dir: Optional[Path] = None,
                  glidein_id: Optional[str] = None, idle_timeout: Optional[float] = None,
                  target_rows: int = 64, max_batches: int = 16, start_timeout: float = 900.0,
-                 drain_timeout: float = 30.0, engine: str = "vllm") -> None:
+                 drain_timeout: float = 30.0, engine: str = "vllm",
+                 peers: Optional[PeerSettings] = None, token: Optional[str] = None) -> None:
         self.client = client
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="pcm-worker-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +83,13 @@ class WorkerAgent:
         self.start_timeout = start_timeout
         self.drain_timeout = drain_timeout
         self.engine = engine
+        self.peers = peers or PeerSettings()
+        self.token = token
+        self.store = ChunkStore(self.work_dir / "models")
+        self.blobs: Optional[BlobServer] = None
+        self.fetcher = ModelFetcher(client, self._plan, self.store, token=token,
+                                    parallel=self.peers.fetch_parallel)
+        self.context: Optional[ContextSpec] = None
         self.worker_id = ""
         self.reg: Optional[RegisterResponse] = None
         self.library: Optional[LibraryHandle] = None
@@ -79,10 +105,19 @@ class WorkerAgent:
         self._reports: "queue.Queue[Optional[BatchReport]]" = queue.Queue()
 
     # ----- service calls --------------------------------------------------------
+    def _start_blob_server(self) -> None:
+        p = self.peers
+        if p.serve and self.blobs is None:
+            host = p.host or outward_address(self.client.url)
+            self.blobs = BlobServer(self.store.locate, self.token, host=host, port=p.port,
+                                    upload_rate=p.upload_rate, upload_slots=p.upload_slots).start()
+
     def _register(self) -> None:
         self.reg = self.client.request("POST", "/workers", WorkerRegistration(
             host=socket.gethostname(), pid=os.getpid(), glidein_id=self.glidein_id,
-            resources=detect_resources()), RegisterResponse)
+            resources=detect_resources(), blob_url=self.blobs.url if self.blobs else None,
+            upload_slots=self.peers.upload_slots if self.blobs else 0,
+            chunks=self.store.held()), RegisterResponse)
         self.worker_id = self.reg.worker_id
         log.info("registered as %s with %s", self.worker_id, self.client.url)
 
@@ -100,6 +135,9 @@ class WorkerAgent:
                     self._register()
             return self.client.request(method, f"/workers/{self.worker_id}{path}", body, response)
 
+    def _plan(self, req: FetchRequest) -> FetchPlan:
+        return self._call("POST", "/fetch", req, FetchPlan)
+
     def _library_event(self, state: ContextState, context: ContextSpec, seconds: float = 0.0,
                        error: Optional[str] = None) -> None:
         self.context_state = state
@@ -113,12 +151,12 @@ class WorkerAgent:
             self._send_heartbeat()
 
     def _send_heartbeat(self) -> None:
-        lib = self.library
         with self._lock:
             n = len(self.inflight)
         try:
+            ctx = self.context
             resp = self._call("POST", "/heartbeat", Heartbeat(
-                context_id=lib.context.context_id if lib else None, context_state=self.context_state,
+                context_id=ctx.context_id if ctx else None, context_state=self.context_state,
                 inflight_batches=n, draining=self.draining or self.retiring), HeartbeatResponse)
         except ServiceError as e:
             log.warning("heartbeat failed: %s", e.detail)
@@ -174,10 +212,31 @@ class WorkerAgent:
         self._wake.set()
 
     # ----- context --------------------------------------------------------------
+    def _fetch(self, context: ContextSpec) -> Optional[Path]:
+        """The model's weights in the local cache, from peers and the origin."""
+        self.context = context
+        self._library_event(ContextState.FETCHING, context)
+        t0 = time.monotonic()
+        try:
+            model_dir = self.fetcher.fetch(context.model_digest, self.stopping)
+        except (FetchFailed, ServiceError) as e:
+            if not self.stopping.is_set():
+                self._library_event(ContextState.FAILED, context, error=f"fetching the model: {e}")
+                log.error("could not fetch the model: %s", e)
+            return None
+        self._library_event(ContextState.CACHED, context, seconds=time.monotonic() - t0)
+        log.info("model %s… cached in %s after %.1fs", context.model_digest[:12], model_dir,
+                 time.monotonic() - t0)
+        return model_dir
+
     def _load(self, context: ContextSpec) -> bool:
-        log.info("loading context %s (%s)", context.context_id, context.model)
+        model_dir = self._fetch(context)
+        if model_dir is None:
+            return False
+        local = context.model_copy(update={"model": str(model_dir)})  # same context id
+        log.info("loading context %s from %s", context.context_id, model_dir)
         self._library_event(ContextState.LOADING, context)
-        lib = LibraryHandle(context, self.work_dir, self.engine)
+        lib = LibraryHandle(local, self.work_dir, self.engine)
         try:
             seconds = lib.wait_ready(self.start_timeout, self.stopping)
         except LibraryFailed as e:
@@ -204,6 +263,7 @@ class WorkerAgent:
             if idx:
                 self._reports.put(BatchReport(batch_id=batch_id, returned=sorted(idx)))
         self.context_state = ContextState.ABSENT
+        self.context = None
         return lib
 
     def _drop_library(self) -> None:
@@ -224,6 +284,7 @@ class WorkerAgent:
 
     # ----- main loop ------------------------------------------------------------
     def run(self) -> int:
+        self._start_blob_server()
         self._register()
         assert self.reg is not None
         idle_timeout = self.idle_timeout_override or self.reg.idle_timeout
@@ -311,6 +372,8 @@ class WorkerAgent:
             self.client.request("DELETE", f"/workers/{self.worker_id}")
         except ServiceError as e:
             log.warning("could not deregister: %s", e.detail)
+        if self.blobs is not None:
+            self.blobs.stop()
         if lib is not None:
             lib.stop(grace=5)
         log.info("worker %s exits", self.worker_id)
@@ -318,7 +381,7 @@ class WorkerAgent:
 
 def run_worker(service_url: str, token: Optional[str] = None, **kwargs: object) -> int:
     client = ServiceClient(service_url, retry_for=120.0, token=token)
-    agent = WorkerAgent(client, **kwargs)  # type: ignore[arg-type]
+    agent = WorkerAgent(client, token=token, **kwargs)  # type: ignore[arg-type]
     signal.signal(signal.SIGTERM, agent.request_drain)
     signal.signal(signal.SIGINT, agent.request_drain)
     return agent.run()

@@ -1,0 +1,127 @@
+"""Content-addressed model chunks: manifests, byte ranges and upload rate limits.
+
+Shared by the service (the origin copy) and the workers (their caches and blob
+servers), so both cut, name and serve chunks the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+from pcm_service.protocol import ModelFile, ModelManifest
+
+DEFAULT_CHUNK_SIZE = 64 * 2**20
+PIECE = 2**20  # read, hash, send and rate-limit in pieces of this size
+CHUNK_RE = re.compile(r"[0-9a-f]{64}")
+IGNORED_PREFIX = ".pcm-"  # PCM's own bookkeeping files inside a model directory
+
+
+def model_files(model_dir: Path) -> list[Path]:
+    return sorted(p for p in model_dir.rglob("*")
+                  if p.is_file() and not p.name.startswith(IGNORED_PREFIX))
+
+
+def stat_signature(model_dir: Path) -> str:
+    """Cheap identity (names, sizes, mtimes): tells when a manifest must be rebuilt."""
+    h = hashlib.sha256()
+    for f in model_files(model_dir):
+        st = f.stat()
+        h.update(f"{f.relative_to(model_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def build_manifest(model_dir: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ModelManifest:
+    """Hash every file in ``chunk_size`` pieces (the last one of a file is shorter)."""
+    files = []
+    for f in model_files(model_dir):
+        chunks = []
+        with f.open("rb") as fh:
+            while True:
+                h = hashlib.sha256()
+                n = 0
+                while n < chunk_size:
+                    piece = fh.read(min(PIECE, chunk_size - n))
+                    if not piece:
+                        break
+                    h.update(piece)
+                    n += len(piece)
+                if n == 0:
+                    break
+                chunks.append(h.hexdigest())
+        files.append(ModelFile(path=f.relative_to(model_dir).as_posix(), size=f.stat().st_size,
+                               chunks=chunks))
+    return ModelManifest(chunk_size=chunk_size, files=files)
+
+
+class RateLimiter:
+    """Bytes per second shared by all transfers of one uploader (``rate`` 0: unlimited)."""
+
+    def __init__(self, rate: float = 0.0) -> None:
+        self.rate = rate
+        self._next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(self._next, now)
+            self._next = start + n / self.rate
+        if start > now:
+            time.sleep(start - now)
+
+
+class Slots:
+    """A bound on concurrent uploads; ``try_acquire`` never blocks (busy → HTTP 503)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._sem = threading.BoundedSemaphore(n) if n > 0 else None
+
+    def try_acquire(self) -> bool:
+        return self._sem.acquire(blocking=False) if self._sem else True
+
+    def release(self) -> None:
+        if self._sem:
+            self._sem.release()
+
+
+def parse_range(header: Optional[str], length: int) -> Optional[tuple[int, int]]:
+    """``Range: bytes=a-b`` → (start, end exclusive); None means the whole chunk.
+    Raises ValueError for a range that cannot be served (HTTP 416)."""
+    if not header:
+        return None
+    m = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header)
+    if not m or (not m.group(1) and not m.group(2)):
+        raise ValueError(f"unsupported Range {header!r}: give one range, bytes=START-END")
+    if m.group(1):
+        start = int(m.group(1))
+        end = min(int(m.group(2)) + 1, length) if m.group(2) else length
+    else:
+        start, end = max(0, length - int(m.group(2))), length
+    if start >= end:
+        raise ValueError(f"Range {header!r} is outside the chunk's {length} bytes")
+    return start, end
+
+
+def read_pieces(path: Path, offset: int, length: int, limiter: RateLimiter) -> Iterator[bytes]:
+    """A chunk's bytes from a file, paced by ``limiter`` (the origin's HTTP response body)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < length:
+            n = min(PIECE, length - done)
+            limiter.take(n)
+            data = os.pread(fd, n, offset + done)
+            if not data:
+                raise OSError(f"{path} is shorter than its manifest says")
+            done += len(data)
+            yield data
+    finally:
+        os.close(fd)

@@ -1,0 +1,252 @@
+"""The replica map: which worker holds which model chunk, and who fetches what from whom.
+
+A newcomer asks for a transfer plan; chunks go rarest first, each from a live
+peer with a free upload slot, and from the origin (the service's copy) only when
+no peer can serve it. A finished chunk makes its receiver a source at once, so
+copies spread like a swarm. Sources that fail are avoided for a while; a peer
+that served corrupt bytes loses that replica.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import sqlite3
+import threading
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+from pcm_service.blobs import DEFAULT_CHUNK_SIZE, RateLimiter, build_manifest, stat_signature
+from pcm_service.protocol import (
+    LIVE_WORKER_STATES,
+    ORIGIN,
+    ChunkAssignment,
+    FetchPlan,
+    FetchProgress,
+    FetchRequest,
+    ModelManifest,
+    TransferResult,
+    TransferStats,
+    WorkerRegistration,
+)
+from pcm_service.store import Store
+
+log = logging.getLogger("pcm.replicas")
+
+
+class ModelUnavailable(ValueError):
+    pass
+
+
+@dataclass
+class TransferPolicy:
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    origin_slots: int = 4  # transfers the origin serves at once
+    origin_rate: float = 0.0  # the origin's upload bytes/s, 0: unlimited
+    origin_copies: int = 2  # the origin sends a chunk at most this often while peers hold it
+    avoid_seconds: float = 30.0  # a source that failed gets no new transfers for this long
+    transfer_timeout: float = 300.0  # a transfer with no result after this frees its slot
+
+
+class _Active(NamedTuple):
+    source: str
+    started: float
+
+
+class _Holder(NamedTuple):
+    worker_id: str
+    url: str
+    slots: int
+
+
+class ReplicaMap:
+    def __init__(self, store: Store, policy: TransferPolicy, clock: Callable[[], float]) -> None:
+        self.store = store
+        self.policy = policy
+        self.clock = clock
+        self.origin_limiter = RateLimiter(policy.origin_rate)
+        self.on_change: Callable[[], None] = lambda: None  # the HTTP layer wakes long polls here
+        self._lock = threading.Lock()
+        self._manifests: dict[str, ModelManifest] = {}
+        self._origin: dict[str, tuple[Path, int, int]] = {}  # chunk → where the origin has it
+        self._active: dict[tuple[str, str], _Active] = {}  # (receiver, chunk) → source
+        self._avoid: dict[str, float] = {}  # source → until when
+        self._origin_copies: Counter[str] = Counter()
+        self._fetching: dict[str, str] = {}  # worker → manifest digest it is fetching
+        with store.read() as db:
+            for r in db.execute("SELECT path, manifest FROM models").fetchall():
+                self._index(ModelManifest.model_validate_json(r["manifest"]), Path(r["path"]))
+
+    # ----- models ----------------------------------------------------------------
+    def _index(self, m: ModelManifest, path: Path) -> None:
+        self._manifests[m.digest] = m
+        for chunk, locs in m.locations().items():
+            rel, off, length = locs[0]
+            self._origin[chunk] = (path / rel, off, length)
+
+    def register_model(self, path: Path) -> ModelManifest:
+        """Make a model directory an origin copy; its manifest is rebuilt only when it changed."""
+        path = path.resolve()
+        if not path.is_dir():
+            raise ModelUnavailable(f"model directory {path} does not exist or is not readable"
+                                   " by the service (it serves the first copy of the weights)")
+        sig = stat_signature(path)
+        size = self.policy.chunk_size
+        with self.store.read() as db:
+            row = db.execute("SELECT digest FROM models WHERE path=? AND signature=? AND chunk_size=?",
+                             (str(path), sig, size)).fetchone()
+        if row is not None and row["digest"] in self._manifests:
+            return self._manifests[row["digest"]]
+        m = build_manifest(path, size)
+        if not m.files:
+            raise ModelUnavailable(f"model directory {path} has no files")
+        with self.store.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO models VALUES (?,?,?,?,?,?)",
+                       (m.digest, str(path), sig, size, m.model_dump_json(), self.clock()))
+        with self._lock:
+            self._index(m, path)
+        log.info("model %s: manifest %s, %d files, %d chunks, %.1f MiB", path, m.digest[:16],
+                 len(m.files), len(m.chunk_lengths()), m.total_bytes / 2**20)
+        return m
+
+    def manifest(self, digest: str) -> ModelManifest:
+        return self._manifests[digest]  # KeyError: unknown model
+
+    def origin_location(self, chunk: str) -> Optional[tuple[Path, int, int]]:
+        return self._origin.get(chunk)
+
+    # ----- workers ---------------------------------------------------------------
+    def add_worker(self, db: sqlite3.Connection, worker_id: str, reg: WorkerRegistration) -> None:
+        if reg.blob_url and reg.upload_slots > 0:
+            db.execute("INSERT OR REPLACE INTO peers VALUES (?,?,?)",
+                       (worker_id, reg.blob_url.rstrip("/"), reg.upload_slots))
+        db.executemany("INSERT OR IGNORE INTO replicas VALUES (?, ?)",
+                       ((c, worker_id) for c in reg.chunks))
+
+    def drop_worker(self, worker_id: str) -> None:
+        """A worker left: it neither holds nor fetches anything any more."""
+        with self._lock:
+            for key, t in list(self._active.items()):
+                if worker_id in (key[0], t.source):
+                    self._release(key)
+            self._fetching.pop(worker_id, None)
+            with self.store.transaction() as db:
+                db.execute("DELETE FROM replicas WHERE worker_id=?", (worker_id,))
+                db.execute("DELETE FROM peers WHERE worker_id=?", (worker_id,))
+        self.on_change()
+
+    # ----- planning --------------------------------------------------------------
+    def plan(self, worker_id: str, req: FetchRequest) -> FetchPlan:
+        m = self.manifest(req.manifest_digest)
+        lengths = m.chunk_lengths()
+        with self._lock:
+            now = self.clock()
+            with self.store.transaction() as db:
+                for r in req.results:
+                    self._record(db, worker_id, r, now)
+                self._fetching[worker_id] = m.digest
+                for key, t in list(self._active.items()):
+                    if now - t.started > self.policy.transfer_timeout:
+                        self._release(key)
+                held = self._held(db, worker_id, lengths)
+                out = self._assign(db, worker_id, lengths, held, req.want, now) if req.want else []
+            progress = self._progress(worker_id, m, lengths, held)
+        if req.results:
+            self.on_change()
+        return FetchPlan(assignments=out, progress=progress)
+
+    def _held(self, db: sqlite3.Connection, worker_id: str, lengths: dict[str, int]) -> set[str]:
+        return {r[0] for r in db.execute("SELECT chunk FROM replicas WHERE worker_id=?", (worker_id,))
+                if r[0] in lengths}
+
+    def _assign(self, db: sqlite3.Connection, worker_id: str, lengths: dict[str, int],
+                held: set[str], want: int, now: float) -> list[ChunkAssignment]:
+        mine = {c for (w, c) in self._active if w == worker_id}
+        needed = [c for c in lengths if c not in held and c not in mine]
+        if not needed:
+            return []
+        holders: dict[str, list[_Holder]] = defaultdict(list)
+        for r in db.execute(f"SELECT r.chunk, r.worker_id, p.url, p.slots FROM replicas r"
+                            f" JOIN peers p USING (worker_id) JOIN workers w USING (worker_id)"
+                            f" WHERE w.state IN {LIVE_WORKER_STATES} AND r.worker_id != ?", (worker_id,)):
+            if r["chunk"] in lengths:
+                holders[r["chunk"]].append(_Holder(r["worker_id"], r["url"], r["slots"]))
+        load = Counter(t.source for t in self._active.values())
+        inflight = Counter(c for (_, c) in self._active)
+        random.shuffle(needed)
+        needed.sort(key=lambda c: len(holders[c]) + inflight[c])  # rarest first
+        out: list[ChunkAssignment] = []
+        for c in needed:
+            if len(out) >= want:
+                break
+            usable = [h for h in holders[c] if self._avoid.get(h.worker_id, 0.0) <= now]
+            free = [h for h in usable if load[h.worker_id] < h.slots]
+            url: Optional[str] = None
+            if free:
+                h = min(free, key=lambda h: (load[h.worker_id], random.random()))
+                source, url = h.worker_id, h.url
+            elif load[ORIGIN] < self.policy.origin_slots and (
+                    not usable or self._origin_copies[c] < self.policy.origin_copies):
+                source = ORIGIN
+                self._origin_copies[c] += 1
+            else:
+                continue  # peers hold it but are busy: wait for a slot rather than load the origin
+            load[source] += 1
+            self._active[(worker_id, c)] = _Active(source, now)
+            out.append(ChunkAssignment(chunk=c, length=lengths[c], source=source, url=url))
+        return out
+
+    def _release(self, key: tuple[str, str]) -> None:
+        t = self._active.pop(key, None)
+        if t is not None and t.source == ORIGIN and self._origin_copies[key[1]] > 0:
+            self._origin_copies[key[1]] -= 1
+
+    def _record(self, db: sqlite3.Connection, worker_id: str, r: TransferResult, now: float) -> None:
+        t = self._active.pop((worker_id, r.chunk), None)
+        db.execute("INSERT INTO transfers (worker_id, source, chunk, bytes, seconds, ok, error, at)"
+                   " VALUES (?,?,?,?,?,?,?,?)",
+                   (worker_id, r.source, r.chunk, r.bytes, r.seconds, int(r.ok), r.error, now))
+        if r.ok:
+            db.execute("INSERT OR IGNORE INTO replicas VALUES (?, ?)", (r.chunk, worker_id))
+            return
+        if t is not None and t.source == ORIGIN and self._origin_copies[r.chunk] > 0:
+            self._origin_copies[r.chunk] -= 1  # the origin may send that copy again
+        if r.source != ORIGIN and not r.busy:
+            self._avoid[r.source] = now + self.policy.avoid_seconds
+            log.warning("%s could not get chunk %s… from %s (%s): avoiding that source for %.0fs",
+                        worker_id, r.chunk[:12], r.source, r.error, self.policy.avoid_seconds)
+        if r.corrupt and r.source != ORIGIN:
+            db.execute("DELETE FROM replicas WHERE chunk=? AND worker_id=?", (r.chunk, r.source))
+
+    # ----- status ----------------------------------------------------------------
+    def _progress(self, worker_id: str, m: ModelManifest, lengths: dict[str, int],
+                  held: set[str]) -> FetchProgress:
+        sources = {t.source for (w, _), t in self._active.items() if w == worker_id}
+        return FetchProgress(manifest_digest=m.digest, chunks_held=len(held), chunks_total=len(lengths),
+                             bytes_held=sum(lengths[c] for c in held), bytes_total=m.total_bytes,
+                             sources=len(sources))
+
+    def progress(self, worker_id: str) -> Optional[FetchProgress]:
+        digest = self._fetching.get(worker_id)
+        if digest is None:
+            return None
+        m = self.manifest(digest)
+        lengths = m.chunk_lengths()
+        with self._lock:
+            with self.store.read() as db:
+                held = self._held(db, worker_id, lengths)
+            return self._progress(worker_id, m, lengths, held)
+
+    def stats(self) -> TransferStats:
+        st = TransferStats(active=len(self._active))
+        with self.store.read() as db:
+            for r in db.execute("SELECT source=? AS origin, SUM(bytes) AS b, COUNT(*) AS n,"
+                                " SUM(1-ok) AS f FROM transfers GROUP BY origin", (ORIGIN,)):
+                if r["origin"]:
+                    st.origin_bytes = r["b"] or 0
+                else:
+                    st.peer_bytes = r["b"] or 0
+                st.transfers += r["n"]
+                st.failures += r["f"] or 0
+        return st

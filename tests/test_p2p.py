@@ -1,0 +1,223 @@
+"""Peer-to-peer weight replication on real processes: `pcm serve` as origin, seeders and
+agents with their blob servers, real HTTP on 127.0.0.1, real SQLite."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+from conftest import REPO, ServeProcess
+
+from pcm_service.blobs import build_manifest
+from pcm_service.client import ServiceClient
+from pcm_service.protocol import ORIGIN, ChunkAssignment, ContextState, ModelManifest, ServiceStatus
+from worker_image.agent import PeerSettings, WorkerAgent
+from worker_image.blobserver import BlobServer
+
+TOKEN = "p2p-test-pool-token"
+KIB = 1024
+
+
+def make_model(d: Path, sizes: dict[str, int], seed: int = 1) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    rnd = __import__("random").Random(seed)
+    for name, size in sizes.items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_bytes(rnd.randbytes(size))
+    return d
+
+
+def same_files(a: Path, b: Path) -> bool:
+    names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
+    return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+class Pool:
+    """`pcm serve` with a pool token plus helpers to start seeders and agents against it."""
+
+    def __init__(self, tmp: Path, chunk_kib: int) -> None:
+        self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "token").write_text(TOKEN)
+        os.chmod(tmp / "token", 0o600)
+        self.serve = ServeProcess(tmp / "state", "--pool-token-file", str(tmp / "token"),
+                                  "--chunk-size", str(chunk_kib / 1024)).start()
+        self.url = self.serve.url
+        self.client = ServiceClient(self.url, token=TOKEN)
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def register(self, model: Path) -> ModelManifest:
+        r = httpx.post(f"{self.url}/v1/models", json={"path": str(model)})
+        assert r.status_code == 201, r.text
+        return ModelManifest.model_validate(r.json())
+
+    def seeder(self, name: str, digest: str, *args: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+        """Start a seeder that fetches ``digest`` and keeps serving it; returns its 'complete' event."""
+        p = subprocess.Popen([sys.executable, "-m", "worker_image.seeder", "--service", self.url,
+                              "--model", digest, "--work-dir", str(self.tmp / name),
+                              "--token-file", str(self.tmp / "token"), "--hold", *args],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+        self.procs.append(p)
+        assert p.stdout is not None
+        events = [json.loads(p.stdout.readline()) for _ in range(2)]  # registered, then complete
+        assert events[1]["event"] == "complete", events
+        return p, {**events[1], "dir": Path(events[1]["dir"])}
+
+    def agent(self, name: str, **peer: Any) -> WorkerAgent:
+        """A worker agent in this process (no engine is started: only its fetcher is used)."""
+        a = WorkerAgent(ServiceClient(self.url, token=TOKEN), work_dir=self.tmp / name, token=TOKEN,
+                        peers=PeerSettings(**peer))
+        a._start_blob_server()
+        a._register()
+        return a
+
+    def transfers(self, worker_id: str) -> list[sqlite3.Row]:
+        db = sqlite3.connect(self.serve.state_dir / "pcm.sqlite3")
+        db.row_factory = sqlite3.Row
+        return db.execute("SELECT * FROM transfers WHERE worker_id=? ORDER BY transfer_id",
+                          (worker_id,)).fetchall()
+
+    def status(self) -> ServiceStatus:
+        return self.client.request("GET", "/status", None, ServiceStatus)
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+                p.communicate(timeout=30)
+        self.serve.stop()
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[Pool]:
+    p = Pool(tmp_path, chunk_kib=256)
+    yield p
+    p.close()
+
+
+def test_manifest_cuts_files_into_hashed_chunks(tmp_path: Path) -> None:
+    d = make_model(tmp_path / "m", {"a.bin": 2 * 256 * KIB + 5, "sub/b.bin": 256 * KIB, "c.json": 0})
+    (d / "dup.bin").write_bytes((d / "sub" / "b.bin").read_bytes())  # same bytes: same chunk
+    m = build_manifest(d, 256 * KIB)
+    files = {f.path: f for f in m.files}
+    assert sorted(files) == ["a.bin", "c.json", "dup.bin", "sub/b.bin"]
+    assert len(files["a.bin"].chunks) == 3 and files["c.json"].chunks == []
+    raw = (d / "a.bin").read_bytes()
+    assert files["a.bin"].chunks[2] == hashlib.sha256(raw[2 * 256 * KIB:]).hexdigest()
+    assert files["dup.bin"].chunks == files["sub/b.bin"].chunks
+    assert m.chunk_lengths()[files["a.bin"].chunks[2]] == 5
+    assert len(m.locations()[files["dup.bin"].chunks[0]]) == 2
+    digest = m.digest
+    (d / "c.json").write_text("{}")
+    assert build_manifest(d, 256 * KIB).digest != digest
+
+
+def test_blob_server_refuses_requests_without_the_pool_token(tmp_path: Path) -> None:
+    data = os.urandom(3000)
+    (tmp_path / "f").write_bytes(data)
+    chunk = hashlib.sha256(data).hexdigest()
+    srv = BlobServer(lambda c: (tmp_path / "f", 0, len(data)) if c == chunk else None, TOKEN).start()
+    try:
+        url = f"{srv.url}/v1/blobs/{chunk}"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer nope"}).status_code == 403
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        r = httpx.get(url, headers=auth)
+        assert r.status_code == 200 and r.content == data
+        r = httpx.get(url, headers={**auth, "Range": "bytes=100-199"})
+        assert r.status_code == 206 and r.content == data[100:200]
+        assert httpx.get(url, headers={**auth, "Range": "bytes=5000-"}).status_code == 416
+        assert httpx.get(f"{srv.url}/v1/blobs/{'0' * 64}", headers=auth).status_code == 404
+    finally:
+        srv.stop()
+
+
+def test_origin_and_plans_need_the_pool_token(pool: Pool, tmp_path: Path) -> None:
+    m = pool.register(make_model(tmp_path / "model", {"w.bin": 300 * KIB}))
+    chunk = m.files[0].chunks[0]
+    assert httpx.get(f"{pool.url}/v1/blobs/{chunk}").status_code == 401
+    assert httpx.get(f"{pool.url}/v1/models/{m.digest}",
+                     headers={"Authorization": "Bearer wrong"}).status_code == 403
+    r = httpx.get(f"{pool.url}/v1/blobs/{chunk}", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == chunk
+
+
+def test_newcomer_fetches_from_several_peers_at_once(pool: Pool, tmp_path: Path) -> None:
+    origin = make_model(tmp_path / "model", {"a.bin": 1024 * KIB, "b.bin": 700 * KIB, "config.json": 50})
+    m = pool.register(origin)
+    pool.seeder("a", m.digest)
+    pool.seeder("b", m.digest)
+    _, c = pool.seeder("c", m.digest)
+    assert same_files(origin, c["dir"])
+    got = pool.transfers(c["worker_id"])
+    assert all(t["ok"] for t in got) and len(got) == len(m.chunk_lengths())
+    peers = {t["source"] for t in got} - {ORIGIN}
+    assert len(peers) == 2, [dict(t) for t in got]  # both holders served it
+    st = pool.status().transfers
+    assert st.origin_bytes <= 2 * m.total_bytes and st.peer_bytes >= m.total_bytes
+
+
+def test_corrupt_chunk_in_a_peer_cache_is_refetched_elsewhere_and_never_used(pool: Pool,
+                                                                             tmp_path: Path) -> None:
+    origin = make_model(tmp_path / "model", {"a.bin": 1024 * KIB, "config.json": 100})
+    m = pool.register(origin)
+    _, a = pool.seeder("a", m.digest)
+    bad = m.files[[f.path for f in m.files].index("a.bin")].chunks[1]
+    with (a["dir"] / "a.bin").open("r+b") as fh:  # bit rot in the peer's cache, after verification
+        fh.seek(256 * KIB + 10)
+        fh.write(b"\xff" * 16)
+    # one download at a time: every chunk is offered from the peer while it has a free slot
+    _, b = pool.seeder("b", m.digest, "--parallel", "1")
+    assert same_files(origin, b["dir"])
+    got = pool.transfers(b["worker_id"])
+    failed = [t for t in got if not t["ok"]]
+    assert [(t["source"], t["chunk"]) for t in failed] == [(a["worker_id"], bad)], [dict(t) for t in got]
+    assert "mismatch" in failed[0]["error"]
+    again = [t for t in got if t["ok"] and t["chunk"] == bad]
+    assert len(again) == 1 and again[0]["source"] != a["worker_id"]
+    db = sqlite3.connect(pool.serve.state_dir / "pcm.sqlite3")
+    holders = {r[0] for r in db.execute("SELECT worker_id FROM replicas WHERE chunk=?", (bad,))}
+    assert a["worker_id"] not in holders and b["worker_id"] in holders
+
+
+def test_peer_dying_mid_transfer_does_not_stop_the_newcomer(pool: Pool, tmp_path: Path) -> None:
+    origin = make_model(tmp_path / "model", {"w.bin": 3 * 1024 * KIB, "config.json": 100})
+    pool_big = Pool(tmp_path, chunk_kib=2048)  # chunks of several pieces: a transfer lasts
+    try:
+        m = pool_big.register(origin)
+        seeder, a = pool_big.seeder("a", m.digest, "--upload-rate", str(1e6))  # 1 MB/s
+        b = pool_big.agent("b", serve=False, fetch_parallel=1)
+        from_a = threading.Event()
+
+        def on_bytes(asg: ChunkAssignment, received: int) -> None:
+            if asg.source == a["worker_id"]:
+                from_a.set()
+
+        b.fetcher.on_bytes = on_bytes
+        b.context_state = ContextState.FETCHING
+        b._send_heartbeat()
+        result: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: result.update(dir=b.fetcher.fetch(m.digest)))
+        t.start()
+        assert from_a.wait(60), "the newcomer never got bytes from the peer"
+        me = next(w for w in pool_big.status().workers if w.worker_id == b.worker_id)
+        assert me.context_state == ContextState.FETCHING and me.fetch is not None
+        assert me.fetch.chunks_total == len(m.chunk_lengths()) and me.fetch.sources == 1
+        seeder.send_signal(signal.SIGKILL)
+        t.join(120)
+        assert "dir" in result, "the newcomer did not finish after its peer died"
+        assert same_files(origin, result["dir"])
+        got = pool_big.transfers(b.worker_id)
+        assert any(not x["ok"] and x["source"] == a["worker_id"] for x in got), [dict(x) for x in got]
+        assert {x["chunk"] for x in got if x["ok"]} == set(m.chunk_lengths())
+    finally:
+        pool_big.close()

@@ -1,0 +1,143 @@
+"""The worker's blob server: verified chunks for peers, over plain HTTP.
+
+The standard library's threaded HTTP server with ``sendfile`` is used rather
+than uvicorn: it is one small handler, zero-copy, and paces every byte through
+one upload rate limiter. It answers ``GET /v1/blobs/<sha256>`` (with one
+``Range`` allowed) to holders of the pool token only, and at most
+``upload_slots`` transfers at once (more get 503 so the newcomer asks elsewhere).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable, Optional
+
+from pcm_service.blobs import CHUNK_RE, PIECE, RateLimiter, Slots, parse_range
+from pcm_service.protocol import API_PREFIX
+from pcm_service.tokens import check_bearer
+
+log = logging.getLogger("pcm.blobs")
+Locate = Callable[[str], Optional[tuple[Path, int, int]]]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    blob: "BlobServer"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "pcm-blob/1"
+    server: _Server
+
+    def log_message(self, fmt: str, *args: object) -> None:
+        log.debug("%s " + fmt, self.address_string(), *args)
+
+    def _refuse(self, code: int, detail: str, headers: Optional[dict[str, str]] = None) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        self.send_response(code)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        blob = self.server.blob
+        refused = check_bearer(self.headers.get("Authorization"), blob.token)
+        if refused is not None:
+            self._refuse(*refused, headers={"WWW-Authenticate": "Bearer"} if refused[0] == 401 else None)
+            return
+        prefix = f"{API_PREFIX}/blobs/"
+        chunk = self.path[len(prefix):] if self.path.startswith(prefix) else ""
+        loc = blob.locate(chunk) if CHUNK_RE.fullmatch(chunk) else None
+        if loc is None:
+            self._refuse(404, f"no verified chunk {chunk or self.path} here")
+            return
+        path, offset, length = loc
+        try:
+            span = parse_range(self.headers.get("Range"), length)
+        except ValueError as e:
+            self._refuse(416, str(e), {"Content-Range": f"bytes */{length}"})
+            return
+        if not blob.slots.try_acquire():
+            self._refuse(503, f"all {blob.slots.n} upload slots are busy", {"Retry-After": "1"})
+            return
+        try:
+            self._send(blob, chunk, path, offset, length, span)
+        except (BrokenPipeError, ConnectionResetError):
+            log.debug("peer %s went away mid-chunk", self.address_string())
+        finally:
+            blob.slots.release()
+
+    def _send(self, blob: "BlobServer", chunk: str, path: Path, offset: int, length: int,
+              span: Optional[tuple[int, int]]) -> None:
+        start, end = span or (0, length)
+        try:
+            fh = path.open("rb")
+        except FileNotFoundError:  # renamed from its .pcm-part- name just now
+            loc = blob.locate(chunk)
+            fh = (loc[0] if loc else path).open("rb")
+        with fh:
+            self.send_response(206 if span else 200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(end - start))
+            if span:
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{length}")
+            self.end_headers()
+            sent = start
+            while sent < end:
+                n = min(PIECE, end - sent)
+                blob.limiter.take(n)
+                n = self.connection.sendfile(fh, offset + sent, n)
+                if n == 0:
+                    raise BrokenPipeError("short file")
+                sent += n
+                blob.count(n)
+
+
+class BlobServer:
+    def __init__(self, locate: Locate, token: Optional[str], host: str = "127.0.0.1", port: int = 0,
+                 upload_rate: float = 0.0, upload_slots: int = 4) -> None:
+        self.locate = locate
+        self.token = token
+        self.limiter = RateLimiter(upload_rate)
+        self.slots = Slots(upload_slots)
+        self.bytes_served = 0
+        self._count_lock = threading.Lock()
+        self._httpd = _Server((host, port), _Handler)
+        self._httpd.blob = self
+        self.url = f"http://{host}:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True,
+                                        name="pcm-blob-server")
+
+    def count(self, n: int) -> None:
+        with self._count_lock:
+            self.bytes_served += n
+
+    def start(self) -> "BlobServer":
+        self._thread.start()
+        log.info("serving verified chunks to peers at %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def outward_address(service_url: str) -> str:
+    """The local address that routes to the service: what peers on that network can reach."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(service_url)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((u.hostname or "127.0.0.1", u.port or 80))
+            return s.getsockname()[0]
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
