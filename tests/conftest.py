@@ -56,9 +56,20 @@ def write_workload(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
+_REFERENCE: dict[str, list[str]] = {}  # one reference run per distinct request in a session
+
+
 def reference_texts(model: Path, prompts: list[str], engine: dict[str, Any],
                     sampling: dict[str, Any], tmp: Path) -> list[str]:
     """vLLM's own LLM.generate on ``prompts``, in a separate process (tests/reference_generate.py)."""
+    key = json.dumps([str(model), prompts, engine, sampling], sort_keys=True)
+    if key not in _REFERENCE:
+        _REFERENCE[key] = _reference_texts(model, prompts, engine, sampling, tmp)
+    return _REFERENCE[key]
+
+
+def _reference_texts(model: Path, prompts: list[str], engine: dict[str, Any],
+                     sampling: dict[str, Any], tmp: Path) -> list[str]:
     from pcm_service.protocol import EngineSettings, SamplingSettings
 
     (tmp / "prompts.json").write_text(json.dumps(prompts))
