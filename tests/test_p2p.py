@@ -20,6 +20,7 @@ from conftest import REPO, ServeProcess
 from pcm_service.blobs import build_manifest
 from pcm_service.client import ServiceClient
 from pcm_service.protocol import ORIGIN, ChunkAssignment, ContextState, ModelManifest, ServiceStatus
+from pcm_service.status_view import context_cell
 from worker_image.agent import PeerSettings, WorkerAgent
 from worker_image.blobserver import BlobServer
 
@@ -149,6 +150,8 @@ def test_origin_and_plans_need_the_pool_token(pool: Pool, tmp_path: Path) -> Non
                      headers={"Authorization": "Bearer wrong"}).status_code == 403
     r = httpx.get(f"{pool.url}/v1/blobs/{chunk}", headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == chunk
+    r = httpx.post(f"{pool.url}/v1/models", json={"path": str(tmp_path / "missing")})
+    assert r.status_code == 400 and r.json()["detail"].startswith("path: model directory")
 
 
 def test_newcomer_fetches_from_several_peers_at_once(pool: Pool, tmp_path: Path) -> None:
@@ -212,6 +215,8 @@ def test_peer_dying_mid_transfer_does_not_stop_the_newcomer(pool: Pool, tmp_path
         me = next(w for w in pool_big.status().workers if w.worker_id == b.worker_id)
         assert me.context_state == ContextState.FETCHING and me.fetch is not None
         assert me.fetch.chunks_total == len(m.chunk_lengths()) and me.fetch.sources == 1
+        assert context_cell(me).startswith(f"fetching 0/{len(m.chunk_lengths())} chunks")
+        assert context_cell(me).endswith("from 1 source")
         seeder.send_signal(signal.SIGKILL)
         t.join(120)
         assert "dir" in result, "the newcomer did not finish after its peer died"

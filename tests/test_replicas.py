@@ -1,0 +1,113 @@
+"""The replica map's transfer plans, driven through ServiceCore (real SQLite, no HTTP)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pcm_service.core import ServiceConfig, ServiceCore
+from pcm_service.protocol import ORIGIN, FetchRequest, ModelManifest, TransferResult, WorkerRegistration
+from pcm_service.replicas import ModelUnavailable, TransferPolicy
+
+CHUNK = 1024
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
+    model = tmp_path / "model"
+    model.mkdir()
+    for i in range(4):
+        (model / f"w{i}.bin").write_bytes(bytes([i]) * CHUNK)  # four distinct one-chunk files
+    clock = Clock()
+    core = ServiceCore(tmp_path / "state", ServiceConfig(transfers=TransferPolicy(
+        chunk_size=CHUNK, origin_slots=2, avoid_seconds=30)), clock=clock)
+    m = core.replicas.register_model(model)
+    yield core, m, clock
+    core.close()
+
+
+def worker(core: ServiceCore, m: ModelManifest, holds: bool, slots: int = 2) -> str:
+    return core.register(WorkerRegistration(
+        host="h", pid=1, blob_url="http://127.0.0.1:1", upload_slots=slots,
+        chunks=list(m.chunk_lengths()) if holds else [])).worker_id
+
+
+def plan(core: ServiceCore, wid: str, m: ModelManifest, want: int = 4, results=()):  # type: ignore[no-untyped-def]
+    return core.fetch_plan(wid, FetchRequest(manifest_digest=m.digest, want=want, results=list(results)))
+
+
+def test_peers_first_origin_bounded_then_wait(setup) -> None:  # type: ignore[no-untyped-def]
+    core, m, _ = setup
+    a = worker(core, m, holds=True, slots=2)
+    n = worker(core, m, holds=False)
+    got = plan(core, n, m).assignments
+    assert len({x.chunk for x in got}) == 4
+    assert sorted(x.source for x in got) == sorted([a, a, ORIGIN, ORIGIN])
+    # the peer's two slots and the origin's two are taken: a second newcomer waits
+    other = worker(core, m, holds=False)
+    assert plan(core, other, m).assignments == []
+    assert core.status().transfers.active == 4
+
+
+def test_rarest_chunks_go_to_different_newcomers_from_the_origin(setup) -> None:  # type: ignore[no-untyped-def]
+    core, m, _ = setup
+    n1, n2 = worker(core, m, holds=False), worker(core, m, holds=False)
+    first = plan(core, n1, m, want=1).assignments
+    second = plan(core, n2, m, want=1).assignments
+    assert [x.source for x in first + second] == [ORIGIN, ORIGIN]
+    assert first[0].chunk != second[0].chunk  # nobody holds either: one copy each, not two
+
+
+def test_a_finished_chunk_makes_its_receiver_a_source_at_once(setup) -> None:  # type: ignore[no-untyped-def]
+    core, m, _ = setup
+    n1, n2 = worker(core, m, holds=False), worker(core, m, holds=False)
+    c = plan(core, n1, m, want=1).assignments[0].chunk
+    p = plan(core, n1, m, want=0, results=[TransferResult(chunk=c, source=ORIGIN, ok=True, bytes=CHUNK)])
+    assert p.progress.chunks_held == 1 and p.progress.chunks_total == 4
+    got = plan(core, n2, m, want=4).assignments
+    assert [x.source for x in got if x.chunk == c] == [n1]
+    assert core.status().transfers.origin_bytes == CHUNK
+
+
+def test_corrupt_source_loses_its_replica_and_is_avoided(setup) -> None:  # type: ignore[no-untyped-def]
+    core, m, clock = setup
+    a = worker(core, m, holds=True, slots=4)
+    n = worker(core, m, holds=False)
+    got = plan(core, n, m, want=1).assignments
+    assert got[0].source == a
+    bad = TransferResult(chunk=got[0].chunk, source=a, ok=False, bytes=CHUNK, corrupt=True,
+                         error="sha256 mismatch")
+    again = plan(core, n, m, want=4, results=[bad]).assignments
+    assert again and all(x.source == ORIGIN for x in again)  # avoided while it is bad
+    with core.store.read() as db:
+        holders = {r[0] for r in db.execute("SELECT worker_id FROM replicas WHERE chunk=?", (bad.chunk,))}
+    assert a not in holders
+    assert core.status().transfers.failures == 1
+
+
+def test_busy_source_is_not_avoided_and_departed_workers_are_not_sources(setup) -> None:  # type: ignore[no-untyped-def]
+    core, m, _ = setup
+    a = worker(core, m, holds=True, slots=1)
+    n = worker(core, m, holds=False)
+    x = plan(core, n, m, want=1).assignments[0]
+    assert x.source == a
+    busy = TransferResult(chunk=x.chunk, source=a, ok=False, busy=True, error="HTTP 503")
+    assert plan(core, n, m, want=1, results=[busy]).assignments[0].source == a
+    core.retire(a)
+    n2 = worker(core, m, holds=False)
+    assert {y.source for y in plan(core, n2, m, want=4).assignments} == {ORIGIN}
+
+
+def test_unreadable_model_is_refused_with_its_path(tmp_path: Path) -> None:
+    core = ServiceCore(tmp_path / "state")
+    with pytest.raises(ModelUnavailable, match="does not exist or is not readable"):
+        core.replicas.register_model(tmp_path / "nope")
+    core.close()
