@@ -107,7 +107,8 @@ def one_run(model: Path, k: int, p2p: bool, args: argparse.Namespace, tmp: Path)
         st = client.request("GET", "/status", None, ServiceStatus).transfers
         return {"seconds": elapsed, "origin_copies": st.origin_bytes / m.total_bytes,
                 "peer_copies": st.peer_bytes / m.total_bytes, "failures": st.failures,
-                "gib": m.total_bytes / 2**30}
+                "gib": m.total_bytes / 2**30, "chunk_mib": m.chunk_size / 2**20,
+                "chunks": len(m.chunk_lengths())}
     finally:
         for p in seeders:
             if p.poll() is None:
@@ -128,7 +129,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=4, help="shards the model is split into")
     ap.add_argument("--rate", type=float, default=100.0, help="upload MB/s of the origin and of each peer")
     ap.add_argument("--sizes", default="1,4,8,16", help="numbers of newcomers")
-    ap.add_argument("--chunk-mib", type=float, default=64)
+    ap.add_argument("--chunk-mib", type=float, default=64, help="the service's largest chunk")
     ap.add_argument("--origin-slots", type=int, default=2)
     ap.add_argument("--upload-slots", type=int, default=2)
     ap.add_argument("--parallel", type=int, default=4, help="downloads at once per newcomer")
@@ -145,8 +146,9 @@ def main() -> None:
         for mode in modes:
             for k in sizes:
                 results[mode, k] = one_run(model, k, mode == "p2p", args, Path(tmp))
-    print(f"\nmodel {results[modes[0], sizes[0]]['gib']:.2f} GiB in {args.files} files, chunks "
-          f"{args.chunk_mib:g} MiB; upload limit {args.rate:g} MB/s for the origin and each peer; "
+    first = results[modes[0], sizes[0]]
+    print(f"\nmodel {first['gib']:.2f} GiB in {args.files} files, {first['chunks']:.0f} chunks of "
+          f"{first['chunk_mib']:g} MiB; upload limit {args.rate:g} MB/s for the origin and each peer; "
           f"origin slots {args.origin_slots}, peer slots {args.upload_slots}; {os.cpu_count()} cores")
     print(f"{'K':>3} | {'mode':<11} | {'all have it (s)':>15} | {'vs K=1':>6} | {'origin copies':>13} |"
           f" {'peer copies':>11} | failed")

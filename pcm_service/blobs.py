@@ -35,6 +35,16 @@ def stat_signature(model_dir: Path) -> str:
     return h.hexdigest()
 
 
+def swarm_chunk_size(total_bytes: int, max_size: int = DEFAULT_CHUNK_SIZE, min_chunks: int = 64) -> int:
+    """Chunks small enough that a model has ``min_chunks`` of them (a power of two, at most
+    ``max_size``, at least 1 MiB): a newcomer can pass a chunk on as soon as it has verified
+    it, so smaller chunks shorten the time the last chunks take to reach everyone."""
+    size = 2**20
+    while size * 2 <= max_size and total_bytes / (size * 2) >= min_chunks:
+        size *= 2
+    return min(size, max_size)
+
+
 def build_manifest(model_dir: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ModelManifest:
     """Hash every file in ``chunk_size`` pieces (the last one of a file is shorter)."""
     files = []
@@ -63,6 +73,8 @@ class RateLimiter:
 
     def __init__(self, rate: float = 0.0) -> None:
         self.rate = rate
+        # send in pieces of ~1/10 s at low rates so a transfer's pace is even
+        self.piece = PIECE if rate <= 0 else int(min(PIECE, max(64 * 1024, rate / 10)))
         self._next = time.monotonic()
         self._lock = threading.Lock()
 
@@ -116,7 +128,7 @@ def read_pieces(path: Path, offset: int, length: int, limiter: RateLimiter) -> I
     try:
         done = 0
         while done < length:
-            n = min(PIECE, length - done)
+            n = min(limiter.piece, length - done)
             limiter.take(n)
             data = os.pread(fd, n, offset + done)
             if not data:

@@ -47,7 +47,8 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
           pool_token_file: Optional[Path] = typer.Option(
               None, help="Workers must present this file's token [env PCM_POOL_TOKEN_FILE]",
               envvar="PCM_POOL_TOKEN_FILE"),
-          chunk_size: float = typer.Option(64, min=0.001, help="Model chunk size in MiB"),
+          chunk_size: float = typer.Option(
+              64, min=0.001, help="Largest model chunk in MiB (a model gets >= 64 chunks, >= 1 MiB)"),
           origin_rate: float = typer.Option(0, min=0, help="The origin's upload MB/s (0: unlimited)"),
           origin_slots: int = typer.Option(4, min=1, help="Chunk transfers the origin serves at once"),
           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
-from pcm_service.blobs import DEFAULT_CHUNK_SIZE, RateLimiter, build_manifest, stat_signature
+from pcm_service.blobs import (
+    DEFAULT_CHUNK_SIZE,
+    RateLimiter,
+    build_manifest,
+    model_files,
+    stat_signature,
+    swarm_chunk_size,
+)
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
     ORIGIN,
@@ -41,7 +48,8 @@ class ModelUnavailable(ValueError):
 
 @dataclass
 class TransferPolicy:
-    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # the largest chunk
+    min_chunks: int = 64  # smaller models get smaller chunks (down to 1 MiB), for the swarm
     origin_slots: int = 4  # transfers the origin serves at once
     origin_rate: float = 0.0  # the origin's upload bytes/s, 0: unlimited
     origin_copies: int = 2  # the origin sends a chunk at most this often while peers hold it
@@ -98,7 +106,8 @@ class ReplicaMap:
                              (str(path), sig, size)).fetchone()
         if row is not None and row["digest"] in self._manifests:
             return self._manifests[row["digest"]]
-        m = build_manifest(path, size)
+        total = sum(f.stat().st_size for f in model_files(path))
+        m = build_manifest(path, swarm_chunk_size(total, size, self.policy.min_chunks))
         if not m.files:
             raise ModelUnavailable(f"model directory {path} has no files")
         with self.store.transaction() as db:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from conftest import REPO, ServeProcess
 
-from pcm_service.blobs import build_manifest
+from pcm_service.blobs import build_manifest, swarm_chunk_size
 from pcm_service.client import ServiceClient
 from pcm_service.protocol import ORIGIN, ChunkAssignment, ContextState, ModelManifest, ServiceStatus
 from pcm_service.status_view import context_cell
@@ -118,6 +118,10 @@ def test_manifest_cuts_files_into_hashed_chunks(tmp_path: Path) -> None:
     assert m.chunk_lengths()[files["a.bin"].chunks[2]] == 5
     assert len(m.locations()[files["dup.bin"].chunks[0]]) == 2
     digest = m.digest
+    mib = 2**20
+    assert swarm_chunk_size(1024 * mib) == 16 * mib  # >= 64 chunks: a short tail for the swarm
+    assert swarm_chunk_size(15 * 1024 * mib) == 64 * mib and swarm_chunk_size(10 * mib) == mib
+    assert swarm_chunk_size(10 * mib, 256 * KIB) == 256 * KIB
     (d / "c.json").write_text("{}")
     assert build_manifest(d, 256 * KIB).digest != digest
 
@@ -194,7 +198,7 @@ def test_corrupt_chunk_in_a_peer_cache_is_refetched_elsewhere_and_never_used(poo
 
 def test_peer_dying_mid_transfer_does_not_stop_the_newcomer(pool: Pool, tmp_path: Path) -> None:
     origin = make_model(tmp_path / "model", {"w.bin": 3 * 1024 * KIB, "config.json": 100})
-    pool_big = Pool(tmp_path, chunk_kib=2048)  # chunks of several pieces: a transfer lasts
+    pool_big = Pool(tmp_path, chunk_kib=2048)  # 1 MiB chunks at 1 MB/s: a transfer lasts ~1 s
     try:
         m = pool_big.register(origin)
         seeder, a = pool_big.seeder("a", m.digest, "--upload-rate", str(1e6))  # 1 MB/s

@@ -57,10 +57,12 @@ def test_second_worker_loads_weights_copied_from_the_first(tiny_model: Path, tmp
     workers: list[subprocess.Popen[bytes]] = []
 
     def start_worker(name: str) -> None:
+        # as many downloads as a peer has upload slots: a free peer slot is always there, so
+        # the origin (used only when no peer has one) is not needed once the first holds it
         workers.append(subprocess.Popen(
             [sys.executable, "-m", "pcm_service.cli", "worker", "--service", serve.url,
              "--token-file", str(tmp_path / "token"), "--work-dir", str(tmp_path / name),
-             "--idle-timeout", "600"],
+             "--idle-timeout", "600", "--fetch-parallel", "2", "--upload-slots", "2"],
             stdout=(tmp_path / f"{name}.log").open("wb"), stderr=subprocess.STDOUT, cwd=REPO))
 
     def submit(path: Path) -> str:

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Optional
 
-from pcm_service.blobs import CHUNK_RE, PIECE, RateLimiter, Slots, parse_range
+from pcm_service.blobs import CHUNK_RE, RateLimiter, Slots, parse_range
 from pcm_service.protocol import API_PREFIX
 from pcm_service.tokens import check_bearer
 
@@ -92,7 +92,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             sent = start
             while sent < end:
-                n = min(PIECE, end - sent)
+                n = min(blob.limiter.piece, end - sent)
                 blob.limiter.take(n)
                 n = self.connection.sendfile(fh, offset + sent, n)
                 if n == 0:
