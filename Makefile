@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pcm-installed
 TINY := build/models/tiny-llama
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench bench-p2p clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP)
 
 bench: $(STAMP) $(TINY)/config.json
 	$(PY) bench/context_reuse.py
+
+# ~1 GiB of random weights to 1, 4, 8 and 16 newcomers: p2p vs origin-only (~10 min)
+bench-p2p: $(STAMP)
+	$(PY) bench/p2p.py
 
 clean:
 	rm -rf $(VENV) build
