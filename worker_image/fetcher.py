@@ -135,11 +135,12 @@ class ModelFetcher:
         res.bytes, res.seconds = writer.received, time.monotonic() - t0
         if not res.ok:
             log.warning("chunk %s… from %s failed: %s", a.chunk[:12], a.source, res.error)
-        with self._lock:
-            self._active.discard(a.chunk)
-        try:
+        try:  # the service frees the source's slot before we count ours free again
             self.plan(FetchRequest(manifest_digest=m.digest, results=[res]))
+            unreported = []
         except ServiceError:
-            with self._lock:
-                self._unreported.append(res)
+            unreported = [res]
+        with self._lock:
+            self._unreported.extend(unreported)
+            self._active.discard(a.chunk)
         self._done.set()
