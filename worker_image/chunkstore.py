@@ -102,7 +102,7 @@ class ChunkStore:
         path, off, length = src
         d = self.model_dir(m)
         data: Optional[bytes] = None
-        for rel, o, n in self._locations[m.digest][chunk]:
+        for rel, o, _ in self._locations[m.digest][chunk]:
             dest = _part(d / rel)
             if dest == path and o == off:
                 continue
