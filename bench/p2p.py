@@ -108,7 +108,7 @@ def one_run(model: Path, k: int, p2p: bool, args: argparse.Namespace, tmp: Path)
         return {"seconds": elapsed, "origin_copies": st.origin_bytes / m.total_bytes,
                 "peer_copies": st.peer_bytes / m.total_bytes, "failures": st.failures,
                 "gib": m.total_bytes / 2**30, "chunk_mib": m.chunk_size / 2**20,
-                "chunks": len(m.chunk_lengths())}
+                "chunks": len(m.chunk_lengths)}
     finally:
         for p in seeders:
             if p.poll() is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+from functools import cached_property
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -292,7 +293,8 @@ class ModelManifest(Strict):
     chunk_size: int = Field(gt=0)
     files: list[ModelFile]
 
-    @property
+    # derived once per manifest (they are read on every plan and every chunk received)
+    @cached_property
     def digest(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
 
@@ -300,6 +302,7 @@ class ModelManifest(Strict):
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
+    @cached_property
     def locations(self) -> dict[str, list[tuple[str, int, int]]]:
         """chunk → every (file, offset, length) holding it (identical pieces share a chunk)."""
         out: dict[str, list[tuple[str, int, int]]] = {}
@@ -309,8 +312,9 @@ class ModelManifest(Strict):
                 out.setdefault(c, []).append((f.path, off, min(self.chunk_size, f.size - off)))
         return out
 
+    @cached_property
     def chunk_lengths(self) -> dict[str, int]:
-        return {c: locs[0][2] for c, locs in self.locations().items()}
+        return {c: locs[0][2] for c, locs in self.locations.items()}
 
 
 class ModelRegistration(Strict):

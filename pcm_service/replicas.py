@@ -89,7 +89,7 @@ class ReplicaMap:
     # ----- models ----------------------------------------------------------------
     def _index(self, m: ModelManifest, path: Path) -> None:
         self._manifests[m.digest] = m
-        for chunk, locs in m.locations().items():
+        for chunk, locs in m.locations.items():
             rel, off, length = locs[0]
             self._origin[chunk] = (path / rel, off, length)
 
@@ -116,7 +116,7 @@ class ReplicaMap:
         with self._lock:
             self._index(m, path)
         log.info("model %s: manifest %s, %d files, %d chunks, %.1f MiB", path, m.digest[:16],
-                 len(m.files), len(m.chunk_lengths()), m.total_bytes / 2**20)
+                 len(m.files), len(m.chunk_lengths), m.total_bytes / 2**20)
         return m
 
     def manifest(self, digest: str) -> ModelManifest:
@@ -148,7 +148,7 @@ class ReplicaMap:
     # ----- planning --------------------------------------------------------------
     def plan(self, worker_id: str, req: FetchRequest) -> FetchPlan:
         m = self.manifest(req.manifest_digest)
-        lengths = m.chunk_lengths()
+        lengths = m.chunk_lengths
         with self._lock:
             now = self.clock()
             with self.store.transaction() as db:
@@ -241,7 +241,7 @@ class ReplicaMap:
         if digest is None:
             return None
         m = self.manifest(digest)
-        lengths = m.chunk_lengths()
+        lengths = m.chunk_lengths
         with self._lock:
             with self.store.read() as db:
                 held = self._held(db, worker_id, lengths)

@@ -115,8 +115,8 @@ def test_manifest_cuts_files_into_hashed_chunks(tmp_path: Path) -> None:
     raw = (d / "a.bin").read_bytes()
     assert files["a.bin"].chunks[2] == hashlib.sha256(raw[2 * 256 * KIB:]).hexdigest()
     assert files["dup.bin"].chunks == files["sub/b.bin"].chunks
-    assert m.chunk_lengths()[files["a.bin"].chunks[2]] == 5
-    assert len(m.locations()[files["dup.bin"].chunks[0]]) == 2
+    assert m.chunk_lengths[files["a.bin"].chunks[2]] == 5
+    assert len(m.locations[files["dup.bin"].chunks[0]]) == 2
     digest = m.digest
     mib = 2**20
     assert swarm_chunk_size(1024 * mib) == 16 * mib  # >= 64 chunks: a short tail for the swarm
@@ -166,7 +166,7 @@ def test_newcomer_fetches_from_several_peers_at_once(pool: Pool, tmp_path: Path)
     _, c = pool.seeder("c", m.digest)
     assert same_files(origin, c["dir"])
     got = pool.transfers(c["worker_id"])
-    assert all(t["ok"] for t in got) and len(got) == len(m.chunk_lengths())
+    assert all(t["ok"] for t in got) and len(got) == len(m.chunk_lengths)
     peers = {t["source"] for t in got} - {ORIGIN}
     assert len(peers) == 2, [dict(t) for t in got]  # both holders served it
     st = pool.status().transfers
@@ -218,8 +218,8 @@ def test_peer_dying_mid_transfer_does_not_stop_the_newcomer(pool: Pool, tmp_path
         assert from_a.wait(60), "the newcomer never got bytes from the peer"
         me = next(w for w in pool_big.status().workers if w.worker_id == b.worker_id)
         assert me.context_state == ContextState.FETCHING and me.fetch is not None
-        assert me.fetch.chunks_total == len(m.chunk_lengths()) and me.fetch.sources == 1
-        assert context_cell(me).startswith(f"fetching 0/{len(m.chunk_lengths())} chunks")
+        assert me.fetch.chunks_total == len(m.chunk_lengths) and me.fetch.sources == 1
+        assert context_cell(me).startswith(f"fetching 0/{len(m.chunk_lengths)} chunks")
         assert context_cell(me).endswith("from 1 source")
         seeder.send_signal(signal.SIGKILL)
         t.join(120)
@@ -227,6 +227,6 @@ def test_peer_dying_mid_transfer_does_not_stop_the_newcomer(pool: Pool, tmp_path
         assert same_files(origin, result["dir"])
         got = pool_big.transfers(b.worker_id)
         assert any(not x["ok"] and x["source"] == a["worker_id"] for x in got), [dict(x) for x in got]
-        assert {x["chunk"] for x in got if x["ok"]} == set(m.chunk_lengths())
+        assert {x["chunk"] for x in got if x["ok"]} == set(m.chunk_lengths)
     finally:
         pool_big.close()

@@ -37,7 +37,7 @@ def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
 def worker(core: ServiceCore, m: ModelManifest, holds: bool, slots: int = 2) -> str:
     return core.register(WorkerRegistration(
         host="h", pid=1, blob_url="http://127.0.0.1:1", upload_slots=slots,
-        chunks=list(m.chunk_lengths()) if holds else [])).worker_id
+        chunks=list(m.chunk_lengths) if holds else [])).worker_id
 
 
 def plan(core: ServiceCore, wid: str, m: ModelManifest, want: int = 4, results=()):  # type: ignore[no-untyped-def]

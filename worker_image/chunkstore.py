@@ -30,7 +30,6 @@ class ChunkStore:
         self._verified: dict[str, tuple[Path, int, int]] = {}  # chunk → (final path, offset, length)
         self._final: set[Path] = set()  # files renamed to their real name
         self._models: dict[str, ModelManifest] = {}
-        self._locations: dict[str, dict[str, list[tuple[str, int, int]]]] = {}
         self._missing: dict[str, set[str]] = {}  # manifest → chunks not verified yet
         for marker in self.root.glob(f"*/{MARKER}"):  # complete models from an earlier run
             m = ModelManifest.model_validate_json(marker.read_text())
@@ -42,7 +41,7 @@ class ChunkStore:
     def _adopt(self, m: ModelManifest, complete: bool) -> None:
         d = self.model_dir(m)
         self._models[m.digest] = m
-        self._locations[m.digest] = locs = m.locations()
+        locs = m.locations
         self._missing[m.digest] = set() if complete else set(locs)
         if complete:
             for f in m.files:
@@ -93,7 +92,7 @@ class ChunkStore:
             return self._path_of(chunk) if chunk in self._verified else None
 
     def writer(self, m: ModelManifest, chunk: str) -> "ChunkWriter":
-        rel, off, length = self._locations[m.digest][chunk][0]
+        rel, off, length = m.locations[chunk][0]
         return ChunkWriter(self, m, chunk, _part(self.model_dir(m) / rel), off, length)
 
     # ----- after a chunk is verified --------------------------------------------
@@ -102,7 +101,7 @@ class ChunkStore:
         path, off, length = src
         d = self.model_dir(m)
         data: Optional[bytes] = None
-        for rel, o, _ in self._locations[m.digest][chunk]:
+        for rel, o, _ in m.locations[chunk]:
             dest = _part(d / rel)
             if dest == path and o == off:
                 continue
@@ -117,7 +116,7 @@ class ChunkStore:
                 os.close(fd)
 
     def _mark_verified(self, m: ModelManifest, chunk: str) -> None:
-        rel, off, length = self._locations[m.digest][chunk][0]
+        rel, off, length = m.locations[chunk][0]
         with self._lock:
             self._verified.setdefault(chunk, (self.model_dir(m) / rel, off, length))
             self._missing[m.digest].discard(chunk)

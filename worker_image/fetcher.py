@@ -22,7 +22,6 @@ from pcm_service.protocol import (
     API_PREFIX,
     ChunkAssignment,
     FetchPlan,
-    FetchProgress,
     FetchRequest,
     ModelManifest,
     TransferResult,
@@ -50,7 +49,6 @@ class ModelFetcher:
         self.timeout = timeout  # no byte from a source for this long: try another one
         self.stall_timeout = stall_timeout
         self.on_bytes = on_bytes
-        self.progress: Optional[FetchProgress] = None
         self._lock = threading.Lock()
         self._active: set[str] = set()
         self._unreported: list[TransferResult] = []
@@ -77,7 +75,6 @@ class ModelFetcher:
                 continue
             plan = self.plan(FetchRequest(manifest_digest=digest, results=results, want=max(free, 0),
                                           wait=1.0))
-            self.progress = plan.progress
             held = len(self.store.held())
             if held != last_held:
                 last_held, last_change = held, time.monotonic()
