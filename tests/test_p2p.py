@@ -55,6 +55,7 @@ class Pool:
         self.url = self.serve.url
         self.client = ServiceClient(self.url, token=TOKEN)
         self.procs: list[subprocess.Popen[str]] = []
+        self.agents: list[WorkerAgent] = []
 
     def register(self, model: Path) -> ModelManifest:
         r = httpx.post(f"{self.url}/v1/models", json={"path": str(model)})
@@ -77,8 +78,8 @@ class Pool:
         """A worker agent in this process (no engine is started: only its fetcher is used)."""
         a = WorkerAgent(ServiceClient(self.url, token=TOKEN), work_dir=self.tmp / name, token=TOKEN,
                         peers=PeerSettings(**peer))
-        a._start_blob_server()
-        a._register()
+        a.join()
+        self.agents.append(a)
         return a
 
     def transfers(self, worker_id: str) -> list[sqlite3.Row]:
@@ -91,6 +92,8 @@ class Pool:
         return self.client.request("GET", "/status", None, ServiceStatus)
 
     def close(self) -> None:
+        for a in self.agents:
+            a.leave()
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()

@@ -6,13 +6,12 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 from conftest import ENGINE, REPO, ServeProcess, reference_texts
+from htcondor_pool.fixtures import wait_for
 from test_end_to_end import BAD_ROW, rows
 
 from pcm_service.client import ServiceClient
@@ -35,17 +34,6 @@ def write_workload(tmp: Path, name: str, model: Path, batch: list[dict[str, str]
             "batch_size": 10, "output": f"out/{name}.jsonl"}
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec))
     return tmp / f"{name}.yaml"
-
-
-def wait_until(check: Any, what: str, timeout: float = 600) -> Any:
-    """Poll the service's state (the only view a client has) until ``check`` holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_second_worker_loads_weights_copied_from_the_first(tiny_model: Path, tmp_path: Path) -> None:
@@ -78,15 +66,15 @@ def test_second_worker_loads_weights_copied_from_the_first(tiny_model: Path, tmp
     try:
         start_worker("w1")
         first = submit(write_workload(tmp_path, "first", tiny_model, good_rows()[:20]))
-        wait_until(lambda: done(first), "the first worker to finish the first workload")
+        wait_for(lambda: done(first), 600, "the first worker to finish the first workload")
         start_worker("w2")
-        wait_until(lambda: len(status().workers) == 2, "the second worker to register")
+        wait_for(lambda: len(status().workers) == 2, 600, "the second worker to register")
         # enough rows that the second worker is assigned the context while work is queued
         again = [{"id": f"{r['id']}-{k}", "claim": r["claim"]} for k in range(3) for r in good_rows()]
         second = submit(write_workload(tmp_path, "second", tiny_model, again))
         w1, w2 = [w.worker_id for w in status().workers]
-        wait_until(lambda: done(second) and next(w for w in status().workers if w.worker_id == w2)
-                   .library_starts == 1, "the second workload and the second worker's engine")
+        wait_for(lambda: done(second) and next(w for w in status().workers if w.worker_id == w2)
+                 .library_starts == 1, 600, "the second workload and the second worker's engine")
 
         db = sqlite3.connect(serve.state_dir / "pcm.sqlite3")
         sources = {w: {r[0] for r in db.execute("SELECT source FROM transfers WHERE worker_id=? AND ok=1",

@@ -283,12 +283,27 @@ class WorkerAgent:
         return min(self.max_batches - batches, math.ceil((self.target_rows - rows) / per_batch))
 
     # ----- main loop ------------------------------------------------------------
-    def run(self) -> int:
+    def join(self) -> RegisterResponse:
+        """Serve chunks to peers, register (announcing the chunks held), heartbeat."""
         self._start_blob_server()
         self._register()
         assert self.reg is not None
-        idle_timeout = self.idle_timeout_override or self.reg.idle_timeout
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="pcm-heartbeat").start()
+        return self.reg
+
+    def leave(self) -> None:
+        """Stop heartbeating, deregister, stop serving chunks."""
+        self._exited.set()
+        try:
+            self.client.request("DELETE", f"/workers/{self.worker_id}")
+        except ServiceError as e:
+            log.warning("could not deregister: %s", e.detail)
+        if self.blobs is not None:
+            self.blobs.stop()
+
+    def run(self) -> int:
+        reg = self.join()
+        idle_timeout = self.idle_timeout_override or reg.idle_timeout
         reporter = threading.Thread(target=self._report_loop, name="pcm-reporter")
         reporter.start()
         rc = 0
@@ -367,13 +382,7 @@ class WorkerAgent:
         lib = self._release_rows()
         self._reports.put(None)
         reporter.join()  # rows reported and returned before the (slow) engine shutdown
-        self._exited.set()
-        try:
-            self.client.request("DELETE", f"/workers/{self.worker_id}")
-        except ServiceError as e:
-            log.warning("could not deregister: %s", e.detail)
-        if self.blobs is not None:
-            self.blobs.stop()
+        self.leave()
         if lib is not None:
             lib.stop(grace=5)
         log.info("worker %s exits", self.worker_id)

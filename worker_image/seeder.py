@@ -52,9 +52,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         fetch_parallel=args.parallel))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    agent._start_blob_server()
-    agent._register()
-    threading.Thread(target=agent._heartbeat_loop, daemon=True, name="pcm-heartbeat").start()
+    agent.join()
     emit("registered", worker_id=agent.worker_id, blob_url=agent.blobs.url if agent.blobs else None)
     if args.wait_go:
         sys.stdin.readline()
@@ -71,14 +69,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.hold and rc == 0:
         threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
         stop.wait()
-    agent._exited.set()
-    try:
-        client.request("DELETE", f"/workers/{agent.worker_id}")
-    except ServiceError:
-        pass
+    agent.leave()
     if agent.blobs is not None:
         emit("served", worker_id=agent.worker_id, bytes=agent.blobs.bytes_served)
-        agent.blobs.stop()
     return rc
 
 
