@@ -209,7 +209,7 @@ def test_peer_dying_mid_transfer_does_not_stop_the_newcomer(pool: Pool, tmp_path
         from_a = threading.Event()
 
         def on_bytes(asg: ChunkAssignment, received: int) -> None:
-            if asg.source == a["worker_id"]:
+            if asg.source == a["worker_id"] and received < asg.length:  # mid-chunk
                 from_a.set()
 
         b.fetcher.on_bytes = on_bytes
@@ -222,7 +222,7 @@ def test_peer_dying_mid_transfer_does_not_stop_the_newcomer(pool: Pool, tmp_path
         me = next(w for w in pool_big.status().workers if w.worker_id == b.worker_id)
         assert me.context_state == ContextState.FETCHING and me.fetch is not None
         assert me.fetch.chunks_total == len(m.chunk_lengths) and me.fetch.sources == 1
-        assert context_cell(me).startswith(f"fetching 0/{len(m.chunk_lengths)} chunks")
+        assert context_cell(me).startswith(f"fetching {me.fetch.chunks_held}/{len(m.chunk_lengths)} chunks")
         assert context_cell(me).endswith("from 1 source")
         seeder.send_signal(signal.SIGKILL)
         t.join(120)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, Optional
 from urllib.parse import urlsplit
 
-from pcm_service.blobs import PIECE
 from pcm_service.client import ServiceClient, ServiceError
 from pcm_service.protocol import (
     API_PREFIX,
@@ -30,6 +29,9 @@ from worker_image.chunkstore import ChunkStore
 
 log = logging.getLogger("pcm.fetch")
 PlanCall = Callable[[FetchRequest], FetchPlan]
+# readinto() blocks until its buffer is full: a buffer smaller than a chunk lets progress
+# (and a dead source) show within a chunk, at no extra copy
+RECV_BUFFER = 256 * 1024
 
 
 class FetchFailed(RuntimeError):
@@ -113,7 +115,7 @@ class ModelFetcher:
                 res.busy = resp.status == 503
                 res.error = f"HTTP {resp.status}: {resp.read(300).decode(errors='replace')}"
             else:
-                buf = memoryview(bytearray(PIECE))
+                buf = memoryview(bytearray(RECV_BUFFER))
                 while True:
                     n = resp.readinto(buf)
                     if not n:
