@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 
 from pcm_service.client import default_service_url
 from pcm_service.protocol import FactoryLimits, Strict
+from pcm_service.tokens import POOL, TokenError, read_token, token_file
 from pcm_service.yamlmodel import FieldError, load_yaml_model
 
 ENTRY_SCRIPT = Path(__file__).resolve().parent.parent / "worker_image" / "entry.sh"
@@ -27,7 +28,7 @@ class HTCondorSettings(Strict):
     executable: str = str(ENTRY_SCRIPT)
     transfer_executable: bool = True
     log_dir: str = "pcm-glideins"  # glidein event log, stdout, stderr (on the submit host)
-    token_file: Optional[str] = None  # pool token: transferred as a file, never in the job ad
+    token_file: Optional[str] = None  # pool token (required): transferred as a file, never in the job ad
     request_cpus: int = Field(default=1, gt=0)
     request_memory: str = "8GB"
     request_disk: str = "20GB"
@@ -52,6 +53,7 @@ class HTCondorSettings(Strict):
 
 class LocalSettings(Strict):
     work_dir: str = "pcm-glideins"
+    token_file: Optional[str] = None  # pool token; default $PCM_POOL_TOKEN_FILE, else ./pcm-state/pool.token
     worker_args: list[str] = Field(default_factory=list)
 
 
@@ -74,14 +76,40 @@ def load_factory_config(path: str | Path) -> FactoryConfig:
     cfg = load_yaml_model(p, FactoryConfig, FactoryConfigError)
     base = p.resolve().parent
     for section, key in (("htcondor", "log_dir"), ("htcondor", "token_file"),
-                         ("htcondor", "executable"), ("local", "work_dir")):
+                         ("htcondor", "executable"), ("local", "work_dir"), ("local", "token_file")):
         sub = getattr(cfg, section)
         val = getattr(sub, key)
         if val and not Path(val).is_absolute():  # paths are relative to the config file
             setattr(sub, key, str(base / val))
-    tok = cfg.htcondor.token_file
-    if cfg.backend == "htcondor" and tok and not Path(tok).is_file():
-        raise FactoryConfigError("htcondor.token_file", f"{tok} does not exist")
+    check_token_file(cfg)
+    return cfg
+
+
+def check_token_file(cfg: FactoryConfig) -> None:
+    """The service refuses workers without its pool token: the backend in use must have one."""
+    tok = cfg.htcondor.token_file if cfg.backend == "htcondor" else cfg.local.token_file
+    where = f"{cfg.backend}.token_file"
+    if cfg.backend == "htcondor" and not tok:
+        raise FactoryConfigError(where, "required: the file holding the service's pool token (its"
+                                        " STATE_DIR/pool.token), transferred to each glidein")
+    if tok and not Path(tok).is_file():
+        raise FactoryConfigError(where, f"{tok} does not exist")
+
+
+def resolve_pool_token_file(cfg: FactoryConfig) -> FactoryConfig:
+    """Check the pool token file; for the local backend without local.token_file, find it:
+    $PCM_POOL_TOKEN_FILE, else ./pcm-state/pool.token (`pcm serve`'s default state dir)."""
+    check_token_file(cfg)
+    if cfg.backend == "local":
+        path = token_file(POOL, Path(cfg.local.token_file) if cfg.local.token_file else None)
+        if path is None:
+            raise FactoryConfigError("local.token_file", f"no pool token for the workers: set local.token_file"
+                                     f" or {POOL.file_env} to the service's STATE_DIR/{POOL.filename}")
+        try:
+            read_token(path)
+        except TokenError as e:
+            raise FactoryConfigError("local.token_file", str(e)) from None
+        cfg.local.token_file = str(path.resolve())
     return cfg
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import AsyncIterator, Optional
 
 import anyio.to_thread
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
@@ -26,6 +26,7 @@ from pcm_service.protocol import (
     FetchRequest,
     Heartbeat,
     HeartbeatResponse,
+    IdleReport,
     LeaseRequest,
     LeaseResponse,
     LibraryEvent,
@@ -33,6 +34,7 @@ from pcm_service.protocol import (
     ModelRegistration,
     RegisterResponse,
     ReportResponse,
+    RetireDecision,
     ServiceStatus,
     SubmitResponse,
     WorkerRegistration,
@@ -40,7 +42,7 @@ from pcm_service.protocol import (
     WorkloadSubmission,
 )
 from pcm_service.replicas import ModelUnavailable
-from pcm_service.tokens import bearer_checker
+from pcm_service.tokens import bearer_checker, check_bearer
 
 log = logging.getLogger("pcm.service")
 
@@ -76,8 +78,29 @@ class _Changes:
             self.loop.call_soon_threadsafe(self._fire)
 
 
-def create_app(core: ServiceCore, pool_token: Optional[str] = None) -> FastAPI:
-    """``pool_token``: when set, the worker routes require it as a bearer token."""
+def _needs_pool_token(method: str, path: str) -> bool:
+    """Worker routes (what glideins call) take the pool token; every other route the API token."""
+    return (path.startswith((f"{API_PREFIX}/workers", f"{API_PREFIX}/blobs/"))
+            or (method == "GET" and path.startswith(f"{API_PREFIX}/models/")))
+
+
+def create_app(core: ServiceCore, pool_token: str, api_token: str) -> FastAPI:
+    """Every route but /healthz needs a bearer token: the pool token on worker routes, the API
+    token on the others (by path, so a new route is never open by mistake); never interchangeable."""
+    if not pool_token or not api_token:
+        raise ValueError("create_app needs both the pool token and the API token")
+
+    def auth(request: Request, authorization: Optional[str] = Header(default=None)) -> None:
+        path = getattr(request.scope.get("route"), "path", request.url.path)
+        if path == "/healthz":
+            return
+        pool = _needs_pool_token(request.method, path)
+        refused = check_bearer(authorization, pool_token if pool else api_token,
+                               "pool token" if pool else "API token")
+        if refused is not None:
+            headers = {"WWW-Authenticate": "Bearer"} if refused[0] == 401 else None
+            raise HTTPException(refused[0], refused[1], headers=headers)
+
     stop = threading.Event()
     changes = _Changes()
 
@@ -93,8 +116,8 @@ def create_app(core: ServiceCore, pool_token: Optional[str] = None) -> FastAPI:
         stop.set()
         t.join(timeout=5)
 
-    app = FastAPI(title="PCM service", lifespan=lifespan)
-    worker_auth = [Depends(bearer_checker(pool_token))]
+    app = FastAPI(title="PCM service", lifespan=lifespan, dependencies=[Depends(auth)])
+    worker_auth = [Depends(bearer_checker(pool_token))]  # explicit on worker routes; `auth` already checks
     app.state.core = core
 
     def worker_call(fn, *args):  # type: ignore[no-untyped-def]
@@ -195,6 +218,11 @@ def create_app(core: ServiceCore, pool_token: Optional[str] = None) -> FastAPI:
     @app.post(f"{API_PREFIX}/workers/{{worker_id}}/lease", dependencies=worker_auth)
     def lease(worker_id: str, req: LeaseRequest) -> LeaseResponse:
         return worker_call(core.lease_batch, worker_id, req)
+
+    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/idle", dependencies=worker_auth)
+    def idle(worker_id: str, rep: IdleReport) -> RetireDecision:
+        """An idle worker asks to retire; the factory's minimum may keep it."""
+        return worker_call(core.idle, worker_id, rep)
 
     @app.post(f"{API_PREFIX}/workers/{{worker_id}}/report", dependencies=worker_auth)
     def report(worker_id: str, rep: BatchReport) -> ReportResponse:

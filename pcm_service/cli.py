@@ -11,6 +11,7 @@ import typer
 
 from pcm_service.cli_common import (
     ServiceOpt,
+    TokenFileOpt,
     client_for,
     console,
     fail,
@@ -21,6 +22,7 @@ from pcm_service.cli_common import (
 from pcm_service.cli_factory import factory_app
 from pcm_service.client import ServiceError, default_service_url
 from pcm_service.protocol import ServiceStatus, SubmitResponse, WorkloadStatus
+from pcm_service.tokens import Token
 from pcm_service.workload import WorkloadError, load_workload
 
 app = typer.Typer(help="PCM: throughput LLM inference on opportunistic HTCondor GPU slots.",
@@ -45,8 +47,13 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
           worker_timeout: float = typer.Option(30.0, help="A worker silent this long is lost"),
           idle_timeout: float = typer.Option(60.0, help="An idle worker retires after this"),
           pool_token_file: Optional[Path] = typer.Option(
-              None, help="Workers must present this file's token [env PCM_POOL_TOKEN_FILE]",
+              None, help="Workers must present this file's token [env PCM_POOL_TOKEN_FILE; else env"
+                         " PCM_POOL_TOKEN, else STATE_DIR/pool.token, made on first start]",
               envvar="PCM_POOL_TOKEN_FILE"),
+          api_token_file: Optional[Path] = typer.Option(
+              None, help="Users must present this file's token [env PCM_API_TOKEN_FILE; else env"
+                         " PCM_API_TOKEN, else STATE_DIR/api.token, made on first start]",
+              envvar="PCM_API_TOKEN_FILE"),
           chunk_size: float = typer.Option(
               64, min=0.001, help="Largest model chunk in MiB (a model gets >= 64 chunks, >= 1 MiB)"),
           origin_rate: float = typer.Option(0, min=0, help="The origin's upload MB/s (0: unlimited)"),
@@ -58,8 +65,13 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
     from pcm_service.api import create_app
     from pcm_service.core import ServiceConfig, ServiceCore
     from pcm_service.replicas import TransferPolicy
+    from pcm_service.tokens import API, POOL, TokenError, service_token
 
-    pool_token = token_from(pool_token_file, "--pool-token-file")
+    try:
+        pool_token = service_token(POOL, pool_token_file, state_dir)
+        api_token = service_token(API, api_token_file, state_dir)
+    except TokenError as e:
+        fail(str(e), code=2)
     setup_logging(verbose)
     transfers = TransferPolicy(chunk_size=int(chunk_size * 2**20), origin_rate=origin_rate * 1e6,
                                origin_slots=origin_slots)
@@ -67,7 +79,19 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
                                                 worker_timeout=worker_timeout, idle_timeout=idle_timeout,
                                                 transfers=transfers))
     console.print(f"PCM service on http://{host}:{port} (state in {state_dir.resolve()})")
-    uvicorn.run(create_app(core, pool_token), host=host, port=port, log_level="warning")
+    _print_token_use("pool token", pool_token, "workers: `pcm worker --token-file {file}`; factory:"
+                     " local.token_file or htcondor.token_file: {file}")
+    _print_token_use("API token", api_token, "clients (submit, status, factory):"
+                     " --token-file {file} or PCM_API_TOKEN_FILE={file}")
+    uvicorn.run(create_app(core, pool_token.value, api_token.value), host=host, port=port,
+                log_level="warning")
+
+
+def _print_token_use(what: str, token: Token, how: str) -> None:
+    """Where a token is and who needs it; never the token itself."""
+    made = " (generated, mode 0600)" if token.generated else ""
+    file = str(token.path.resolve()) if token.path else "FILE (mode 0600, holding the same token)"
+    console.print(f"{what}: {token.source}{made}; {how.format(file=file)}", highlight=False)
 
 
 def _progress_bar():  # type: ignore[no-untyped-def]
@@ -102,11 +126,11 @@ def _report_done(st: WorkloadStatus) -> None:
 
 @app.command()
 def submit(workload: Path = typer.Argument(..., help="Workload YAML file"),
-           service: Optional[str] = ServiceOpt,
+           service: Optional[str] = ServiceOpt, token_file: Optional[Path] = TokenFileOpt,
            wait: bool = typer.Option(False, "--wait", help="Show progress until the output is written")) -> None:
     """Submit a workload to a running service."""
     sub = _load(workload)
-    client = client_for(service)
+    client = client_for(service, token_file)
     try:
         resp: SubmitResponse = client.request("POST", "/workloads", sub, SubmitResponse)
     except ServiceError as e:
@@ -122,7 +146,7 @@ def submit(workload: Path = typer.Argument(..., help="Workload YAML file"),
 
 
 @app.command()
-def status(service: Optional[str] = ServiceOpt,
+def status(service: Optional[str] = ServiceOpt, token_file: Optional[Path] = TokenFileOpt,
            watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until interrupted"),
            interval: float = typer.Option(2.0, help="Refresh interval for --watch"),
            as_json: bool = typer.Option(False, "--json", help="Print the raw status as JSON"),
@@ -130,7 +154,7 @@ def status(service: Optional[str] = ServiceOpt,
     """Show workers (state, context) and workloads (rows done/total, rate)."""
     from pcm_service.status_view import render_status
 
-    client = client_for(service)
+    client = client_for(service, token_file)
 
     def fetch() -> ServiceStatus:
         try:
@@ -204,6 +228,9 @@ def worker(service: Optional[str] = ServiceOpt,
     from worker_image.agent import PeerSettings, run_worker
 
     token = token_from(token_file, "--token-file")
+    if token is None:
+        fail("the service refuses workers without its pool token: pass --token-file STATE_DIR/pool.token"
+             " (STATE_DIR: the --state-dir of `pcm serve`) or set PCM_TOKEN_FILE", code=2)
     setup_logging(verbose)
     peers = PeerSettings(serve=serve_blobs, host=blob_host, port=blob_port, upload_rate=upload_rate * 1e6,
                          upload_slots=upload_slots, fetch_parallel=fetch_parallel)

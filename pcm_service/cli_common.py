@@ -1,20 +1,26 @@
-"""What every `pcm` subcommand shares: consoles, the --service option, failing clearly."""
+"""What every `pcm` subcommand shares: consoles, the --service and --token-file options,
+finding the API token, failing clearly."""
 from __future__ import annotations
 
 import logging
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
 
-from pcm_service.client import ServiceClient, default_service_url
+from pcm_service.client import ServiceClient, ServiceError, default_service_url
+from pcm_service.tokens import API, Token, TokenError, client_token
 
 console = Console(stderr=True)
 out = Console()
 
 ServiceOpt = typer.Option(None, "--service", "-s", help="Service URL [env PCM_SERVICE_URL]")
+TokenFileOpt = typer.Option(
+    None, "--token-file", envvar=API.file_env,
+    help=f"File holding the service's API token [env {API.file_env}; else env {API.value_env},"
+         f" else ./pcm-state/{API.filename} if there]")
 
 
 def fail(msg: str, code: int = 1) -> NoReturn:
@@ -24,7 +30,7 @@ def fail(msg: str, code: int = 1) -> NoReturn:
 
 def token_from(path: Optional[Path], flag: str) -> Optional[str]:
     """The token in ``path`` (None without one); an unreadable or empty file exits 2."""
-    from pcm_service.tokens import TokenError, read_token
+    from pcm_service.tokens import read_token
 
     try:
         return read_token(path) if path else None
@@ -32,8 +38,38 @@ def token_from(path: Optional[Path], flag: str) -> Optional[str]:
         fail(f"{flag}: {e}", code=2)
 
 
-def client_for(service: Optional[str], **kw: float) -> ServiceClient:
-    return ServiceClient(service or default_service_url(), **kw)
+class UserClient(ServiceClient):
+    """A client with the API token that turns the service's 401/403 into what to do next."""
+
+    def __init__(self, url: str, token: Optional[Token], **kw: Any) -> None:
+        super().__init__(url, token=token.value if token else None, **kw)
+        self.token_source = token.source if token else None
+
+    def request(self, *args: Any, **kw: Any) -> Any:
+        try:
+            return super().request(*args, **kw)
+        except ServiceError as e:
+            if e.status not in (401, 403):
+                raise
+            raise ServiceError(e.status, auth_hint(e.status, self.url, self.token_source)) from None
+
+
+def auth_hint(status: int, url: str, source: Optional[str]) -> str:
+    fix = (f"pass --token-file STATE_DIR/{API.filename} (STATE_DIR: the --state-dir of that"
+           f" `pcm serve`) or set {API.file_env}")
+    if status == 401 or source is None:
+        return f"the service at {url} wants its API token: {fix}"
+    return f"the service at {url} refused the API token from {source}: {fix}"
+
+
+def client_for(service: Optional[str], token_file: Optional[Path] = None, **kw: float) -> UserClient:
+    """A client for the user routes; the API token: --token-file, $PCM_API_TOKEN_FILE,
+    $PCM_API_TOKEN, ./pcm-state/api.token (none found: the service's 401 says what to do)."""
+    try:
+        token = client_token(API, token_file)
+    except TokenError as e:
+        fail(f"API token: {e}", code=2)
+    return UserClient(service or default_service_url(), token, **kw)
 
 
 def setup_logging(verbose: bool) -> None:

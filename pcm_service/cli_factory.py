@@ -13,6 +13,7 @@ from rich.table import Table
 
 from pcm_service.cli_common import (
     ServiceOpt,
+    TokenFileOpt,
     client_for,
     console,
     fail,
@@ -47,7 +48,7 @@ def _limits(client: ServiceClient, min_: Optional[int], max_: Optional[int],
 @factory_app.command("run")
 def factory_run(config: Optional[Path] = typer.Option(
                     None, "--config", "-c", help="factory.yaml (re-read when it changes)"),
-                service: Optional[str] = ServiceOpt,
+                service: Optional[str] = ServiceOpt, token_file: Optional[Path] = TokenFileOpt,
                 backend: Optional[str] = typer.Option(None, help="Glidein backend: local or htcondor"),
                 min_workers: Optional[int] = MinOpt, max_workers: Optional[int] = MaxOpt,
                 per_cycle: Optional[int] = PerCycleOpt,
@@ -55,20 +56,25 @@ def factory_run(config: Optional[Path] = typer.Option(
                 verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run the factory daemon: glideins follow the service's demand within min/max."""
     from factory.backends.base import BackendError
-    from factory.config import FactoryConfig, FactoryConfigError, load_factory_config
+    from factory.config import (
+        FactoryConfig,
+        FactoryConfigError,
+        load_factory_config,
+        resolve_pool_token_file,
+    )
     from factory.daemon import Factory
 
     try:
         cfg = load_factory_config(config) if config else FactoryConfig()
         over = {k: v for k, v in (("service", service), ("backend", backend), ("interval", interval))
                 if v is not None}
-        cfg = FactoryConfig.model_validate({**cfg.model_dump(), **over})
+        cfg = resolve_pool_token_file(FactoryConfig.model_validate({**cfg.model_dump(), **over}))
     except FactoryConfigError as e:
-        fail(f"{config}: {e}", code=2)
+        fail(f"{config or 'factory'}: {e}", code=2)
     except ValidationError as e:
         fail(f"--{e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}", code=2)
     setup_logging(verbose)
-    client = ServiceClient(cfg.service, retry_for=60.0)
+    client = client_for(cfg.service, token_file, retry_for=60.0)
     try:
         be = _backend(cfg)
     except BackendError as e:
@@ -99,27 +105,29 @@ def _backend(cfg):  # type: ignore[no-untyped-def]
         return HTCondorBackend(cfg.htcondor, cfg.service, cfg.name)
     from factory.backends.local import LocalBackend
 
-    return LocalBackend(cfg.service, cfg.local.work_dir, worker_args=cfg.local.worker_args)
+    return LocalBackend(cfg.service, cfg.local.work_dir, worker_args=cfg.local.worker_args,
+                        token_file=cfg.local.token_file)
 
 
 @factory_app.command("set")
-def factory_set(service: Optional[str] = ServiceOpt, min_workers: Optional[int] = MinOpt,
+def factory_set(service: Optional[str] = ServiceOpt, token_file: Optional[Path] = TokenFileOpt,
+                min_workers: Optional[int] = MinOpt,
                 max_workers: Optional[int] = MaxOpt, per_cycle: Optional[int] = PerCycleOpt) -> None:
     """Change the factory's limits; the next cycle applies them, and they survive restarts."""
     if (min_workers, max_workers, per_cycle) == (None, None, None):
         fail("nothing to set: give --min, --max and/or --per-cycle", code=2)
     try:
-        limits = _limits(client_for(service), min_workers, max_workers, per_cycle)
+        limits = _limits(client_for(service, token_file), min_workers, max_workers, per_cycle)
     except ServiceError as e:
         fail(e.detail)
     out.print(f"min {limits.min_workers}, max {limits.max_workers}, per cycle {limits.per_cycle}")
 
 
 @factory_app.command("show")
-def factory_show(service: Optional[str] = ServiceOpt,
+def factory_show(service: Optional[str] = ServiceOpt, token_file: Optional[Path] = TokenFileOpt,
                  as_json: bool = typer.Option(False, "--json", help="Print the raw view as JSON")) -> None:
     """Show the limits, the demand, each factory's glideins by state and its last decisions."""
-    client = client_for(service)
+    client = client_for(service, token_file)
     try:
         view: FactoryView = client.request("GET", "/factory", response=FactoryView)
         d: Demand = client.request("GET", "/demand", response=Demand)

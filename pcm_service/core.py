@@ -5,9 +5,7 @@ policy and keeps every state change inside one SQLite transaction.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import sqlite3
 import threading
 import time
@@ -16,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from pcm_service.demand import DemandPolicy, Ramp, ThroughputMeter, WorkLeft, make_demand
 from pcm_service.factories import FactoryRegistry
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
@@ -29,14 +28,17 @@ from pcm_service.protocol import (
     FactoryView,
     FetchPlan,
     FetchRequest,
+    GlideinState,
     Heartbeat,
     HeartbeatResponse,
+    IdleReport,
     LeaseRequest,
     LeaseResponse,
     LibraryEvent,
     RegisterResponse,
     ReportResponse,
     Resources,
+    RetireDecision,
     RowTask,
     SamplingSettings,
     ServiceStatus,
@@ -49,6 +51,7 @@ from pcm_service.protocol import (
     WorkloadSubmission,
 )
 from pcm_service.replicas import ReplicaMap, TransferPolicy
+from pcm_service.results import complete, count_done, fail_rows, settle_batch
 from pcm_service.store import Store
 
 
@@ -63,10 +66,12 @@ class UnknownWorkload(LookupError):
 @dataclass
 class ServiceConfig:
     heartbeat_interval: float = 2.0
-    worker_timeout: float = 30.0  # no heartbeat for this long: the worker is lost
+    worker_timeout: float = 10.0  # no heartbeat for this long: the worker is lost, its leases expire
     idle_timeout: float = 60.0  # a worker with nothing to do retires after this
-    batches_per_worker: int = 4  # demand: one worker per this many batches left
-    max_attempts: int = 3  # a batch leased this often without finishing is failed
+    max_attempts: int = 3  # an engine that fails to start this often fails its context's rows
+    poison_after: int = 2  # a row in flight at this many library crashes is failed, not retried
+    max_losses: int = 10  # a batch whose worker was lost this often is failed (it may be the cause)
+    demand: DemandPolicy = field(default_factory=DemandPolicy)
     transfers: TransferPolicy = field(default_factory=TransferPolicy)  # model weights
 
 
@@ -84,6 +89,8 @@ class ServiceCore:
         self.store = Store(self.state_dir / "pcm.sqlite3")
         self.factories = FactoryRegistry(self.store)
         self.replicas = ReplicaMap(self.store, self.config.transfers, clock)
+        self.throughput = ThroughputMeter(self.config.demand)
+        self.ramp = Ramp(self.config.demand)
         self._progress = threading.Condition()
         self._recover()
 
@@ -97,7 +104,7 @@ class ServiceCore:
                 "SELECT workload_id FROM workloads WHERE state=? AND rows_done=rows_total",
                 (WorkloadState.RUNNING.value,))]
             for wl in pending:
-                self._complete(db, wl)
+                complete(db, now, wl)
 
     # ----- workloads ------------------------------------------------------------
     def submit(self, sub: WorkloadSubmission) -> SubmitResponse:
@@ -126,26 +133,6 @@ class ServiceCore:
         return SubmitResponse(workload_id=wl_id, context_id=ctx_id, rows=len(sub.rows),
                               batches=n_batches)
 
-    def _complete(self, db: sqlite3.Connection, wl_id: str) -> None:
-        """Write the output file (atomically, in input order), then mark the workload done."""
-        wl = db.execute("SELECT output FROM workloads WHERE workload_id=?", (wl_id,)).fetchone()
-        out = Path(wl["output"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        with tmp.open("w", encoding="utf-8") as fh:
-            for r in db.execute(
-                    "SELECT row_id, text, finish_reason, prompt_tokens, completion_tokens,"
-                    " worker_id, error FROM rows WHERE workload_id=? ORDER BY idx", (wl_id,)):
-                fh.write(json.dumps({
-                    "id": r["row_id"], "text": r["text"], "finish_reason": r["finish_reason"],
-                    "prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
-                    "worker_id": r["worker_id"], "error": r["error"]}) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-        db.execute("UPDATE workloads SET state=?, finished_at=? WHERE workload_id=?",
-                   (WorkloadState.COMPLETED.value, self.clock(), wl_id))
-
     # ----- workers --------------------------------------------------------------
     def register(self, reg: WorkerRegistration) -> RegisterResponse:
         worker_id = "w-" + uuid.uuid4().hex[:10]
@@ -171,7 +158,7 @@ class ServiceCore:
         limits = self.factories.explicit_limits()
         with self.store.transaction() as db:
             w = self._live_worker(db, worker_id)
-            state = (WorkerState.DRAINING if hb.draining else
+            state = (WorkerState.DRAINING if hb.draining or w["state"] == WorkerState.DRAINING.value else
                      WorkerState.BUSY if hb.inflight_batches else
                      WorkerState.IDLE if hb.context_state == ContextState.READY else WorkerState.STARTING)
             last_busy = now if hb.inflight_batches else w["last_busy"]
@@ -180,10 +167,19 @@ class ServiceCore:
                 " last_busy=? WHERE worker_id=?",
                 (state.value, hb.context_id, hb.context_state.value, hb.inflight_batches, now,
                  last_busy, worker_id))
+            self._reconcile(db, worker_id, hb)
             # with no limits set, no factory manages this pool: workers started by hand all stay
-            retire = (limits is not None and not hb.draining
+            retire = (limits is not None and state != WorkerState.DRAINING
                       and worker_id in self._surplus_workers(db, limits.max_workers))
         return HeartbeatResponse(retire=retire)
+
+    def _reconcile(self, db: sqlite3.Connection, worker_id: str, hb: Heartbeat) -> None:
+        """Requeue batches leased to this worker in a response it has seen but that it no longer
+        holds (a report lost for good, a lease answered just before a service crash)."""
+        held = ",".join(str(int(b)) for b in hb.batches) or "NULL"
+        db.execute(f"UPDATE batches SET state='queued', worker_id=NULL WHERE worker_id=?"
+                   f" AND state='leased' AND lease_seq<=? AND batch_id NOT IN ({held})",
+                   (worker_id, hb.lease_seq))
 
     def _surplus_workers(self, db: sqlite3.Connection, max_workers: int) -> set[str]:
         """Workers beyond the factory's max (e.g. after `pcm factory set --max`): they finish
@@ -194,6 +190,22 @@ class ServiceCore:
                            WorkerState.BUSY.value)).fetchall()
         extra = len(live) - max_workers
         return {r["worker_id"] for r in live[:extra]} if extra > 0 else set()
+
+    def idle(self, worker_id: str, rep: IdleReport) -> RetireDecision:
+        """An idle worker asks to retire: yes (and it starts draining, so two idle workers
+        cannot both leave the pool below the minimum) unless the factory's minimum keeps it."""
+        min_workers = self.factory_limits().min_workers
+        with self.store.transaction() as db:
+            self._live_worker(db, worker_id)
+            staying = db.execute("SELECT COUNT(*) FROM workers WHERE state IN (?, ?, ?)",
+                                 (WorkerState.STARTING.value, WorkerState.IDLE.value,
+                                  WorkerState.BUSY.value)).fetchone()[0]
+            if staying <= min_workers:
+                return RetireDecision(retire=False, reason=f"kept: {staying} workers, factory minimum"
+                                                           f" {min_workers}")
+            db.execute("UPDATE workers SET state=? WHERE worker_id=?",
+                       (WorkerState.DRAINING.value, worker_id))
+        return RetireDecision(retire=True, reason=f"idle for {rep.idle_seconds:.0f}s with no work")
 
     def library_event(self, worker_id: str, ev: LibraryEvent) -> None:
         with self.store.transaction() as db:
@@ -214,8 +226,8 @@ class ServiceCore:
             return
         for b in db.execute("SELECT batch_id, workload_id FROM batches WHERE context_id=?"
                             " AND state!='done'", (ev.context_id,)).fetchall():
-            self._fail_batch(db, b["batch_id"], b["workload_id"],
-                             f"engine failed to start {n} times; last error: {ev.error}")
+            fail_rows(db, self.clock(), b["batch_id"], b["workload_id"],
+                      f"engine failed to start {n} times; last error: {ev.error}")
 
     def library_starts(self, worker_id: Optional[str] = None) -> dict[str, int]:
         """Engine starts per worker: the context cost PCM exists to pay once."""
@@ -226,17 +238,27 @@ class ServiceCore:
         return {worker_id: starts.get(worker_id, 0)} if worker_id else starts
 
     def retire(self, worker_id: str, state: WorkerState = WorkerState.RETIRED) -> int:
-        """A worker left (or was declared lost): its unfinished batches go back to the queue."""
+        """A worker left (or was declared lost): its unfinished batches go back to the queue. A
+        batch lost ``max_losses`` times with its worker is failed: it may be what kills them."""
+        now = self.clock()
         with self.store.transaction() as db:
-            db.execute("UPDATE workers SET state=?, inflight=0 WHERE worker_id=?",
-                       (state.value, worker_id))
-            n = db.execute("UPDATE batches SET state='queued', worker_id=NULL"
-                           " WHERE worker_id=? AND state='leased'", (worker_id,)).rowcount
+            db.execute("UPDATE workers SET state=?, inflight=0, left_at=? WHERE worker_id=?",
+                       (state.value, now, worker_id))
+            held = db.execute("SELECT batch_id, workload_id, losses FROM batches WHERE worker_id=?"
+                              " AND state='leased'", (worker_id,)).fetchall()
+            lost = 1 if state == WorkerState.LOST else 0
+            db.execute("UPDATE batches SET state='queued', worker_id=NULL, losses=losses+?"
+                       " WHERE worker_id=? AND state='leased'", (lost, worker_id))
+            for b in held:
+                if b["losses"] + lost >= self.config.max_losses:
+                    fail_rows(db, now, b["batch_id"], b["workload_id"],
+                              f"abandoned: its worker was lost {b['losses'] + lost} times while running it")
         self.replicas.drop_worker(worker_id)
-        return n
+        self.throughput.forget(worker_id)
+        return len(held)
 
     def reap(self) -> list[str]:
-        """Declare workers without a recent heartbeat lost and requeue their work."""
+        """Declare workers without a recent heartbeat lost: their leases expire, work is requeued."""
         cutoff = self.clock() - self.config.worker_timeout
         with self.store.read() as db:
             lost = [r["worker_id"] for r in db.execute(
@@ -267,16 +289,16 @@ class ServiceCore:
             if req.context_id is None or req.context_state != ContextState.READY:
                 want = self._context_with_most_work(db)
                 return LeaseResponse(assign_context=want)
+            if w["state"] == WorkerState.DRAINING.value:
+                return LeaseResponse()  # it asked to retire: no new work
+            seq = w["lease_seq"] + 1
+            db.execute("UPDATE workers SET lease_seq=? WHERE worker_id=?", (seq, worker_id))
             leases: list[BatchLease] = []
             for b in db.execute("SELECT b.*, w.sampling FROM batches b JOIN workloads w USING (workload_id)"
                                 " WHERE b.state='queued' AND b.context_id=? ORDER BY b.batch_id LIMIT ?",
                                 (req.context_id, req.max_batches)).fetchall():
-                if b["attempts"] >= self.config.max_attempts:
-                    self._fail_batch(db, b["batch_id"], b["workload_id"],
-                                     f"abandoned after {b['attempts']} attempts that did not finish")
-                    continue
-                db.execute("UPDATE batches SET state='leased', worker_id=?, attempts=attempts+1,"
-                           " leased_at=? WHERE batch_id=?", (worker_id, now, b["batch_id"]))
+                db.execute("UPDATE batches SET state='leased', worker_id=?, lease_seq=?, leased_at=?"
+                           " WHERE batch_id=?", (worker_id, seq, now, b["batch_id"]))
                 rows = [RowTask(idx=r["idx"], row_id=r["row_id"], prompt=r["prompt"]) for r in db.execute(
                     "SELECT idx, row_id, prompt FROM rows WHERE batch_id=? AND state='pending' ORDER BY idx",
                     (b["batch_id"],))]
@@ -286,28 +308,16 @@ class ServiceCore:
                                          rows=rows))
             if leases:
                 db.execute("UPDATE workers SET last_busy=? WHERE worker_id=?", (now, w["worker_id"]))
+                self.throughput.leased(worker_id, now)
             elif w["inflight"] == 0 and req.max_batches > 0:
                 other = self._context_with_most_work(db)
                 if other is not None and other.context_id != req.context_id:
-                    return LeaseResponse(assign_context=other)
-            return LeaseResponse(batches=leases)
-
-    def _fail_batch(self, db: sqlite3.Connection, batch_id: int, wl_id: str, error: str) -> None:
-        n = db.execute("UPDATE rows SET state='done', error=?, finished_at=? WHERE batch_id=?"
-                       " AND state='pending'", (error, self.clock(), batch_id)).rowcount
-        db.execute("UPDATE batches SET state='done' WHERE batch_id=?", (batch_id,))
-        self._count_done(db, wl_id, n, n)
-
-    def _count_done(self, db: sqlite3.Connection, wl_id: str, done: int, failed: int) -> None:
-        db.execute("UPDATE workloads SET rows_done=rows_done+?, rows_failed=rows_failed+?"
-                   " WHERE workload_id=?", (done, failed, wl_id))
-        wl = db.execute("SELECT rows_done, rows_total, state FROM workloads WHERE workload_id=?",
-                        (wl_id,)).fetchone()
-        if wl["rows_done"] >= wl["rows_total"] and wl["state"] == WorkloadState.RUNNING.value:
-            self._complete(db, wl_id)
+                    return LeaseResponse(assign_context=other, lease_seq=seq)
+            return LeaseResponse(batches=leases, lease_seq=seq)
 
     def report(self, worker_id: str, rep: BatchReport) -> ReportResponse:
-        """Record row results; the first result for a row wins, later ones are dropped."""
+        """Record row results (the first result for a row wins, later ones are dropped); requeue
+        rows handed back; count library crashes against the rows that were in flight."""
         now = self.clock()
         with self.store.transaction() as db:
             b = db.execute("SELECT * FROM batches WHERE batch_id=?", (rep.batch_id,)).fetchone()
@@ -325,46 +335,80 @@ class ServiceCore:
                 failed += cur.rowcount if r.error else 0
             db.execute("UPDATE workers SET rows_done=rows_done+?, last_busy=? WHERE worker_id=?",
                        (accepted, now, worker_id))
-            left = db.execute("SELECT COUNT(*) FROM rows WHERE batch_id=? AND state='pending'",
-                              (rep.batch_id,)).fetchone()[0]
-            if left == 0:
-                db.execute("UPDATE batches SET state='done' WHERE batch_id=?", (rep.batch_id,))
-            elif rep.returned and b["worker_id"] == worker_id:
+            count_done(db, now, b["workload_id"], accepted, failed)
+            if rep.crashed:
+                self._count_crashes(db, now, b, rep.crashed)
+            if not settle_batch(db, rep.batch_id) and (rep.returned or rep.crashed) \
+                    and b["worker_id"] == worker_id:
                 db.execute("UPDATE batches SET state='queued', worker_id=NULL WHERE batch_id=?",
                            (rep.batch_id,))
-            if accepted:
-                self._count_done(db, b["workload_id"], accepted, failed)
+        self.throughput.rows(worker_id, accepted, now)
         with self._progress:
             self._progress.notify_all()
         return ReportResponse(accepted=accepted, duplicates=len(rep.results) - accepted)
+
+    def _count_crashes(self, db: sqlite3.Connection, now: float, b: sqlite3.Row, idx: list[int]) -> None:
+        for i in idx:
+            db.execute("UPDATE rows SET crashes=crashes+1 WHERE batch_id=? AND idx=? AND state='pending'",
+                       (b["batch_id"], i))
+        poisoned = [r["idx"] for r in db.execute(
+            "SELECT idx FROM rows WHERE batch_id=? AND state='pending' AND crashes>=?",
+            (b["batch_id"], self.config.poison_after))]
+        if poisoned:
+            fail_rows(db, now, b["batch_id"], b["workload_id"],
+                      f"poisoned: the library process died {self.config.poison_after} times while"
+                      " running this row; not retried", poisoned)
 
     def wait_for_progress(self, timeout: float) -> None:
         """Block until some row result arrives (or ``timeout``): lets in-process callers await progress."""
         with self._progress:
             self._progress.wait(timeout)
 
-    # ----- demand and status ----------------------------------------------------
+    # ----- factories and demand -------------------------------------------------
     def factory_limits(self) -> FactoryLimits:
         return self.factories.limits()
 
     def set_factory_limits(self, limits: FactoryLimits, from_config: bool = False) -> FactoryLimits:
         return self.factories.set_limits(limits, from_config)
 
-    def factory_report(self, rep: FactoryReport) -> None:
+    def factory_report(self, rep: FactoryReport) -> list[str]:
+        """Store the report; a worker whose glidein has left the batch system is gone: its
+        leases expire now instead of after ``worker_timeout``. Returns those workers."""
         self.factories.report(rep)
+        gone = [g.glidein_id for g in rep.glideins if g.state == GlideinState.EXITED]
+        if not gone:
+            return []
+        with self.store.read() as db:
+            marks = ",".join("?" * len(gone))
+            lost = [r["worker_id"] for r in db.execute(
+                f"SELECT worker_id FROM workers WHERE state IN {LIVE_WORKER_STATES}"
+                f" AND glidein_id IN ({marks})", gone)]
+        for worker_id in lost:
+            self.retire(worker_id, WorkerState.LOST)
+        return lost
 
     def factory_view(self) -> FactoryView:
         return self.factories.view(self.clock())
 
+    def _time_to_ready(self, db: sqlite3.Connection, last: int = 8) -> Optional[float]:
+        """Mean seconds from registration to a loaded engine over the last workers that got there."""
+        rows = db.execute("SELECT MIN(e.at) - w.registered_at AS t FROM library_events e"
+                          " JOIN workers w USING (worker_id) WHERE e.state=? GROUP BY e.worker_id"
+                          " ORDER BY MIN(e.at) DESC LIMIT ?", (ContextState.READY.value, last)).fetchall()
+        return sum(max(0.0, r["t"]) for r in rows) / len(rows) if rows else None
+
     def demand(self) -> Demand:
+        now = self.clock()
         limits = self.factory_limits()
         with self.store.read() as db:
-            left = db.execute("SELECT COUNT(*) FROM batches WHERE state!='done'").fetchone()[0]
-        raw = math.ceil(left / self.config.batches_per_worker)
-        wanted = max(limits.min_workers, min(limits.max_workers, raw))
-        reason = (f"{left} batches left, 1 worker per {self.config.batches_per_worker} → {raw};"
-                  f" limits [{limits.min_workers}, {limits.max_workers}]")
-        return Demand(workers_wanted=wanted, reason=reason, limits=limits)
+            rows = db.execute("SELECT COALESCE(SUM(rows_total - rows_done), 0) FROM workloads"
+                              " WHERE state=?", (WorkloadState.RUNNING.value,)).fetchone()[0]
+            batches = db.execute("SELECT COUNT(*) FROM batches WHERE state!='done'").fetchone()[0]
+            ready = db.execute("SELECT COUNT(*) FROM workers WHERE state IN (?, ?)",
+                               (WorkerState.IDLE.value, WorkerState.BUSY.value)).fetchone()[0]
+            t_ready = self._time_to_ready(db)
+        return make_demand(WorkLeft(rows=rows, batches=batches), ready, self.throughput.rate(now),
+                           t_ready, limits, self.ramp, now)
 
     def workload_status(self, wl_id: str) -> WorkloadStatus:
         with self.store.read() as db:

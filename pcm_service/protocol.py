@@ -155,6 +155,11 @@ class Heartbeat(Strict):
     context_state: ContextState = ContextState.ABSENT
     inflight_batches: int = 0
     draining: bool = False
+    # Lease reconciliation: the batches the worker still holds, and the newest lease response it
+    # has seen. A batch leased to it in a response it has seen but no longer held goes back to
+    # the queue (e.g. a lease answered while the service crashed, a report lost for good).
+    batches: list[int] = Field(default_factory=list)
+    lease_seq: int = Field(default=0, ge=0)
 
 
 class HeartbeatResponse(Strict):
@@ -193,6 +198,7 @@ class BatchLease(Strict):
 
 class LeaseResponse(Strict):
     batches: list[BatchLease] = Field(default_factory=list)
+    lease_seq: int = 0  # echoed in heartbeats (see Heartbeat.lease_seq)
     # Set when the worker should (re)load: its current context has no work left.
     assign_context: Optional[ContextSpec] = None
 
@@ -210,6 +216,19 @@ class BatchReport(Strict):
     batch_id: int
     results: list[RowResult] = Field(default_factory=list)
     returned: list[int] = Field(default_factory=list)  # row idx handed back unfinished
+    # row idx in flight when the library process died: counted; a row in flight at
+    # ``poison_after`` crashes is poisoned (failed with an error, not retried)
+    crashed: list[int] = Field(default_factory=list)
+
+
+class IdleReport(Strict):
+    idle_seconds: float = Field(ge=0)
+
+
+class RetireDecision(Strict):
+    """The answer to an idle worker: go, or stay because the factory's minimum keeps it."""
+    retire: bool
+    reason: str
 
 
 class ReportResponse(Strict):
@@ -235,6 +254,12 @@ class Demand(Strict):
     workers_wanted: int
     reason: str
     limits: FactoryLimits
+    raw: int = 0  # what the work alone asks for, before damping and limits
+    rows_left: int = 0
+    batches_left: int = 0
+    rows_per_worker_second: Optional[float] = None  # measured; None before any worker ran rows
+    time_to_ready: float = 0.0  # seconds from registration to a loaded engine (measured or assumed)
+    ready_measured: bool = False
 
 
 class GlideinState(str, enum.Enum):

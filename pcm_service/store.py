@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS rows (
     error TEXT,
     worker_id TEXT,
     finished_at REAL,
+    crashes INTEGER NOT NULL DEFAULT 0,  -- library crashes while this row was in flight
     PRIMARY KEY (workload_id, idx)
 );
 CREATE INDEX IF NOT EXISTS rows_by_batch ON rows (batch_id, state);
@@ -49,7 +50,8 @@ CREATE TABLE IF NOT EXISTS batches (
     context_id TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT 'queued',
     worker_id TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
+    lease_seq INTEGER NOT NULL DEFAULT 0,  -- the worker's lease response that leased it
+    losses INTEGER NOT NULL DEFAULT 0,  -- requeued because its worker was lost
     leased_at REAL
 );
 CREATE INDEX IF NOT EXISTS batches_by_state ON batches (state, context_id, batch_id);
@@ -65,10 +67,13 @@ CREATE TABLE IF NOT EXISTS workers (
     context_state TEXT NOT NULL,
     inflight INTEGER NOT NULL DEFAULT 0,
     rows_done INTEGER NOT NULL DEFAULT 0,
+    lease_seq INTEGER NOT NULL DEFAULT 0,  -- lease responses given to this worker
     registered_at REAL NOT NULL,
+    left_at REAL,
     last_heartbeat REAL NOT NULL,
     last_busy REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS workers_by_glidein ON workers (glidein_id);
 CREATE TABLE IF NOT EXISTS library_events (
     event_id INTEGER PRIMARY KEY AUTOINCREMENT,
     worker_id TEXT NOT NULL,

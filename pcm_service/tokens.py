@@ -1,26 +1,114 @@
-"""Shared-secret tokens (the pool token workers present). Never logged, never in argv."""
+"""Shared-secret tokens: the pool token workers present and the API token users present.
+
+A token comes from a file or the environment, or is generated on the service's first start
+in its state directory (mode 0600 from the moment the file exists). Values are never logged,
+never put in argv and never in a batch job's ad: only file paths and variable names are shown.
+"""
 from __future__ import annotations
 
 import hmac
+import os
+import secrets
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from fastapi import Header, HTTPException
+
+DEFAULT_STATE_DIR = Path("pcm-state")  # `pcm serve`'s default --state-dir
 
 
 class TokenError(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class TokenKind:
+    """One kind of token and the names it is found under."""
+    what: str  # "pool token", "API token"
+    filename: str  # in the service's state directory
+    file_env: str  # variable naming a file that holds it
+    value_env: str  # variable holding it (for the service and clients; never passed to workers)
+
+
+POOL = TokenKind("pool token", "pool.token", "PCM_POOL_TOKEN_FILE", "PCM_POOL_TOKEN")
+API = TokenKind("API token", "api.token", "PCM_API_TOKEN_FILE", "PCM_API_TOKEN")
+SECRET_ENV = (POOL.value_env, API.value_env)  # removed from the environment of child workers
+
+
+@dataclass(frozen=True)
+class Token:
+    """A token and where it came from; ``source`` (a path or a variable name) is safe to print."""
+    value: str = field(repr=False)
+    source: str
+    path: Optional[Path] = None
+    generated: bool = False
+
+
 def read_token(path: str | Path) -> str:
+    """The token in ``path``; a file others may read or write is refused, like ssh refuses keys."""
     p = Path(path)
     try:
+        mode = p.stat().st_mode
         token = p.read_text(encoding="utf-8").strip()
     except OSError as e:
         raise TokenError(f"cannot read the token file {p}: {e.strerror}") from None
+    if mode & 0o077:
+        raise TokenError(f"the token file {p} is open to group or others (mode {stat.filemode(mode)}):"
+                         f" run `chmod 600 {p}`")
     if not token:
         raise TokenError(f"the token file {p} is empty")
     return token
+
+
+def create_token_file(path: Path) -> str:
+    """A new random token in a new file created 0600 (never readable by others, even briefly)."""
+    token = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(token + "\n")
+    return token
+
+
+def service_token(kind: TokenKind, file: Optional[Path], state_dir: Path) -> Token:
+    """The service's token: ``file``, else $value_env, else state_dir/filename (made on first start)."""
+    if file is not None:
+        return Token(read_token(file), str(file), Path(file))
+    value = os.environ.get(kind.value_env, "").strip()
+    if value:
+        return Token(value, f"${kind.value_env}")
+    path = state_dir / kind.filename
+    try:
+        return Token(create_token_file(path), str(path), path, generated=True)
+    except FileExistsError:
+        return Token(read_token(path), str(path), path)
+    except OSError as e:
+        raise TokenError(f"cannot create the token file {path}: {e.strerror}") from None
+
+
+def token_file(kind: TokenKind, file: Optional[Path] = None,
+               default_dir: Path = DEFAULT_STATE_DIR) -> Optional[Path]:
+    """A file holding the token: ``file``, else $file_env, else default_dir/filename if it exists."""
+    if file is not None:
+        return Path(file)
+    if os.environ.get(kind.file_env):
+        return Path(os.environ[kind.file_env])
+    default = default_dir / kind.filename
+    return default if default.is_file() else None
+
+
+def client_token(kind: TokenKind, file: Optional[Path] = None,
+                 default_dir: Path = DEFAULT_STATE_DIR) -> Optional[Token]:
+    """What a client presents: ``file``, else $file_env, else $value_env, else default_dir/filename."""
+    path = file or (Path(os.environ[kind.file_env]) if os.environ.get(kind.file_env) else None)
+    if path is None:
+        value = os.environ.get(kind.value_env, "").strip()
+        if value:
+            return Token(value, f"${kind.value_env}")
+        path = token_file(kind, None, default_dir)
+    return Token(read_token(path), str(path), path) if path is not None else None
 
 
 def check_bearer(authorization: Optional[str], expected: Optional[str],

@@ -18,6 +18,7 @@ from pcm_service.protocol import (
     RowIn,
     RowResult,
     WorkerRegistration,
+    WorkerState,
     WorkloadState,
     WorkloadSubmission,
 )
@@ -125,16 +126,101 @@ def test_lost_worker_batches_requeued(core, tmp_path) -> None:
     assert again.batch_id == b.batch_id
 
 
-def test_batch_failing_repeatedly_ends_with_error_rows(core, tmp_path) -> None:
+def test_batch_whose_worker_is_lost_repeatedly_ends_with_error_rows(core, tmp_path) -> None:
     resp = core.submit(submission(tmp_path, n=2, batch_size=2))
-    for _ in range(core.config.max_attempts):
+    for _ in range(core.config.max_losses):
         w = ready_worker(core, resp.context_id)
         assert len(lease(core, w, resp.context_id)) == 1
-        core.retire(w)
+        core.retire(w, WorkerState.LOST)
     w = ready_worker(core, resp.context_id)
     assert lease(core, w, resp.context_id) == []
     st = core.workload_status(resp.workload_id)
     assert st.state == WorkloadState.COMPLETED and st.rows_failed == 2
+    assert "lost 10 times" in json.loads(Path(st.output).read_text().splitlines()[0])["error"]
+
+
+def test_rows_handed_back_on_eviction_are_never_counted_against_the_batch(core, tmp_path) -> None:
+    """Evictions (SIGTERM: rows returned; a worker leaving: batches requeued) can happen any
+    number of times: the rows still end with their real result, not an error."""
+    resp = core.submit(submission(tmp_path, n=2, batch_size=2))
+    for _ in range(3 * core.config.max_losses):
+        w = ready_worker(core, resp.context_id)
+        [b] = lease(core, w, resp.context_id)
+        core.report(w, BatchReport(batch_id=b.batch_id, returned=[0, 1]))
+        [b] = lease(core, w, resp.context_id)
+        core.retire(w)  # left cleanly (deregistered) with the batch leased
+    w = ready_worker(core, resp.context_id)
+    [b] = lease(core, w, resp.context_id)
+    core.report(w, BatchReport(batch_id=b.batch_id, results=[ok(0), ok(1)]))
+    st = core.workload_status(resp.workload_id)
+    assert st.state == WorkloadState.COMPLETED and st.rows_failed == 0
+
+
+def test_row_in_flight_at_two_library_crashes_is_poisoned_others_retried(core, tmp_path) -> None:
+    resp = core.submit(submission(tmp_path, n=3, batch_size=3))
+    w = ready_worker(core, resp.context_id)
+    [b] = lease(core, w, resp.context_id)
+    core.report(w, BatchReport(batch_id=b.batch_id, results=[ok(0)], crashed=[1, 2]))
+    [b] = lease(core, w, resp.context_id)
+    assert [r.idx for r in b.rows] == [1, 2]  # requeued after one crash
+    core.report(w, BatchReport(batch_id=b.batch_id, crashed=[2], returned=[1]))
+    [b] = lease(core, w, resp.context_id)
+    assert [r.idx for r in b.rows] == [1]  # row 2 is poisoned; row 1 was only handed back
+    core.report(w, BatchReport(batch_id=b.batch_id, results=[ok(1)]))
+    st = core.workload_status(resp.workload_id)
+    assert st.state == WorkloadState.COMPLETED and st.rows_failed == 1
+    lines = [json.loads(x) for x in Path(st.output).read_text().splitlines()]
+    assert [x["text"] for x in lines[:2]] == ["t0", "t1"] and "poisoned" in lines[2]["error"]
+
+
+def hb(core, wid: str, ctx: str, batches: list[int], seq: int, inflight: int = 0):  # type: ignore[no-untyped-def]
+    return core.heartbeat(wid, Heartbeat(context_id=ctx, context_state=ContextState.READY,
+                                         inflight_batches=inflight, batches=batches, lease_seq=seq))
+
+
+def test_heartbeat_requeues_leases_the_worker_saw_but_no_longer_holds(core, tmp_path) -> None:
+    resp = core.submit(submission(tmp_path, n=9, batch_size=3))
+    w = ready_worker(core, resp.context_id)
+    r1 = core.lease_batch(w, LeaseRequest(context_id=resp.context_id, context_state=ContextState.READY,
+                                          max_batches=2))
+    r2 = core.lease_batch(w, LeaseRequest(context_id=resp.context_id, context_state=ContextState.READY,
+                                          max_batches=1))
+    (a, b), (c,) = r1.batches, r2.batches
+    assert r2.lease_seq == r1.lease_seq + 1
+    # the worker has taken in only the first response and lost b's report: b goes back;
+    # c was leased in a response it has not seen yet, so it stays leased
+    hb(core, w, resp.context_id, [a.batch_id], r1.lease_seq, inflight=1)
+    other = ready_worker(core, resp.context_id)
+    assert [x.batch_id for x in lease(core, other, resp.context_id, n=3)] == [b.batch_id]
+    hb(core, w, resp.context_id, [a.batch_id, c.batch_id], r2.lease_seq, inflight=2)
+    assert lease(core, other, resp.context_id, n=3) == []
+
+
+def test_worker_of_an_exited_glidein_is_lost_at_once(core, tmp_path) -> None:
+    from pcm_service.protocol import FactoryReport, Glidein, GlideinState
+    resp = core.submit(submission(tmp_path, n=3))
+    w = core.register(WorkerRegistration(host="h", pid=1, glidein_id="7.0")).worker_id
+    core.library_event(w, LibraryEvent(context_id=resp.context_id, state=ContextState.READY))
+    [b] = lease(core, w, resp.context_id)
+    gone = Glidein(glidein_id="7.0", state=GlideinState.EXITED, detail="killed")
+    assert core.factory_report(FactoryReport(factory="f", backend="local", at=1.0, glideins=[gone])) == [w]
+    with pytest.raises(UnknownWorker):
+        core.heartbeat(w, Heartbeat())
+    [again] = lease(core, ready_worker(core, resp.context_id), resp.context_id)
+    assert again.batch_id == b.batch_id
+
+
+def test_idle_worker_retires_unless_the_factory_minimum_keeps_it(core, tmp_path) -> None:
+    from pcm_service.protocol import IdleReport
+    resp = core.submit(submission(tmp_path, n=3))
+    a, b = ready_worker(core, resp.context_id), ready_worker(core, resp.context_id)
+    core.set_factory_limits(FactoryLimits(min_workers=1, max_workers=4))
+    first = core.idle(a, IdleReport(idle_seconds=61))
+    second = core.idle(b, IdleReport(idle_seconds=61))
+    assert first.retire and not second.retire and "minimum 1" in second.reason
+    assert lease(core, a, resp.context_id) == []  # retiring: given no new work
+    core.set_factory_limits(FactoryLimits(min_workers=0, max_workers=4))
+    assert core.idle(b, IdleReport(idle_seconds=61)).retire
 
 
 def test_engine_that_never_starts_fails_rows_instead_of_looping(core, tmp_path) -> None:
@@ -158,10 +244,33 @@ def test_library_starts_counted_per_worker(core, tmp_path) -> None:
 def test_demand_follows_work_and_limits(core, tmp_path) -> None:
     assert core.demand().workers_wanted == 0
     core.set_factory_limits(FactoryLimits(min_workers=0, max_workers=3))
-    core.submit(submission(tmp_path, n=30, batch_size=1))  # 30 batches, 4 per worker → 8, clamped
-    assert core.demand().workers_wanted == 3
+    core.submit(submission(tmp_path, n=30, batch_size=1))  # 30 batches, nothing measured: 4 per worker
+    d = core.demand()
+    assert (d.raw, d.workers_wanted, d.rows_left) == (8, 3, 30) and "limits [0, 3]" in d.reason
     core.set_factory_limits(FactoryLimits(min_workers=5, max_workers=10))
+    d = core.demand()  # growth is damped (+4 or x2 per 15 s); the minimum applies at once
+    assert (d.raw, d.workers_wanted) == (8, 5) and "damped to 4" in d.reason
+    core.clock.t += 15
     assert core.demand().workers_wanted == 8
+
+
+def test_demand_uses_measured_throughput_and_time_to_ready(core, tmp_path) -> None:
+    """One worker, ready 40 s after registering, runs 2 rows/s: 400 rows are 200 worker·s, so
+    newcomers (ready after 40 s, each to work >= 40 s) are worth (200 - 2*40*1) / 40 = 3 more."""
+    core.set_factory_limits(FactoryLimits(min_workers=0, max_workers=100))
+    resp = core.submit(submission(tmp_path, n=420, batch_size=10))
+    w = core.register(WorkerRegistration(host="h", pid=1)).worker_id
+    core.clock.t += 40
+    core.library_event(w, LibraryEvent(context_id=resp.context_id, state=ContextState.READY))
+    core.heartbeat(w, Heartbeat(context_id=resp.context_id, context_state=ContextState.READY))
+    [b, b2] = lease(core, w, resp.context_id, n=2)
+    for i, r in enumerate(b.rows + b2.rows):  # 20 rows over 10 s
+        core.clock.t += 0.5
+        core.report(w, BatchReport(batch_id=b.batch_id if i < 10 else b2.batch_id, results=[ok(r.idx)]))
+    d = core.demand()
+    assert d.rows_per_worker_second == pytest.approx(2.0) and d.time_to_ready == pytest.approx(40)
+    assert d.ready_measured and d.rows_left == 400 and d.raw == 1 + 3, d.reason
+    assert "400 rows left at 2.00 rows/s" in d.reason
 
 
 def test_workers_beyond_max_are_told_to_retire_busy_ones_last(core, tmp_path) -> None:

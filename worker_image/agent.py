@@ -15,11 +15,12 @@ import socket
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pcm_service.client import ServiceClient, ServiceError
+from pcm_service.client import ServiceClient, ServiceError, ServiceUnreachable
 from pcm_service.protocol import (
     BatchReport,
     ContextSpec,
@@ -28,11 +29,13 @@ from pcm_service.protocol import (
     FetchRequest,
     Heartbeat,
     HeartbeatResponse,
+    IdleReport,
     LeaseRequest,
     LeaseResponse,
     LibraryEvent,
     RegisterResponse,
     Resources,
+    RetireDecision,
     RowResult,
     WorkerRegistration,
 )
@@ -71,7 +74,7 @@ class WorkerAgent:
     def __init__(self, client: ServiceClient, work_dir: Optional[Path] = None,
                  glidein_id: Optional[str] = None, idle_timeout: Optional[float] = None,
                  target_rows: int = 64, max_batches: int = 16, start_timeout: float = 900.0,
-                 drain_timeout: float = 30.0, engine: str = "vllm",
+                 drain_timeout: float = 1.0, engine: str = "vllm",
                  peers: Optional[PeerSettings] = None, token: Optional[str] = None) -> None:
         self.client = client
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="pcm-worker-"))
@@ -95,6 +98,8 @@ class WorkerAgent:
         self.library: Optional[LibraryHandle] = None
         self.context_state = ContextState.ABSENT
         self.inflight: dict[int, set[int]] = {}  # batch_id → row idx not yet finished
+        self.unreported: Counter[int] = Counter()  # batch_id → reports queued, not yet delivered
+        self.lease_seq = 0  # the newest lease response taken in (heartbeats echo it)
         self._lock = threading.Lock()
         self._register_lock = threading.Lock()
         self._wake = threading.Event()
@@ -151,13 +156,16 @@ class WorkerAgent:
             self._send_heartbeat()
 
     def _send_heartbeat(self) -> None:
-        with self._lock:
+        with self._lock:  # batches held and lease_seq from one moment: the service reconciles them
             n = len(self.inflight)
+            held = sorted(set(self.inflight) | {b for b, k in self.unreported.items() if k > 0})
+            seq = self.lease_seq
         try:
             ctx = self.context
             resp = self._call("POST", "/heartbeat", Heartbeat(
                 context_id=ctx.context_id if ctx else None, context_state=self.context_state,
-                inflight_batches=n, draining=self.draining or self.retiring), HeartbeatResponse)
+                inflight_batches=n, draining=self.draining or self.retiring, batches=held,
+                lease_seq=seq), HeartbeatResponse)
         except ServiceError as e:
             log.warning("heartbeat failed: %s", e.detail)
             return
@@ -179,19 +187,31 @@ class WorkerAgent:
                 except queue.Empty:
                     break
             merged: dict[int, BatchReport] = {}
+            queued: Counter[int] = Counter()
             for rep in items:
                 if rep is None:
                     continue
+                queued[rep.batch_id] += 1
                 m = merged.setdefault(rep.batch_id, BatchReport(batch_id=rep.batch_id))
                 m.results.extend(rep.results)
                 m.returned.extend(rep.returned)
+                m.crashed.extend(rep.crashed)
             for rep in merged.values():
                 try:
                     self._call("POST", "/report", rep)
-                except ServiceError as e:
-                    log.error("report for batch %d refused: %s", rep.batch_id, e.detail)
+                except ServiceError as e:  # the service requeues it when our heartbeat omits it
+                    log.error("report for batch %d not delivered: %s", rep.batch_id, e.detail)
+                with self._lock:
+                    self.unreported[rep.batch_id] -= queued[rep.batch_id]
+                    if self.unreported[rep.batch_id] <= 0:
+                        del self.unreported[rep.batch_id]
             if None in items:
                 return
+
+    def _queue_report(self, rep: BatchReport) -> None:
+        with self._lock:
+            self.unreported[rep.batch_id] += 1
+        self._reports.put(rep)
 
     def _receive_loop(self, lib: LibraryHandle) -> None:
         while True:
@@ -207,7 +227,7 @@ class WorkerAgent:
                 left.difference_update(r.idx for r in rows)
                 if not left:
                     self.inflight.pop(batch_id, None)
-            self._reports.put(BatchReport(batch_id=batch_id, results=rows))
+            self._queue_report(BatchReport(batch_id=batch_id, results=rows))
             self._wake.set()
         self._wake.set()
 
@@ -253,21 +273,23 @@ class WorkerAgent:
         log.info("context %s ready after %.1fs", context.context_id, seconds)
         return True
 
-    def _release_rows(self) -> Optional[LibraryHandle]:
+    def _release_rows(self, crashed: bool = False) -> Optional[LibraryHandle]:
         """Detach the library and hand its unfinished rows back to the queue (the reporter
-        sends them at once); the caller stops the library, which can take seconds."""
+        sends them at once); the caller stops the library, which can take seconds. After a
+        library crash the rows are reported as ``crashed``: the service counts them."""
         lib, self.library = self.library, None
         with self._lock:
             returned, self.inflight = self.inflight, {}
         for batch_id, idx in returned.items():
             if idx:
-                self._reports.put(BatchReport(batch_id=batch_id, returned=sorted(idx)))
+                self._queue_report(BatchReport(batch_id=batch_id, **{
+                    "crashed" if crashed else "returned": sorted(idx)}))
         self.context_state = ContextState.ABSENT
         self.context = None
         return lib
 
-    def _drop_library(self) -> None:
-        lib = self._release_rows()
+    def _drop_library(self, crashed: bool = False) -> None:
+        lib = self._release_rows(crashed)
         if lib is not None:
             lib.stop()
 
@@ -309,6 +331,9 @@ class WorkerAgent:
         rc = 0
         try:
             rc = self._loop(idle_timeout)
+        except ServiceUnreachable as e:
+            log.error("giving up: %s", e.detail)
+            rc = 1
         finally:
             self._finish(reporter)
         return rc
@@ -320,7 +345,7 @@ class WorkerAgent:
             lib = self.library
             if lib is not None and not lib.alive():
                 log.error("library process died (code %s); requeueing its rows", lib.proc.returncode)
-                self._drop_library()
+                self._drop_library(crashed=True)
                 lib = None
             if self.retiring:
                 with self._lock:
@@ -329,6 +354,8 @@ class WorkerAgent:
                         return 0
             elif lib is None:
                 resp = self._call("POST", "/lease", LeaseRequest(max_batches=0), LeaseResponse)
+                if self.stopping.is_set():
+                    break
                 if resp.assign_context is not None:
                     if not self._load(resp.assign_context):
                         failures += 1
@@ -343,9 +370,11 @@ class WorkerAgent:
                     resp = self._call("POST", "/lease", LeaseRequest(
                         context_id=lib.context.context_id, context_state=ContextState.READY,
                         max_batches=wanted), LeaseResponse)
-                    for lease in resp.batches:
-                        with self._lock:
+                    with self._lock:
+                        for lease in resp.batches:
                             self.inflight[lease.batch_id] = {r.idx for r in lease.rows}
+                        self.lease_seq = max(self.lease_seq, resp.lease_seq)
+                    for lease in resp.batches:
                         lib.send_batch(lease)
                     if resp.batches:
                         last_work = time.monotonic()
@@ -360,8 +389,13 @@ class WorkerAgent:
             if busy:
                 last_work = time.monotonic()
             elif time.monotonic() - last_work > idle_timeout:
-                log.info("idle for %.0fs: retiring", idle_timeout)
-                return 0
+                idle = time.monotonic() - last_work
+                decision = self._call("POST", "/idle", IdleReport(idle_seconds=idle), RetireDecision)
+                if decision.retire:
+                    log.info("retiring: %s", decision.reason)
+                    return 0
+                log.info("idle for %.0fs but staying: %s", idle, decision.reason)
+                last_work = time.monotonic()
             self._wake.wait(0.5)
             self._wake.clear()
         return 0
@@ -389,7 +423,7 @@ class WorkerAgent:
 
 
 def run_worker(service_url: str, token: Optional[str] = None, **kwargs: object) -> int:
-    client = ServiceClient(service_url, retry_for=120.0, token=token)
+    client = ServiceClient(service_url, retry_for=300.0, token=token)  # rides out a service restart
     agent = WorkerAgent(client, token=token, **kwargs)  # type: ignore[arg-type]
     signal.signal(signal.SIGTERM, agent.request_drain)
     signal.signal(signal.SIGINT, agent.request_drain)
