@@ -9,6 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
+from factory.drill import EvictionSettings
 from pcm_service.client import default_service_url
 from pcm_service.protocol import FactoryLimits, Strict
 from pcm_service.tokens import POOL, TokenError, read_token, token_file
@@ -67,6 +68,7 @@ class FactoryConfig(Strict):
     held_timeout: float = Field(default=300.0, ge=0)  # report a held glidein this long, then remove
     idle_grace: float = Field(default=30.0, ge=0)  # a worker idle this long may be removed
     scale_down_delay: float = Field(default=60.0, ge=0)  # demand must stay low this long first
+    eviction: Optional[EvictionSettings] = None  # the eviction drill (tests, benchmarks): off by default
     htcondor: HTCondorSettings = Field(default_factory=HTCondorSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
 

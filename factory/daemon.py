@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from factory.backends.base import BackendError, Glidein, GlideinBackend, GlideinState
+from factory.drill import EvictionDrill
 from factory.config import (
     FactoryConfig,
     FactoryConfigError,
@@ -119,6 +120,7 @@ class Factory:
         self.exited: deque[Glidein] = deque(maxlen=20)
         self.reported_held: set[str] = set()
         self.stop_event = threading.Event()
+        self.drill = EvictionDrill(config.eviction, clock()) if config.eviction else None
 
     # ----- configuration ----------------------------------------------------------
     def apply_config_limits(self) -> Optional[FactoryLimits]:
@@ -149,6 +151,8 @@ class Factory:
             log.error("config %s: changing the backend needs a restart; other changes applied",
                       self.config_path)
             cfg = cfg.model_copy(update={"backend": self.config.backend})
+        if cfg.eviction != self.config.eviction:
+            self.drill = EvictionDrill(cfg.eviction, self.clock()) if cfg.eviction else None
         self.config = cfg
         self.window.delay = cfg.scale_down_delay
         self.backend.configure(cfg)
@@ -179,8 +183,19 @@ class Factory:
             log.info("%s: %s", d.reason, ", ".join(ids))
         if not self.decisions or d.submit or d.remove or d.reason != self.decisions[-1].reason:
             self.decisions.append(d)
+        if self.drill is not None:
+            self._drill(now, demand.workers_wanted, glideins, status.workers)
         self.report(glideins)
         return d
+
+    def _drill(self, now: float, wanted: int, glideins: list[Glidein], workers: list[WorkerStatus]) -> None:
+        assert self.drill is not None
+        victim = self.drill.pick(now, glideins, workers)
+        if victim is not None and victim.glidein_id:
+            evicted = self.drill.decision(now, wanted, victim)
+            self.backend.evict(victim.glidein_id, hard=self.drill.settings.signal == "kill")
+            log.warning("%s", evicted.reason)
+            self.decisions.append(evicted)
 
     def _note(self, glideins: list[Glidein]) -> None:
         self.reported_held &= {g.glidein_id for g in glideins if g.state == GlideinState.HELD}

@@ -76,3 +76,17 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+
+
+def eviction_settings(every: Optional[float], signal: str, count: Optional[int],
+                      seed: Optional[int]):  # type: ignore[no-untyped-def]
+    """The eviction drill from --evict-every/--evict-signal/--evict-count/--seed (None: off)."""
+    from factory.drill import EvictionSettings
+
+    if signal not in ("kill", "term"):
+        fail(f"--evict-signal: {signal!r} is not one of kill, term", code=2)
+    if every is None:
+        if count is not None:
+            fail("--evict-count needs --evict-every", code=2)
+        return None
+    return EvictionSettings(interval=every, signal=signal, count=count, seed=seed)  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from pcm_service.cli_common import (
     TokenFileOpt,
     client_for,
     console,
+    eviction_settings,
     fail,
     out,
     setup_logging,
@@ -53,6 +54,10 @@ def factory_run(config: Optional[Path] = typer.Option(
                 min_workers: Optional[int] = MinOpt, max_workers: Optional[int] = MaxOpt,
                 per_cycle: Optional[int] = PerCycleOpt,
                 interval: Optional[float] = typer.Option(None, help="Seconds between cycles"),
+                evict_every: Optional[float] = typer.Option(
+                    None, min=0.1, help="Eviction drill: evict a random warm worker every this many seconds"),
+                evict_signal: str = typer.Option("kill", help="Eviction drill: kill (SIGKILL) or term (vacate)"),
+                evict_count: Optional[int] = typer.Option(None, min=1, help="Eviction drill: stop after this many"),
                 verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run the factory daemon: glideins follow the service's demand within min/max."""
     from factory.backends.base import BackendError
@@ -66,7 +71,9 @@ def factory_run(config: Optional[Path] = typer.Option(
 
     try:
         cfg = load_factory_config(config) if config else FactoryConfig()
-        over = {k: v for k, v in (("service", service), ("backend", backend), ("interval", interval))
+        drill = eviction_settings(evict_every, evict_signal, evict_count, None)
+        over = {k: v for k, v in (("service", service), ("backend", backend), ("interval", interval),
+                                  ("eviction", drill.model_dump() if drill else None))
                 if v is not None}
         cfg = resolve_pool_token_file(FactoryConfig.model_validate({**cfg.model_dump(), **over}))
     except FactoryConfigError as e:

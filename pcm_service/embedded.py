@@ -13,9 +13,11 @@ import uvicorn
 from factory.backends.local import LocalBackend
 from factory.config import FactoryConfig
 from factory.daemon import Factory
+from factory.drill import EvictionSettings
 from pcm_service.api import create_app
 from pcm_service.client import ServiceClient
 from pcm_service.core import ServiceConfig, ServiceCore
+from pcm_service.tokens import API, POOL, state_token
 from pcm_service.protocol import (
     FactoryLimits,
     WorkloadState,
@@ -25,17 +27,20 @@ from pcm_service.protocol import (
 
 
 class EmbeddedService:
-    """The real HTTP service on 127.0.0.1, run in a thread of this process."""
+    """The real HTTP service on 127.0.0.1, run in a thread of this process; its pool and API
+    tokens live in state_dir (pool.token, api.token: 0600, made on first start)."""
 
     def __init__(self, state_dir: str | Path, config: Optional[ServiceConfig] = None,
                  host: str = "127.0.0.1", port: int = 0) -> None:
+        self.pool_token = state_token(POOL, Path(state_dir))
+        self.api_token = state_token(API, Path(state_dir))
         self.core = ServiceCore(state_dir, config)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.url = f"http://{host}:{self._sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.core), log_level="warning",
-                                                    lifespan="on"))
+        app = create_app(self.core, self.pool_token.value, self.api_token.value)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
                                         daemon=True, name="pcm-service")
 
@@ -66,13 +71,14 @@ class RunResult:
 def run_workload(sub: WorkloadSubmission, state_dir: Path, workers: int = 1,
                  config: Optional[ServiceConfig] = None, worker_args: Optional[list[str]] = None,
                  on_progress: Optional[Callable[[WorkloadStatus], None]] = None,
-                 poll: float = 0.25) -> RunResult:
+                 poll: float = 0.25, eviction: Optional[EvictionSettings] = None) -> RunResult:
     """Submit one workload to a fresh embedded pool and wait for its output file."""
     service = EmbeddedService(state_dir / "service", config).start()
-    backend = LocalBackend(service.url, state_dir / "glideins", worker_args=worker_args)
-    factory = Factory(ServiceClient(service.url), backend,
+    backend = LocalBackend(service.url, state_dir / "glideins", worker_args=worker_args,
+                           token_file=service.pool_token.path)
+    factory = Factory(ServiceClient(service.url, token=service.api_token.value), backend,
                       FactoryConfig(service=service.url, name="embedded", interval=0.5, idle_grace=5.0,
-                                    scale_down_delay=0.0))
+                                    scale_down_delay=0.0, eviction=eviction))
     try:
         service.core.set_factory_limits(FactoryLimits(min_workers=0, max_workers=workers,
                                                       per_cycle=workers))

@@ -79,7 +79,12 @@ def service_token(kind: TokenKind, file: Optional[Path], state_dir: Path) -> Tok
     value = os.environ.get(kind.value_env, "").strip()
     if value:
         return Token(value, f"${kind.value_env}")
-    path = state_dir / kind.filename
+    return state_token(kind, state_dir)
+
+
+def state_token(kind: TokenKind, state_dir: Path) -> Token:
+    """state_dir/filename: created on first use, read on later ones."""
+    path = Path(state_dir) / kind.filename
     try:
         return Token(create_token_file(path), str(path), path, generated=True)
     except FileExistsError:

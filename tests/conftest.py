@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -90,23 +91,62 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    """A real `pcm serve` subprocess that can be killed and restarted on the same state."""
+    """A real `pcm serve` subprocess that can be killed and restarted on the same state.
+    Its tokens: the files it generated in state_dir unless the test passes its own."""
 
-    def __init__(self, state_dir: Path, *args: str) -> None:
+    def __init__(self, state_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.state_dir = state_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = args
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = state_dir.parent / "serve.log"
+
+    @property
+    def api_token_file(self) -> Path:
+        return self.state_dir / "api.token"
+
+    @property
+    def pool_token_file(self) -> Path:
+        return self.state_dir / "pool.token"
+
+    @property
+    def api_token(self) -> str:
+        return self.api_token_file.read_text().strip()
+
+    @property
+    def pool_token(self) -> str:
+        return self.pool_token_file.read_text().strip()
+
+    def client(self, **kw: Any) -> ServiceClient:
+        """A client for the user routes (the API token)."""
+        return ServiceClient(self.url, token=self.api_token, **kw)
+
+    def worker_client(self, **kw: Any) -> ServiceClient:
+        """A client for the worker routes (the pool token)."""
+        return ServiceClient(self.url, token=self.pool_token, **kw)
 
     def start(self) -> "ServeProcess":
-        log = (self.state_dir.parent / "serve.log").open("ab")
+        self.state_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pcm_service.cli", "serve", "--state-dir", str(self.state_dir),
-             "--port", str(self.port), *self.args], stdout=log, stderr=subprocess.STDOUT)
-        client = ServiceClient(self.url, retry_for=60.0)
-        client.request("GET", "/healthz")  # retries until the server answers
-        client.close()
+             "--port", str(self.port), *self.args], stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env})
+        client = ServiceClient(self.url, timeout=5.0)
+        deadline = time.monotonic() + 60
+        try:
+            while not client.healthy():  # until the server answers, or the process exits
+                try:
+                    code = self.proc.wait(0.1)
+                except subprocess.TimeoutExpired:
+                    code = None
+                if code is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"pcm serve did not start (exit {code}):"
+                                         f" {self.log_path.read_text()[-2000:]}")
+        finally:
+            client.close()
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -126,8 +166,13 @@ def serve(tmp_path: Path) -> Iterator[ServeProcess]:
     s.stop()
 
 
+TOKEN_ENV = ("PCM_API_TOKEN", "PCM_POOL_TOKEN", "PCM_API_TOKEN_FILE", "PCM_POOL_TOKEN_FILE", "PCM_TOKEN_FILE")
+
+
 @pytest.fixture(autouse=True)
 def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PCM_SERVICE_URL", raising=False)
+    for name in TOKEN_ENV:  # the developer's own tokens must not leak into tests
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     os.environ.setdefault("PYTHONPATH", str(REPO))

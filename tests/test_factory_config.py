@@ -14,13 +14,19 @@ from conftest import ServeProcess
 from factory.backends.local import LocalBackend
 from factory.config import FactoryConfig, load_factory_config
 from factory.daemon import Factory
-from pcm_service.client import ServiceClient
 from pcm_service.protocol import FactoryLimits
 
 
-def factory_run(cfg: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pcm_service.cli", "factory", "run", "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+def factory_run(cfg: Path, *args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pcm_service.cli", "factory", "run", "--config", str(cfg),
+                           *args], capture_output=True, text=True, timeout=60, env={**os.environ, **env},
+                          cwd=cwd)
+
+
+def token_file(path: Path, value: str = "t0ken-for-tests") -> Path:
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return path
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -36,6 +42,8 @@ def write(tmp_path: Path, text: str) -> Path:
     ("backend: slurm\n", "backend: Input should be 'htcondor' or 'local'"),
     ("htcondor: {environment: {PCM_TOKEN: abc}}\n", "give secrets as token_file"),
     ("backend: htcondor\nhtcondor: {token_file: nowhere.token}\n", "htcondor.token_file"),
+    ("backend: htcondor\n", "htcondor.token_file: required"),
+    ("local: {token_file: nowhere.token}\n", "local.token_file"),
     ("limits: [1, 2\n", "not valid YAML"),
 ])
 def test_bad_config_names_the_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -45,7 +53,9 @@ def test_bad_config_names_the_problem(tmp_path: Path, text: str, message: str) -
 
 
 def test_unreachable_schedd_is_a_clear_error(tmp_path: Path) -> None:
-    cfg = write(tmp_path, "backend: htcondor\nhtcondor: {collector: '127.0.0.1:9', schedd: nosuch}\n")
+    token_file(tmp_path / "pool.token")
+    cfg = write(tmp_path, "backend: htcondor\nhtcondor: {collector: '127.0.0.1:9', schedd: nosuch,"
+                          " token_file: pool.token}\n")
     res = factory_run(cfg, CONDOR_CONFIG="ONLY_ENV", _CONDOR_TOOL_TIMEOUT_MULTIPLIER="1")
     assert res.returncode == 1, res.stderr
     err = " ".join(res.stderr.split())
@@ -54,11 +64,12 @@ def test_unreachable_schedd_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
-    (tmp_path / "pool.token").write_text("x")
+    token_file(tmp_path / "pool.token")
     cfg = load_factory_config(write(tmp_path, "backend: htcondor\nhtcondor: {token_file: pool.token,"
-                                              " log_dir: logs}\n"))
+                                              " log_dir: logs}\nlocal: {token_file: pool.token}\n"))
     assert cfg.htcondor.token_file == str(tmp_path / "pool.token")
     assert cfg.htcondor.log_dir == str(tmp_path / "logs")
+    assert cfg.local.token_file == str(tmp_path / "pool.token")
 
 
 def test_file_limits_apply_once_and_set_survives_restarts(tmp_path: Path) -> None:
@@ -67,7 +78,7 @@ def test_file_limits_apply_once_and_set_survives_restarts(tmp_path: Path) -> Non
     serve = ServeProcess(tmp_path / "state").start()
     cfg_path = write(tmp_path, yaml.safe_dump({"service": serve.url,
                                                "limits": {"min_workers": 1, "max_workers": 4}}))
-    client = ServiceClient(serve.url)
+    client = serve.client()
 
     def factory() -> Factory:
         cfg = load_factory_config(cfg_path)
@@ -76,7 +87,8 @@ def test_file_limits_apply_once_and_set_survives_restarts(tmp_path: Path) -> Non
     try:
         assert factory().apply_config_limits() == FactoryLimits(min_workers=1, max_workers=4)
         res = subprocess.run([sys.executable, "-m", "pcm_service.cli", "factory", "set", "--service",
-                              serve.url, "--max", "2"], capture_output=True, text=True)
+                              serve.url, "--max", "2"], capture_output=True, text=True,
+                             env={**os.environ, "PCM_API_TOKEN_FILE": str(serve.api_token_file)})
         assert res.returncode == 0, res.stderr
         serve.stop()
         serve.start()
@@ -93,10 +105,9 @@ def test_file_limits_apply_once_and_set_survives_restarts(tmp_path: Path) -> Non
         serve.stop()
 
 
-def test_worker_routes_need_the_pool_token(tmp_path: Path) -> None:
-    token_file = tmp_path / "pool.token"
-    token_file.write_text("s3cret-pool-token\n")
-    serve = ServeProcess(tmp_path / "state", "--pool-token-file", str(token_file)).start()
+def test_pool_token_file_option_replaces_the_generated_one(tmp_path: Path) -> None:
+    token = token_file(tmp_path / "pool.token", "s3cret-pool-token")
+    serve = ServeProcess(tmp_path / "state", "--pool-token-file", str(token)).start()
     reg = {"host": "h", "pid": 1}
     try:
         r = httpx.post(f"{serve.url}/v1/workers", json=reg)
@@ -106,10 +117,26 @@ def test_worker_routes_need_the_pool_token(tmp_path: Path) -> None:
         r = httpx.post(f"{serve.url}/v1/workers", json=reg,
                        headers={"Authorization": "Bearer s3cret-pool-token"})
         assert r.status_code == 201
-        assert httpx.get(f"{serve.url}/v1/status").status_code == 200  # user API: issue 5
+        assert not serve.pool_token_file.exists()  # given a file, none is generated
+        assert httpx.get(f"{serve.url}/v1/status").status_code == 401  # the user API needs its token
     finally:
         serve.stop()
-    assert "s3cret-pool-token" not in (tmp_path / "serve.log").read_text()
+    assert "s3cret-pool-token" not in serve.log_path.read_text()
+
+
+def test_local_backend_without_a_pool_token_exits_2_saying_what_to_set(tmp_path: Path) -> None:
+    res = factory_run(write(tmp_path, "backend: local\n"), cwd=tmp_path)  # no ./pcm-state here
+    assert res.returncode == 2, res.stderr
+    err = " ".join(res.stderr.split())
+    assert "local.token_file: no pool token" in err and "PCM_POOL_TOKEN_FILE" in err, err
+
+
+def test_local_backend_refuses_a_token_file_others_can_read(tmp_path: Path) -> None:
+    tok = token_file(tmp_path / "pool.token")
+    tok.chmod(0o644)
+    res = factory_run(write(tmp_path, "backend: local\nlocal: {token_file: pool.token}\n"))
+    assert res.returncode == 2, res.stderr
+    assert f"chmod 600 {tok}" in " ".join(res.stderr.split()), res.stderr
 
 
 def test_worker_with_unreadable_token_file_exits_2(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from conftest import ServeProcess
 
-from pcm_service.client import ServiceClient
 from pcm_service.protocol import (
     BatchReport,
     ContextState,
@@ -32,18 +31,19 @@ def result(idx: int) -> RowResult:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stop", "kill-9"])
 def test_restart_mid_workload_keeps_workload_and_finished_rows(sig, tmp_path: Path, write_workload) -> None:
     serve = ServeProcess(tmp_path / "state").start()
-    client = ServiceClient(serve.url, retry_for=60.0)
+    client = serve.client(retry_for=60.0)  # the user routes
+    worker = serve.worker_client(retry_for=60.0)  # the worker routes
     sub = load_workload(write_workload())  # 20 rows, batch size 5
     wl = client.request("POST", "/workloads", sub, SubmitResponse)
-    wid = client.request("POST", "/workers", WorkerRegistration(host="h", pid=1), RegisterResponse).worker_id
-    client.request("POST", f"/workers/{wid}/library",
+    wid = worker.request("POST", "/workers", WorkerRegistration(host="h", pid=1), RegisterResponse).worker_id
+    worker.request("POST", f"/workers/{wid}/library",
                    LibraryEvent(context_id=wl.context_id, state=ContextState.READY, seconds=1))
     ready = LeaseRequest(context_id=wl.context_id, context_state=ContextState.READY, max_batches=2)
-    first = client.request("POST", f"/workers/{wid}/lease", ready, LeaseResponse).batches
+    first = worker.request("POST", f"/workers/{wid}/lease", ready, LeaseResponse).batches
     done_before = [r.idx for r in first[0].rows] + [first[1].rows[0].idx]
-    client.request("POST", f"/workers/{wid}/report",
+    worker.request("POST", f"/workers/{wid}/report",
                    BatchReport(batch_id=first[0].batch_id, results=[result(r.idx) for r in first[0].rows]))
-    client.request("POST", f"/workers/{wid}/report",
+    worker.request("POST", f"/workers/{wid}/report",
                    BatchReport(batch_id=first[1].batch_id, results=[result(first[1].rows[0].idx)]))
 
     serve.kill(sig)
@@ -52,16 +52,16 @@ def test_restart_mid_workload_keeps_workload_and_finished_rows(sig, tmp_path: Pa
     st = client.request("GET", f"/workloads/{wl.workload_id}", response=WorkloadStatus)
     assert (st.rows_total, st.rows_done, st.state.value) == (20, len(done_before), "running")
     # The same worker carries on: its lease on the second batch survived the restart.
-    rep = client.request("POST", f"/workers/{wid}/report", BatchReport(
+    rep = worker.request("POST", f"/workers/{wid}/report", BatchReport(
         batch_id=first[1].batch_id, results=[result(r.idx) for r in first[1].rows]), ReportResponse)
     assert (rep.accepted, rep.duplicates) == (4, 1)
     while True:
-        leases = client.request("POST", f"/workers/{wid}/lease", ready, LeaseResponse).batches
+        leases = worker.request("POST", f"/workers/{wid}/lease", ready, LeaseResponse).batches
         if not leases:
             break
         for b in leases:
             assert not set(r.idx for r in b.rows) & set(done_before)
-            client.request("POST", f"/workers/{wid}/report",
+            worker.request("POST", f"/workers/{wid}/report",
                            BatchReport(batch_id=b.batch_id, results=[result(r.idx) for r in b.rows]))
     st = client.request("GET", f"/workloads/{wl.workload_id}", response=WorkloadStatus)
     assert st.state.value == "completed" and st.rows_done == 20

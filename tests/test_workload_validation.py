@@ -4,21 +4,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import ServeProcess
 from typer.testing import CliRunner
 
 from pcm_service.cli import app
-from pcm_service.client import ServiceClient
 from pcm_service.workload import load_workload
 
 runner = CliRunner()
 
 
-def submit(path: Path, url: str):  # type: ignore[no-untyped-def]
-    return runner.invoke(app, ["submit", str(path), "--service", url])
+def submit(path: Path, url: str, token_file: Path | None = None):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, ["submit", str(path), "--service", url,
+                               *(["--token-file", str(token_file)] if token_file else [])])
 
 
-def workload_count(url: str) -> int:
-    return len(ServiceClient(url).request("GET", "/status")["workloads"])
+def workload_count(serve: ServeProcess) -> int:
+    return len(serve.client().request("GET", "/status")["workloads"])
 
 
 BAD_CASES = {
@@ -41,10 +42,10 @@ BAD_CASES = {
 def test_bad_workload_exits_2_names_field_submits_nothing(case, write_workload, serve) -> None:
     overrides, expected = BAD_CASES[case]
     path = write_workload(**overrides)
-    result = submit(path, serve.url)
+    result = submit(path, serve.url, serve.api_token_file)
     assert result.exit_code == 2, result.output
     assert expected in " ".join(result.output.split()), result.output
-    assert workload_count(serve.url) == 0
+    assert workload_count(serve) == 0
 
 
 def test_duplicate_row_ids_rejected(write_workload) -> None:
@@ -62,9 +63,9 @@ def test_invalid_jsonl_line_named(write_workload, tmp_path) -> None:
 
 def test_good_workload_is_submitted(write_workload, serve) -> None:
     path = write_workload()
-    result = submit(path, serve.url)
+    result = submit(path, serve.url, serve.api_token_file)
     assert result.exit_code == 0, result.output
-    status = ServiceClient(serve.url).request("GET", "/status")
+    status = serve.client().request("GET", "/status")
     [wl] = status["workloads"]
     assert wl["rows_total"] == 20 and wl["rows_done"] == 0
     assert wl["output"] == str(path.parent / "out" / "results.jsonl")

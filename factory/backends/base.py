@@ -32,6 +32,11 @@ class GlideinBackend(ABC):
     def remove(self, glidein_ids: list[str]) -> None:
         """Ask the glideins to stop (gracefully: the worker drains on SIGTERM)."""
 
+    def evict(self, glidein_id: str, hard: bool) -> None:
+        """Preempt a glidein as the batch system would (the eviction drill): ``hard`` kills it
+        at once, otherwise it is vacated (SIGTERM: the worker drains, then it may run again)."""
+        raise BackendError(f"the {self.name} backend cannot evict glideins")
+
     def configure(self, config: "FactoryConfig") -> None:  # noqa: B027 - optional hook
         """The factory config file changed: take the new settings for later submits."""
 

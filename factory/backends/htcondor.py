@@ -182,6 +182,12 @@ class HTCondorBackend(GlideinBackend):
             self._call("remove", self.schedd.act, self.htcondor.JobAction.Remove, list(glidein_ids),
                        reason=reason)
 
+    def evict(self, glidein_id: str, hard: bool) -> None:
+        """A vacate, as an owner or a higher-priority job would cause: the glidein goes back to
+        the queue. ``hard``: VacateFast (SIGKILL, no vacate time)."""
+        action = self.htcondor.JobAction.VacateFast if hard else self.htcondor.JobAction.Vacate
+        self._call("vacate", self.schedd.act, action, [glidein_id], reason="PCM eviction drill")
+
     def configure(self, config: FactoryConfig) -> None:
         old, self.settings = self.settings, config.htcondor
         Path(self.settings.log_dir).mkdir(parents=True, exist_ok=True)

@@ -11,15 +11,20 @@ from typing import Optional
 
 from factory.backends.base import Glidein, GlideinBackend, GlideinState
 from factory.config import FactoryConfig
+from pcm_service.tokens import SECRET_ENV
 
 
 class LocalBackend(GlideinBackend):
+    """``token_file``: the pool token, passed to workers as a path (argv is visible to all local
+    users); token values in the environment are not passed on."""
     name = "local"
 
     def __init__(self, service_url: str, work_dir: str | Path,
                  worker_args: Optional[list[str]] = None,
-                 env: Optional[dict[str, str]] = None) -> None:
+                 env: Optional[dict[str, str]] = None,
+                 token_file: Optional[str | Path] = None) -> None:
         self.service_url = service_url
+        self.token_file = token_file
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.worker_args = worker_args or []
@@ -33,11 +38,13 @@ class LocalBackend(GlideinBackend):
             gid = f"local.{os.getpid()}.{next(self._seq)}"
             wdir = self.work_dir / gid
             wdir.mkdir(parents=True, exist_ok=True)
-            env = dict(os.environ, **self.env, PCM_GLIDEIN_ID=gid)
+            env = {k: v for k, v in {**os.environ, **self.env}.items() if k not in SECRET_ENV}
+            env["PCM_GLIDEIN_ID"] = gid
+            token = ["--token-file", str(self.token_file)] if self.token_file else []
             with (wdir / "worker.log").open("ab") as log:
                 self._procs[gid] = subprocess.Popen(
                     [sys.executable, "-m", "pcm_service.cli", "worker", "--service", self.service_url,
-                     "--glidein-id", gid, "--work-dir", str(wdir), *self.worker_args],
+                     "--glidein-id", gid, "--work-dir", str(wdir), *token, *self.worker_args],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                     start_new_session=True)
             ids.append(gid)
@@ -62,8 +69,19 @@ class LocalBackend(GlideinBackend):
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
+    def evict(self, glidein_id: str, hard: bool) -> None:
+        """SIGKILL the whole glidein (agent, library, engine) or SIGTERM its worker (it drains)."""
+        proc = self._procs.get(glidein_id)
+        if proc is not None and proc.poll() is None:
+            if hard:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.send_signal(signal.SIGTERM)
+
     def configure(self, config: FactoryConfig) -> None:
         self.worker_args = list(config.local.worker_args)
+        if config.local.token_file:
+            self.token_file = config.local.token_file
 
     def pids(self) -> dict[str, int]:
         return {gid: p.pid for gid, p in self._procs.items() if p.poll() is None}
