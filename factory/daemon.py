@@ -120,7 +120,7 @@ class Factory:
         self.exited: deque[Glidein] = deque(maxlen=20)
         self.reported_held: set[str] = set()
         self.stop_event = threading.Event()
-        self.drill = EvictionDrill(config.eviction, clock()) if config.eviction else None
+        self.drill = EvictionDrill(config.eviction) if config.eviction else None
 
     # ----- configuration ----------------------------------------------------------
     def apply_config_limits(self) -> Optional[FactoryLimits]:
@@ -152,7 +152,7 @@ class Factory:
                       self.config_path)
             cfg = cfg.model_copy(update={"backend": self.config.backend})
         if cfg.eviction != self.config.eviction:
-            self.drill = EvictionDrill(cfg.eviction, self.clock()) if cfg.eviction else None
+            self.drill = EvictionDrill(cfg.eviction) if cfg.eviction else None
         self.config = cfg
         self.window.delay = cfg.scale_down_delay
         self.backend.configure(cfg)

@@ -4,6 +4,7 @@ Like TaskVine's ``enforce-worker-eviction-interval``, it rehearses what opportun
 do anyway (HTCondor vacates a job: SIGTERM, then SIGKILL; or just SIGKILL), so tests and
 benchmarks can show that churn costs only the rows in flight. Targets are workers that
 hold a loaded context (idle or busy): evicting one that is still starting costs no rows.
+The first eviction comes ``interval`` seconds after the pool first has a warm worker.
 """
 from __future__ import annotations
 
@@ -33,22 +34,24 @@ class EvictionSettings(Strict):
 
 
 class EvictionDrill:
-    def __init__(self, settings: EvictionSettings, start: float) -> None:
+    def __init__(self, settings: EvictionSettings) -> None:
         self.settings = settings
-        self.next_at = start + settings.interval
+        self.next_at: Optional[float] = None  # set when a warm worker is first seen
         self.done = 0
         self.rng = random.Random(settings.seed)
 
     def pick(self, now: float, glideins: list[Glidein], workers: list[WorkerStatus]) -> Optional[WorkerStatus]:
         """The worker to evict now, if one is due: a random warm one on a running glidein."""
         s = self.settings
-        if now < self.next_at or (s.count is not None and self.done >= s.count):
+        if s.count is not None and self.done >= s.count:
             return None
         running = {g.glidein_id for g in glideins if g.state == GlideinState.RUNNING}
         warm = [w for w in workers if w.glidein_id in running
                 and w.state in (WorkerState.IDLE, WorkerState.BUSY)]
-        if not warm:
-            return None  # due, but nobody to evict yet: try again next cycle
+        if self.next_at is None and warm:
+            self.next_at = now + s.interval
+        if not warm or self.next_at is None or now < self.next_at:
+            return None  # not due, or due with nobody warm to evict: try again next cycle
         self.done += 1
         self.next_at = now + s.interval
         return self.rng.choice(warm)

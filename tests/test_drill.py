@@ -18,7 +18,8 @@ WORKERS = [worker("busy", "g1", WorkerState.BUSY), worker("idle", "g2", WorkerSt
 
 
 def test_evicts_only_warm_workers_on_running_glideins_once_per_interval() -> None:
-    drill = EvictionDrill(EvictionSettings(interval=10, seed=1), start=0)
+    drill = EvictionDrill(EvictionSettings(interval=10, seed=1))
+    assert drill.pick(0, GLIDEINS, WORKERS) is None  # the clock starts with the first warm worker
     assert drill.pick(9.9, GLIDEINS, WORKERS) is None  # not due yet
     picked = {drill.pick(10 * k, GLIDEINS, WORKERS).worker_id for k in range(1, 30)}  # type: ignore[union-attr]
     assert picked == {"busy", "idle"}
@@ -26,10 +27,12 @@ def test_evicts_only_warm_workers_on_running_glideins_once_per_interval() -> Non
 
 
 def test_waits_for_a_warm_worker_and_stops_after_count() -> None:
-    drill = EvictionDrill(EvictionSettings(interval=5, count=2, signal="term"), start=0)
+    drill = EvictionDrill(EvictionSettings(interval=5, count=2, signal="term"))
     cold = [worker("starting", "g3", WorkerState.STARTING)]
-    assert drill.pick(6, GLIDEINS, cold) is None  # due, nobody warm: try next cycle
-    w = drill.pick(7, GLIDEINS, WORKERS)
-    assert w is not None and "eviction drill (1/2): SIGTERM" in drill.decision(7, 2, w).reason
-    assert drill.pick(12, GLIDEINS, WORKERS) is not None
+    assert drill.pick(6, GLIDEINS, cold) is None  # nobody warm: the clock has not started
+    assert drill.pick(7, GLIDEINS, WORKERS) is None  # first warm worker at 7: first eviction at 12
+    w = drill.pick(12, GLIDEINS, WORKERS)
+    assert w is not None and "eviction drill (1/2): SIGTERM" in drill.decision(12, 2, w).reason
+    assert drill.pick(16, GLIDEINS, cold) is None
+    assert drill.pick(17, GLIDEINS, WORKERS) is not None
     assert drill.pick(100, GLIDEINS, WORKERS) is None  # count reached

@@ -80,3 +80,18 @@ def test_each_worker_started_its_engine_exactly_once(pcm_run) -> None:
     assert all(n == 1 for n in starts.values()), starts
     assert max(batches.values()) >= 5, batches  # one engine start served many batches
     assert sum(batches.values()) >= N_ROWS // 10
+
+
+def test_tokens_are_0600_files_and_in_no_other_file_of_the_run(pcm_run) -> None:
+    """`pcm run` made its own pool and API tokens; no log, database or output holds them."""
+    tmp, _, proc = pcm_run
+    service = tmp / "state" / "service"
+    tokens = [(service / name).read_text().strip() for name in ("api.token", "pool.token")]
+    assert all(len(t) >= 40 for t in tokens) and tokens[0] != tokens[1]
+    assert all(((service / n).stat().st_mode & 0o777) == 0o600 for n in ("api.token", "pool.token"))
+    files = [p for p in tmp.rglob("*") if p.is_file() and not (p.parent == service and p.suffix == ".token")]
+    assert any(p.name == "worker.log" for p in files) and any(p.name == "pcm.sqlite3" for p in files)
+    for p in files:
+        data = p.read_bytes()
+        assert not any(t.encode() in data for t in tokens), p
+    assert not any(t in proc.stdout + proc.stderr for t in tokens)

@@ -49,14 +49,26 @@ def pool_model(pool: PoolHandle, tiny_model: Path) -> Path:
     return dst
 
 
+API_TOKENS: dict[str, str] = {}  # service URL → its API token (the user routes)
+
+
 @pytest.fixture
-def pool_service(pool: PoolHandle, tmp_path: Path) -> Iterator[tuple[ServeProcess, Path, str]]:
+def pool_service(pool: PoolHandle, tmp_path: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ServeProcess, Path, str]]:
+    """`pcm serve` with the pool token the glideins get; its API token is generated, and the CLI
+    and factory processes the test starts find it through PCM_API_TOKEN_FILE."""
     token_file = pool.dir(tmp_path.name) / "pool.token"
     token = pool.token(token_file)
     s = ServeProcess(tmp_path / "state", "--pool-token-file", str(token_file), "--heartbeat-interval", "1",
                      "--worker-timeout", "20", "--idle-timeout", "600").start()
+    API_TOKENS[s.url] = s.api_token
+    monkeypatch.setenv("PCM_API_TOKEN_FILE", str(s.api_token_file))
     yield s, token_file, token
     s.stop()
+
+
+def api(url: str) -> ServiceClient:
+    return ServiceClient(url, token=API_TOKENS[url])
 
 
 @pytest.fixture
@@ -80,18 +92,18 @@ def factory(pool: PoolHandle, pool_service: tuple[ServeProcess, Path, str],
 
 
 def service_status(url: str) -> ServiceStatus:
-    return ServiceClient(url).request("GET", "/status", response=ServiceStatus)
+    return api(url).request("GET", "/status", response=ServiceStatus)
 
 
 def submit(url: str, write_workload: Callable[..., Path], model: Path, rows: list[dict[str, str]],
            tag: str) -> SubmitResponse:
     path = write_workload(rows=rows, model=str(model), name=f"{tag}.yaml", sampling=SAMPLING,
                           batch_size=10, output=f"out/{tag}.jsonl")
-    return ServiceClient(url).request("POST", "/workloads", load_workload(path), SubmitResponse)
+    return api(url).request("POST", "/workloads", load_workload(path), SubmitResponse)
 
 
 def workload(url: str, wl_id: str) -> WorkloadStatus:
-    return ServiceClient(url).request("GET", f"/workloads/{wl_id}", response=WorkloadStatus)
+    return api(url).request("GET", f"/workloads/{wl_id}", response=WorkloadStatus)
 
 
 def alive_jobs(pool: PoolHandle, fp: FactoryProcess) -> list[Any]:
@@ -179,12 +191,13 @@ def test_glideins_follow_the_queue_survive_vacate_and_scale_down(
     check_output(tmp_path / "out" / "wl2.jsonl", rows4, expected * 4)
     check_output(tmp_path / "out" / "wl3.jsonl", rows4, expected * 4)
 
-    # the pool token is in no job ad (queue or history) and in no glidein log
+    # neither token is in a job ad (queue or history), a glidein log, or the service's log
     ads = pool.schedd().history(f'PcmFactory == "{fp.name}"', [])
     assert len(ads) >= 3
-    assert all(token not in str(ad) for ad in ads)
+    secrets = (token, serve.api_token)
+    assert all(t not in str(ad) for ad in ads for t in secrets)
     logs = [*tmp_path.glob("*.log"), *(pool.share / tmp_path.name).glob("glideins-*/*")]
-    assert all(token not in p.read_text(errors="replace") for p in logs)
+    assert all(t not in p.read_text(errors="replace") for p in logs for t in secrets)
     print("\n[pool test] " + ", ".join(f"{k} at {v:.0f}s" for k, v in timings.items()), file=sys.stderr)
 
 
@@ -200,7 +213,7 @@ def test_held_glidein_is_reported_and_removed(
     pool.act("Hold", [first])
 
     def held_in_view() -> Any:
-        view = ServiceClient(serve.url).request("GET", "/factory", response=FactoryView)
+        view = api(serve.url).request("GET", "/factory", response=FactoryView)
         return [g for r in view.reports for g in r.glideins if g.glidein_id == first and g.state.value == "held"]
 
     held = wait_for(held_in_view, 30, f"glidein {first} reported held")
@@ -216,7 +229,7 @@ def test_held_glidein_is_reported_and_removed(
     # the factory re-reads its config file when it changes: new limits, applied without a restart
     fp.write(limits={"min_workers": 0, "max_workers": 0, "per_cycle": 1})
     wait_for(lambda: not pool.jobs(fp.name, ["ClusterId"]), 60, "max 0 from the edited config to empty the queue")
-    view = ServiceClient(serve.url).request("GET", "/factory", response=FactoryView)
+    view = api(serve.url).request("GET", "/factory", response=FactoryView)
     assert view.limits.max_workers == 0 and view.config_limits == view.limits
     assert fp.proc is not None and fp.proc.poll() is None
 

@@ -43,7 +43,7 @@ def same_files(a: Path, b: Path) -> bool:
 
 
 class Pool:
-    """`pcm serve` with a pool token plus helpers to start seeders and agents against it."""
+    """`pcm serve` with a given pool token (its API token generated) plus helpers to start seeders and agents against it."""
 
     def __init__(self, tmp: Path, chunk_kib: int) -> None:
         self.tmp = tmp
@@ -53,12 +53,13 @@ class Pool:
         self.serve = ServeProcess(tmp / "state", "--pool-token-file", str(tmp / "token"),
                                   "--chunk-size", str(chunk_kib / 1024)).start()
         self.url = self.serve.url
-        self.client = ServiceClient(self.url, token=TOKEN)
+        self.client = self.serve.client()  # the user routes: the API token
+        self.user_auth = {"Authorization": f"Bearer {self.serve.api_token}"}
         self.procs: list[subprocess.Popen[str]] = []
         self.agents: list[WorkerAgent] = []
 
     def register(self, model: Path) -> ModelManifest:
-        r = httpx.post(f"{self.url}/v1/models", json={"path": str(model)})
+        r = httpx.post(f"{self.url}/v1/models", json={"path": str(model)}, headers=self.user_auth)
         assert r.status_code == 201, r.text
         return ModelManifest.model_validate(r.json())
 
@@ -157,7 +158,9 @@ def test_origin_and_plans_need_the_pool_token(pool: Pool, tmp_path: Path) -> Non
                      headers={"Authorization": "Bearer wrong"}).status_code == 403
     r = httpx.get(f"{pool.url}/v1/blobs/{chunk}", headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == chunk
-    r = httpx.post(f"{pool.url}/v1/models", json={"path": str(tmp_path / "missing")})
+    assert httpx.post(f"{pool.url}/v1/models", json={"path": str(tmp_path / "missing")},
+                      headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 403  # a worker's token
+    r = httpx.post(f"{pool.url}/v1/models", json={"path": str(tmp_path / "missing")}, headers=pool.user_auth)
     assert r.status_code == 400 and r.json()["detail"].startswith("path: model directory")
 
 

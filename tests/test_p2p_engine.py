@@ -14,7 +14,6 @@ from conftest import ENGINE, REPO, ServeProcess, reference_texts
 from htcondor_pool.fixtures import wait_for
 from test_end_to_end import BAD_ROW, rows
 
-from pcm_service.client import ServiceClient
 from pcm_service.protocol import ORIGIN, ServiceStatus, SubmitResponse, WorkloadState, WorkloadStatus
 from pcm_service.workload import load_workload
 
@@ -41,7 +40,7 @@ def test_second_worker_loads_weights_copied_from_the_first(tiny_model: Path, tmp
     os.chmod(tmp_path / "token", 0o600)
     serve = ServeProcess(tmp_path / "state", "--pool-token-file", str(tmp_path / "token"),
                          "--chunk-size", "0.25").start()  # 256 KiB: the model is several chunks
-    client = ServiceClient(serve.url)
+    client = serve.client()
     workers: list[subprocess.Popen[bytes]] = []
 
     def start_worker(name: str) -> None:
