@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pcm-installed
 TINY := build/models/tiny-llama
 
-.PHONY: venv demo test bench bench-p2p clean
+.PHONY: venv demo test bench bench-p2p bench-churn clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench: $(STAMP) $(TINY)/config.json
 # ~1 GiB of random weights to 1, 4, 8 and 16 newcomers: p2p vs origin-only (~10 min)
 bench-p2p: $(STAMP)
 	$(PY) bench/p2p.py
+
+# makespan with no evictions vs. SIGKILL of a random warm worker every 20/40 s, batch sizes 10/100 (~20 min)
+bench-churn: $(STAMP)
+	$(PY) bench/churn.py
 
 clean:
 	rm -rf $(VENV) build

@@ -220,7 +220,9 @@ def worker(service: Optional[str] = ServiceOpt,
            idle_timeout: Optional[float] = typer.Option(None, help="Override the service's idle timeout"),
            target_rows: int = typer.Option(64, min=1, help="Rows to keep in flight in the engine"),
            start_timeout: float = typer.Option(900.0, help="Seconds allowed for the engine to start"),
-           drain_timeout: float = typer.Option(30.0, help="Seconds to finish in-flight rows on SIGTERM"),
+           drain_timeout: float = typer.Option(
+               1.0, help="On SIGTERM, seconds to let in-flight rows finish before handing the rest back"
+                         " (keep it well under HTCondor's MachineMaxVacateTime, 10 s by default)"),
            token_file: Optional[Path] = typer.Option(
                None, help="File holding the pool token [env PCM_TOKEN_FILE]", envvar="PCM_TOKEN_FILE"),
            serve_blobs: bool = typer.Option(True, "--serve-blobs/--no-serve-blobs",
@@ -242,9 +244,16 @@ def worker(service: Optional[str] = ServiceOpt,
     setup_logging(verbose)
     peers = PeerSettings(serve=serve_blobs, host=blob_host, port=blob_port, upload_rate=upload_rate * 1e6,
                          upload_slots=upload_slots, fetch_parallel=fetch_parallel)
-    raise typer.Exit(run_worker(service or default_service_url(), token=token, glidein_id=glidein_id,
-                                work_dir=work_dir, idle_timeout=idle_timeout, target_rows=target_rows,
-                                start_timeout=start_timeout, drain_timeout=drain_timeout, peers=peers))
+    try:
+        rc = run_worker(service or default_service_url(), token=token, glidein_id=glidein_id,
+                        work_dir=work_dir, idle_timeout=idle_timeout, target_rows=target_rows,
+                        start_timeout=start_timeout, drain_timeout=drain_timeout, peers=peers)
+    except ServiceError as e:
+        if e.status not in (401, 403):
+            raise
+        fail(f"the service refused the pool token in {token_file}: pass --token-file with the"
+             " service's STATE_DIR/pool.token (or the file its --pool-token-file names)", code=2)
+    raise typer.Exit(rc)
 
 
 @model_app.command("make-tiny")

@@ -21,7 +21,7 @@ from pcm_service.api import create_app
 from pcm_service.cli import app
 from pcm_service.core import ServiceCore
 from pcm_service.protocol import FactoryReport
-from pcm_service.tokens import API, POOL, TokenError, client_token, create_token_file, read_token
+from pcm_service.tokens import API, TokenError, client_token, create_token_file, read_token
 
 runner = CliRunner()
 OPEN = {("GET", "/healthz")}
@@ -245,9 +245,16 @@ def test_local_glideins_get_the_pool_token_as_a_file_and_no_token_values(
     assert serve.pool_token not in log
 
 
-def test_worker_without_a_pool_token_exits_2(tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "pcm_service.cli", "worker", "--service", "http://127.0.0.1:9"],
-                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    err = " ".join(res.stderr.split())
-    assert res.returncode == 2 and "pass --token-file STATE_DIR/pool.token" in err, err
-    assert POOL.filename == "pool.token"
+def test_worker_without_or_with_a_wrong_pool_token_exits_2(serve: ServeProcess, tmp_path: Path) -> None:
+    def worker(*args: str) -> tuple[int, str]:
+        res = subprocess.run([sys.executable, "-m", "pcm_service.cli", "worker", "--service", serve.url,
+                              "--work-dir", str(tmp_path / "w"), "--no-serve-blobs", *args],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        return res.returncode, " ".join(res.stderr.split())
+
+    code, err = worker()
+    assert code == 2 and "pass --token-file STATE_DIR/pool.token" in err, err
+    code, err = worker("--token-file", str(serve.api_token_file))  # the other kind
+    assert code == 2 and f"the service refused the pool token in {serve.api_token_file}" in err, err
+    assert serve.api_token not in err
+    assert serve.client().request("GET", "/status", all=True)["workers"] == []

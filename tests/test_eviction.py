@@ -32,13 +32,13 @@ pytestmark = pytest.mark.engine
 N_ROWS = 600
 
 
-def start_worker(serve: ServeProcess, work_dir: Path) -> subprocess.Popen[bytes]:
+def start_worker(serve: ServeProcess, work_dir: Path, *args: str) -> subprocess.Popen[bytes]:
     work_dir.mkdir(parents=True)
     with (work_dir / "worker.log").open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "pcm_service.cli", "worker", "--service", serve.url,
              "--token-file", str(serve.pool_token_file), "--work-dir", str(work_dir),
-             "--idle-timeout", "600"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+             "--idle-timeout", "600", *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
 
 @dataclass
@@ -60,7 +60,8 @@ def scenario(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # typ
     sub = load_workload(write_workload(tmp, tiny_model, N_ROWS))
     serve = ServeProcess(tmp / "state", "--heartbeat-interval", "1").start()
     client = serve.client(retry_for=60.0)
-    procs = [start_worker(serve, tmp / "a")]
+    # 192 rows in flight: each row then takes several seconds, far more than the 1 s drain
+    procs = [start_worker(serve, tmp / "a", "--target-rows", "192")]
     try:
         wl = client.request("POST", "/workloads", sub, SubmitResponse)
         sc = Scenario(tmp=tmp, serve=serve, output=Path(sub.output))

@@ -131,6 +131,20 @@ def test_local_backend_without_a_pool_token_exits_2_saying_what_to_set(tmp_path:
     assert "local.token_file: no pool token" in err and "PCM_POOL_TOKEN_FILE" in err, err
 
 
+def test_local_backend_finds_the_pool_token_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from factory.config import resolve_pool_token_file
+
+    (tmp_path / "pcm-state").mkdir()
+    here = token_file(tmp_path / "pcm-state" / "pool.token")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_pool_token_file(FactoryConfig()).local.token_file == str(here)  # ./pcm-state
+    other = token_file(tmp_path / "other.token")
+    monkeypatch.setenv("PCM_POOL_TOKEN_FILE", str(other))
+    assert resolve_pool_token_file(FactoryConfig()).local.token_file == str(other)  # the environment
+    cfg = FactoryConfig.model_validate({"local": {"token_file": str(here)}})
+    assert resolve_pool_token_file(cfg).local.token_file == str(here)  # the config file wins
+
+
 def test_local_backend_refuses_a_token_file_others_can_read(tmp_path: Path) -> None:
     tok = token_file(tmp_path / "pool.token")
     tok.chmod(0o644)

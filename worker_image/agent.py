@@ -411,7 +411,7 @@ class WorkerAgent:
         deadline = time.monotonic() + (self.drain_timeout if self.draining else 0)
         while self.inflight and self.library is not None and self.library.alive() \
                 and time.monotonic() < deadline:
-            self._wake.wait(0.2)
+            self._wake.wait(max(0.0, min(0.2, deadline - time.monotonic())))
             self._wake.clear()
         lib = self._release_rows()
         self._reports.put(None)

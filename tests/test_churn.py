@@ -1,0 +1,53 @@
+"""Random kill -9 of workers mid-workload (the eviction drill of `pcm run`), real vLLM CPU engine.
+
+Each kill costs only the rows in flight: they go back to the queue, replacements load the
+context, and every row ends exactly once with the text an undisturbed run gives.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from churn import N_REFERENCE, assert_exactly_once_and_identical, db, expected, files_containing, write_workload
+from conftest import REPO
+
+pytestmark = pytest.mark.engine
+N_ROWS = N_REFERENCE
+KILLS = 2
+
+
+@pytest.fixture(scope="module")
+def drilled_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("churn")
+    wl = write_workload(tmp, tiny_model, N_ROWS)
+    proc = subprocess.run([sys.executable, "-m", "pcm_service.cli", "run", str(wl), "--workers", "2",
+                           "--state-dir", str(tmp / "state"), "--evict-every", "6", "--evict-signal", "kill",
+                           "--evict-count", str(KILLS), "--seed", "7"],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
+
+
+def test_every_row_exactly_once_identical_to_an_undisturbed_run(drilled_run: Path, tiny_model: Path) -> None:
+    assert_exactly_once_and_identical(drilled_run / "out" / "results.jsonl",
+                                      expected(tiny_model, N_ROWS, drilled_run))
+
+
+def test_the_kills_hit_workers_with_rows_in_flight(drilled_run: Path) -> None:
+    conn = db(drilled_run / "state" / "service")
+    lost = [r[0] for r in conn.execute("SELECT worker_id FROM workers WHERE state='lost'")]
+    assert len(lost) == KILLS
+    # the in-flight batches of the killed workers went back to the queue and were finished by others
+    requeued = conn.execute("SELECT COUNT(*) FROM batches WHERE losses>0").fetchone()[0]
+    assert requeued > 0
+    starts = dict(conn.execute("SELECT worker_id, COUNT(*) FROM library_events WHERE state='ready'"
+                               " GROUP BY worker_id").fetchall())
+    assert set(lost) <= set(starts) and all(n == 1 for n in starts.values())  # killed while warm
+
+
+def test_no_token_in_any_file_after_the_run(drilled_run: Path) -> None:
+    state = drilled_run / "state" / "service"
+    secrets = [(state / "api.token").read_text().strip(), (state / "pool.token").read_text().strip()]
+    assert files_containing(drilled_run, secrets) == []

@@ -1,0 +1,80 @@
+"""The pool follows the queue: `pcm serve` + `pcm factory run --backend local`, real engines.
+
+A large workload raises the worker count to the factory's max (never above it), and when the
+queue drains the workers retire on their own (idle timeout) and their glideins go away.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from churn import db, wait_for, write_workload
+from conftest import REPO, ServeProcess
+
+from pcm_service.protocol import ServiceStatus, SubmitResponse, WorkloadStatus
+from pcm_service.workload import load_workload
+
+pytestmark = pytest.mark.engine
+MAX = 3
+N_ROWS = 2400
+
+
+@pytest.fixture(scope="module")
+def scaled(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("scaling")
+    sub = load_workload(write_workload(tmp, tiny_model, N_ROWS, batch_size=20))
+    serve = ServeProcess(tmp / "state", "--heartbeat-interval", "1", "--idle-timeout", "5").start()
+    (tmp / "factory.yaml").write_text(yaml.safe_dump({
+        "service": serve.url, "name": "scaling", "backend": "local", "interval": 1.0,
+        "idle_grace": 2.0, "scale_down_delay": 5.0,
+        "limits": {"min_workers": 0, "max_workers": MAX, "per_cycle": MAX},
+        "local": {"work_dir": str(tmp / "glideins"), "token_file": str(serve.pool_token_file)}}))
+    with (tmp / "factory.log").open("ab") as log:
+        factory = subprocess.Popen([sys.executable, "-m", "pcm_service.cli", "factory", "run", "--config",
+                                    str(tmp / "factory.yaml"), "--token-file", str(serve.api_token_file)],
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    client = serve.client()
+    seen: list[tuple[int, int]] = []  # (live workers, glideins in the batch system) at each look
+
+    def look() -> ServiceStatus:
+        st = client.request("GET", "/status", response=ServiceStatus)
+        seen.append((len(st.workers), sum(g.state.value != "exited" for g in st.glideins)))
+        return st
+
+    try:
+        wl = client.request("POST", "/workloads", sub, SubmitResponse)
+        wait_for("the workload to complete", lambda: look().workloads[0].state.value == "completed", 900,
+                 every=0.2)
+        done = client.request("GET", f"/workloads/{wl.workload_id}", response=WorkloadStatus)
+        wait_for("every worker and glidein to go", lambda: seen[-1] == (0, 0) if look() else False, 120,
+                 every=0.2)
+        yield tmp, serve, seen, done
+    finally:
+        factory.terminate()
+        factory.wait(60)
+        serve.stop()
+
+
+def test_a_large_workload_raises_the_pool_to_max_and_never_above(scaled) -> None:  # type: ignore[no-untyped-def]
+    tmp, serve, seen, done = scaled
+    assert done.rows_done == N_ROWS and done.rows_failed == 0
+    assert max(w for w, _ in seen) == MAX and max(g for _, g in seen) == MAX, max(seen)
+    # from the service's own records: never more than MAX workers registered at once
+    spans = db(serve.state_dir).execute("SELECT registered_at, left_at FROM workers").fetchall()
+    assert len(spans) >= MAX and all(left is not None for _, left in spans)
+    events = sorted([(t, 1) for t, _ in spans] + [(t, -1) for _, t in spans], key=lambda e: (e[0], e[1]))
+    live = peak = 0
+    for _, step in events:
+        live += step
+        peak = max(peak, live)
+    assert peak == MAX
+
+
+def test_workers_retire_when_the_queue_drains(scaled) -> None:  # type: ignore[no-untyped-def]
+    tmp, serve, seen, _ = scaled
+    states = [r[0] for r in db(serve.state_dir).execute("SELECT state FROM workers")]
+    assert states and set(states) == {"retired"}  # left on their own: none lost, none killed
+    assert seen[-1] == (0, 0)
