@@ -45,7 +45,8 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
           host: str = typer.Option("127.0.0.1", help="Address to listen on"),
           port: int = typer.Option(8642, help="Port to listen on"),
           heartbeat_interval: float = typer.Option(2.0, help="Seconds between worker heartbeats"),
-          worker_timeout: float = typer.Option(30.0, help="A worker silent this long is lost"),
+          worker_timeout: float = typer.Option(
+              10.0, help="A worker silent this long is lost: its leases expire, its rows are requeued"),
           idle_timeout: float = typer.Option(60.0, help="An idle worker retires after this"),
           pool_token_file: Optional[Path] = typer.Option(
               None, help="Workers must present this file's token [env PCM_POOL_TOKEN_FILE; else env"

@@ -229,12 +229,12 @@ def test_local_glideins_get_the_pool_token_as_a_file_and_no_token_values(
     backend = LocalBackend(serve.url, tmp_path / "glideins", token_file=serve.pool_token_file)
     try:
         [gid] = backend.submit(1)
-        pid = backend.pids()[gid]
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         # ...are not passed on: the worker gets the file's path, and registers with the token in it
         wait_for(lambda: [w for w in serve.client().request("GET", "/status")["workers"]
                           if w["glidein_id"] == gid], 60, "the local worker to register")
+        pid = backend.pids()[gid]  # registered: long past exec, so /proc shows the worker itself
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     finally:
         backend.close()
     assert argv[argv.index(b"--token-file") + 1] == str(serve.pool_token_file).encode()

@@ -123,7 +123,9 @@ class WorkerAgent:
             resources=detect_resources(), blob_url=self.blobs.url if self.blobs else None,
             upload_slots=self.peers.upload_slots if self.blobs else 0,
             chunks=self.store.held()), RegisterResponse)
-        self.worker_id = self.reg.worker_id
+        with self._lock:  # a new worker id: its lease responses are numbered from 1 again
+            self.worker_id = self.reg.worker_id
+            self.lease_seq = 0
         log.info("registered as %s with %s", self.worker_id, self.client.url)
 
     def _call(self, method: str, path: str, body=None, response=None):  # type: ignore[no-untyped-def]
