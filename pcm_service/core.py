@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from pcm_service.demand import DemandPolicy, Ramp, ThroughputMeter, WorkLeft, make_demand
+from pcm_service.demand import DemandPolicy, Ramp, ThroughputMeter, make_demand
 from pcm_service.factories import FactoryRegistry
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
@@ -37,7 +37,6 @@ from pcm_service.protocol import (
     LibraryEvent,
     RegisterResponse,
     ReportResponse,
-    Resources,
     RetireDecision,
     RowTask,
     SamplingSettings,
@@ -45,13 +44,13 @@ from pcm_service.protocol import (
     SubmitResponse,
     WorkerRegistration,
     WorkerState,
-    WorkerStatus,
     WorkloadState,
     WorkloadStatus,
     WorkloadSubmission,
 )
 from pcm_service.replicas import ReplicaMap, TransferPolicy
 from pcm_service.results import complete, count_done, fail_rows, settle_batch
+from pcm_service.views import demand_inputs, worker_status, workload_status
 from pcm_service.store import Store
 
 
@@ -390,40 +389,19 @@ class ServiceCore:
     def factory_view(self) -> FactoryView:
         return self.factories.view(self.clock())
 
-    def _time_to_ready(self, db: sqlite3.Connection, last: int = 8) -> Optional[float]:
-        """Mean seconds from registration to a loaded engine over the last workers that got there."""
-        rows = db.execute("SELECT MIN(e.at) - w.registered_at AS t FROM library_events e"
-                          " JOIN workers w USING (worker_id) WHERE e.state=? GROUP BY e.worker_id"
-                          " ORDER BY MIN(e.at) DESC LIMIT ?", (ContextState.READY.value, last)).fetchall()
-        return sum(max(0.0, r["t"]) for r in rows) / len(rows) if rows else None
-
     def demand(self) -> Demand:
         now = self.clock()
         limits = self.factory_limits()
         with self.store.read() as db:
-            rows = db.execute("SELECT COALESCE(SUM(rows_total - rows_done), 0) FROM workloads"
-                              " WHERE state=?", (WorkloadState.RUNNING.value,)).fetchone()[0]
-            batches = db.execute("SELECT COUNT(*) FROM batches WHERE state!='done'").fetchone()[0]
-            ready = db.execute("SELECT COUNT(*) FROM workers WHERE state IN (?, ?)",
-                               (WorkerState.IDLE.value, WorkerState.BUSY.value)).fetchone()[0]
-            t_ready = self._time_to_ready(db)
-        return make_demand(WorkLeft(rows=rows, batches=batches), ready, self.throughput.rate(now),
-                           t_ready, limits, self.ramp, now)
+            work, ready, t_ready = demand_inputs(db)
+        return make_demand(work, ready, self.throughput.rate(now), t_ready, limits, self.ramp, now)
 
     def workload_status(self, wl_id: str) -> WorkloadStatus:
         with self.store.read() as db:
             r = db.execute("SELECT * FROM workloads WHERE workload_id=?", (wl_id,)).fetchone()
         if r is None:
             raise UnknownWorkload(wl_id)
-        return self._workload_status(r)
-
-    def _workload_status(self, r: sqlite3.Row) -> WorkloadStatus:
-        elapsed = (r["finished_at"] or self.clock()) - r["created_at"]
-        return WorkloadStatus(
-            workload_id=r["workload_id"], name=r["name"], state=WorkloadState(r["state"]),
-            context_id=r["context_id"], rows_total=r["rows_total"], rows_done=r["rows_done"],
-            rows_failed=r["rows_failed"], rows_per_second=r["rows_done"] / elapsed if elapsed > 0 else 0.0,
-            output=r["output"], created_at=r["created_at"], finished_at=r["finished_at"])
+        return workload_status(r, self.clock())
 
     def status(self, include_gone: bool = False) -> ServiceStatus:
         now = self.clock()
@@ -432,18 +410,12 @@ class ServiceCore:
         with self.store.read() as db:
             workers = db.execute(f"SELECT * FROM workers{where} ORDER BY registered_at").fetchall()
             workloads = db.execute("SELECT * FROM workloads ORDER BY created_at").fetchall()
+        fetching = ContextState.FETCHING.value
         return ServiceStatus(
-            workers=[WorkerStatus(
-                worker_id=w["worker_id"], host=w["host"], glidein_id=w["glidein_id"],
-                gpus=Resources.model_validate_json(w["resources"]).gpus,
-                state=WorkerState(w["state"]), context_id=w["context_id"],
-                context_state=ContextState(w["context_state"]), inflight_batches=w["inflight"],
-                rows_done=w["rows_done"], library_starts=starts.get(w["worker_id"], 0),
-                idle_seconds=0.0 if w["inflight"] else now - w["last_busy"],
-                last_heartbeat_age=now - w["last_heartbeat"],
-                fetch=self.replicas.progress(w["worker_id"])
-                if w["context_state"] == ContextState.FETCHING.value else None) for w in workers],
-            workloads=[self._workload_status(r) for r in workloads],
+            workers=[worker_status(w, starts.get(w["worker_id"], 0), now,
+                                   self.replicas.progress(w["worker_id"])
+                                   if w["context_state"] == fetching else None) for w in workers],
+            workloads=[workload_status(r, now) for r in workloads],
             demand=self.demand(), glideins=self.factories.glideins(now),
             transfers=self.replicas.stats())
 

@@ -1,0 +1,51 @@
+"""Status records built from SQLite rows: what `pcm status` and the API report."""
+from __future__ import annotations
+
+import sqlite3
+from typing import Optional
+
+from pcm_service.demand import WorkLeft
+from pcm_service.protocol import (
+    ContextState,
+    FetchProgress,
+    Resources,
+    WorkerState,
+    WorkerStatus,
+    WorkloadState,
+    WorkloadStatus,
+)
+
+
+def workload_status(r: sqlite3.Row, now: float) -> WorkloadStatus:
+    elapsed = (r["finished_at"] or now) - r["created_at"]
+    return WorkloadStatus(
+        workload_id=r["workload_id"], name=r["name"], state=WorkloadState(r["state"]),
+        context_id=r["context_id"], rows_total=r["rows_total"], rows_done=r["rows_done"],
+        rows_failed=r["rows_failed"], rows_per_second=r["rows_done"] / elapsed if elapsed > 0 else 0.0,
+        output=r["output"], created_at=r["created_at"], finished_at=r["finished_at"])
+
+
+def worker_status(w: sqlite3.Row, starts: int, now: float, fetch: Optional[FetchProgress]) -> WorkerStatus:
+    return WorkerStatus(
+        worker_id=w["worker_id"], host=w["host"], glidein_id=w["glidein_id"],
+        gpus=Resources.model_validate_json(w["resources"]).gpus,
+        state=WorkerState(w["state"]), context_id=w["context_id"],
+        context_state=ContextState(w["context_state"]), inflight_batches=w["inflight"],
+        rows_done=w["rows_done"], library_starts=starts,
+        idle_seconds=0.0 if w["inflight"] else now - w["last_busy"],
+        last_heartbeat_age=now - w["last_heartbeat"], fetch=fetch)
+
+
+def demand_inputs(db: sqlite3.Connection, last: int = 8) -> tuple[WorkLeft, int, Optional[float]]:
+    """Work left, ready workers, and the mean seconds from registration to a loaded engine over
+    the last workers that got there (None before any did)."""
+    rows = db.execute("SELECT COALESCE(SUM(rows_total - rows_done), 0) FROM workloads WHERE state=?",
+                      (WorkloadState.RUNNING.value,)).fetchone()[0]
+    batches = db.execute("SELECT COUNT(*) FROM batches WHERE state!='done'").fetchone()[0]
+    ready = db.execute("SELECT COUNT(*) FROM workers WHERE state IN (?, ?)",
+                       (WorkerState.IDLE.value, WorkerState.BUSY.value)).fetchone()[0]
+    spans = db.execute("SELECT MIN(e.at) - w.registered_at AS t FROM library_events e"
+                       " JOIN workers w USING (worker_id) WHERE e.state=? GROUP BY e.worker_id"
+                       " ORDER BY MIN(e.at) DESC LIMIT ?", (ContextState.READY.value, last)).fetchall()
+    t_ready = sum(max(0.0, r["t"]) for r in spans) / len(spans) if spans else None
+    return WorkLeft(rows=rows, batches=batches), ready, t_ready
