@@ -88,6 +88,8 @@ def scenario(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # typ
         sc.requeue_seconds = time.monotonic() - t0
         sc.handed_back = conn.execute(  # leased to A once, back in the queue with rows to run
             "SELECT COUNT(*) FROM batches WHERE state='queued' AND leased_at IS NOT NULL").fetchone()[0]
+        print(f"[eviction] SIGTERM → {sc.handed_back} batches back in the queue after"
+              f" {sc.requeue_seconds:.2f}s", file=sys.stderr)
         assert procs[0].wait(30) == 0
         sc.a_state = conn.execute("SELECT state FROM workers WHERE worker_id=?", (sc.worker_a,)).fetchone()[0]
 

@@ -51,6 +51,7 @@ def scaled(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type:
         done = client.request("GET", f"/workloads/{wl.workload_id}", response=WorkloadStatus)
         wait_for("every worker and glidein to go", lambda: seen[-1] == (0, 0) if look() else False, 120,
                  every=0.2)
+        print(f"[scaling] peak (workers, glideins) {max(seen)}; {len(seen)} looks", file=sys.stderr)
         yield tmp, serve, seen, done
     finally:
         factory.terminate()
