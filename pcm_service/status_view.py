@@ -58,6 +58,5 @@ def render_status(st: ServiceStatus) -> Group:
     if t.transfers:
         parts.append(f"Weights served: origin {t.origin_bytes / MIB:.1f} MiB, peers {t.peer_bytes / MIB:.1f} MiB"
                      f" ({t.transfers} chunk transfers, {t.failures} failed, {t.active} in flight)")
-    parts += [loads, f"Demand: {d.workers_wanted} workers — {d.reason}; "
-                     f"factory limits min {d.limits.min_workers} max {d.limits.max_workers}"]
+    parts += [loads, f"Demand: {d.workers_wanted} workers — {d.reason}"]  # the reason ends with the limits
     return Group(*parts)

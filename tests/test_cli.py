@@ -21,7 +21,7 @@ def test_factory_set_then_show_and_status(serve, write_workload) -> None:
     assert st["workloads"][0]["rows_total"] == 20
     assert st["demand"]["workers_wanted"] == 1  # 4 batches, 1 worker per 4
     r = runner.invoke(app, ["status", "--service", serve.url, "--token-file", str(serve.api_token_file)])
-    assert r.exit_code == 0 and "0/20 (0%)" in r.output
+    assert r.exit_code == 0 and "0/20 (0%)" in r.output and "Demand: 1 workers" in r.output
 
 
 def test_factory_set_max_below_min_is_refused_and_changes_nothing(serve) -> None:
