@@ -28,6 +28,8 @@ def test_evict_vacates_or_kills_a_running_glidein_and_it_runs_again(pool: PoolHa
     (d / "payload.sh").write_text(PAYLOAD.format(log=log))
     (d / "payload.sh").chmod(0o755)
     pool.token(d / "pool.token")
+    (d / "logs").mkdir()
+    (d / "logs").chmod(0o1777)  # the schedd writes the glidein's stdout there as the job owner
     backend = HTCondorBackend(HTCondorSettings(
         log_dir=str(d / "logs"), token_file=str(d / "pool.token"), executable=str(d / "payload.sh"),
         request_memory="64MB", request_disk="10MB"), "http://127.0.0.1:9", f"drill-{tmp_path.name}")
