@@ -69,7 +69,10 @@ class ServiceConfig:
     idle_timeout: float = 60.0  # a worker with nothing to do retires after this
     max_attempts: int = 3  # an engine that fails to start this often fails its context's rows
     poison_after: int = 2  # a row in flight at this many library crashes is failed, not retried
-    max_losses: int = 10  # a batch whose worker was lost this often is failed (it may be the cause)
+    # a batch whose worker was lost this often is failed (it may be what kills them). Only a safety
+    # net: the head of the queue is re-leased by every replacement, so an eviction storm hits the
+    # same batches over and over; a row that kills its engine is caught by poison_after instead
+    max_losses: int = 50
     demand: DemandPolicy = field(default_factory=DemandPolicy)
     transfers: TransferPolicy = field(default_factory=TransferPolicy)  # model weights
 

@@ -136,7 +136,7 @@ def test_batch_whose_worker_is_lost_repeatedly_ends_with_error_rows(core, tmp_pa
     assert lease(core, w, resp.context_id) == []
     st = core.workload_status(resp.workload_id)
     assert st.state == WorkloadState.COMPLETED and st.rows_failed == 2
-    assert "lost 10 times" in json.loads(Path(st.output).read_text().splitlines()[0])["error"]
+    assert "lost 50 times" in json.loads(Path(st.output).read_text().splitlines()[0])["error"]
 
 
 def test_rows_handed_back_on_eviction_are_never_counted_against_the_batch(core, tmp_path) -> None:
