@@ -211,8 +211,9 @@ class WorkerAgent:
                 return
 
     def _queue_report(self, rep: BatchReport) -> None:
-        with self._lock:
-            self.unreported[rep.batch_id] += 1
+        """Call with ``_lock`` held, in the same critical section that takes the rows out of
+        ``inflight``: a heartbeat must never see the batch in neither (it would be requeued)."""
+        self.unreported[rep.batch_id] += 1
         self._reports.put(rep)
 
     def _receive_loop(self, lib: LibraryHandle) -> None:
@@ -229,7 +230,7 @@ class WorkerAgent:
                 left.difference_update(r.idx for r in rows)
                 if not left:
                     self.inflight.pop(batch_id, None)
-            self._queue_report(BatchReport(batch_id=batch_id, results=rows))
+                self._queue_report(BatchReport(batch_id=batch_id, results=rows))
             self._wake.set()
         self._wake.set()
 
@@ -282,10 +283,10 @@ class WorkerAgent:
         lib, self.library = self.library, None
         with self._lock:
             returned, self.inflight = self.inflight, {}
-        for batch_id, idx in returned.items():
-            if idx:
-                self._queue_report(BatchReport(batch_id=batch_id, **{
-                    "crashed" if crashed else "returned": sorted(idx)}))
+            for batch_id, idx in returned.items():
+                if idx:
+                    self._queue_report(BatchReport(batch_id=batch_id, **{
+                        "crashed" if crashed else "returned": sorted(idx)}))
         self.context_state = ContextState.ABSENT
         self.context = None
         return lib
