@@ -173,6 +173,9 @@ class ServiceCore:
             # with no limits set, no factory manages this pool: workers started by hand all stay
             retire = (limits is not None and state != WorkerState.DRAINING
                       and worker_id in self._surplus_workers(db, limits.max_workers))
+            if retire:  # draining from now on: the others' heartbeats no longer count it as surplus
+                db.execute("UPDATE workers SET state=? WHERE worker_id=?",
+                           (WorkerState.DRAINING.value, worker_id))
         return HeartbeatResponse(retire=retire)
 
     def _reconcile(self, db: sqlite3.Connection, worker_id: str, hb: Heartbeat) -> None:

@@ -289,6 +289,9 @@ def test_workers_beyond_max_are_told_to_retire_busy_ones_last(core, tmp_path) ->
     assert not any([hb(busy, 1), *map(hb, idle)])
     core.set_factory_limits(FactoryLimits(max_workers=1))
     assert (hb(busy, 1), [hb(w) for w in idle]) == (False, [True, True])
+    # told once, they count as leaving at once: the last one is never told too, even if it
+    # looks less busy before the others' next heartbeats say they are draining
+    assert not hb(busy, 0)
     draining = core.heartbeat(idle[0], Heartbeat(context_id=wl.context_id, draining=True,
                                                  context_state=ContextState.READY))
     assert not draining.retire  # already leaving: not counted, not told twice
