@@ -289,12 +289,30 @@ def test_workers_beyond_max_are_told_to_retire_busy_ones_last(core, tmp_path) ->
     assert not any([hb(busy, 1), *map(hb, idle)])
     core.set_factory_limits(FactoryLimits(max_workers=1))
     assert (hb(busy, 1), [hb(w) for w in idle]) == (False, [True, True])
-    # told once, they count as leaving at once: the last one is never told too, even if it
-    # looks less busy before the others' next heartbeats say they are draining
+    # told once, they count as leaving at once: the last one is never told too, even when it
+    # looks idlest before the others' next heartbeats say they are draining
     assert not hb(busy, 0)
     draining = core.heartbeat(idle[0], Heartbeat(context_id=wl.context_id, draining=True,
                                                  context_state=ContextState.READY))
     assert not draining.retire  # already leaving: not counted, not told twice
+
+
+def test_surplus_workers_are_told_once_and_never_all(core, tmp_path) -> None:
+    wl = core.submit(submission(tmp_path, n=9, batch_size=3))
+    a, b, c = [ready_worker(core, wl.context_id) for _ in range(3)]
+    with core.store.transaction() as db:  # c is the newest: among equally busy ones the newest go first
+        db.execute("UPDATE workers SET registered_at=registered_at+? WHERE worker_id=?", (2, c))
+        db.execute("UPDATE workers SET registered_at=registered_at+? WHERE worker_id=?", (1, b))
+
+    def hb(wid: str, inflight: int) -> bool:
+        return core.heartbeat(wid, Heartbeat(context_id=wl.context_id, context_state=ContextState.READY,
+                                             inflight_batches=inflight)).retire
+
+    for w in (a, b, c):
+        hb(w, 3)
+    core.set_factory_limits(FactoryLimits(max_workers=1))
+    told = [hb(c, 3), hb(b, 3), hb(a, 3), hb(c, 0)]  # c finished its batches in between
+    assert told == [True, True, False, False]
 
 
 def test_factory_limits_validated() -> None:
