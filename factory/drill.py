@@ -8,7 +8,6 @@ The first eviction comes ``interval`` seconds after the pool first has a warm wo
 """
 from __future__ import annotations
 
-import logging
 import random
 from typing import Literal, Optional
 
@@ -22,8 +21,6 @@ from pcm_service.protocol import (
     WorkerState,
     WorkerStatus,
 )
-
-log = logging.getLogger("pcm.factory.drill")
 
 
 class EvictionSettings(Strict):
