@@ -60,6 +60,9 @@ class LocalSettings(Strict):
 
 class FactoryConfig(Strict):
     service: str = Field(default_factory=default_service_url)
+    # the CA that signs an https:// service's certificate (else the system store); the factory
+    # trusts it and every glidein gets it (transferred like the pool token)
+    ca_file: Optional[str] = None
     name: str = Field(default_factory=lambda: f"{socket.gethostname()}")
     backend: Literal["htcondor", "local"] = "local"
     interval: float = Field(default=5.0, gt=0)  # seconds between cycles
@@ -77,6 +80,8 @@ def load_factory_config(path: str | Path) -> FactoryConfig:
     p = Path(path)
     cfg = load_yaml_model(p, FactoryConfig, FactoryConfigError)
     base = p.resolve().parent
+    if cfg.ca_file and not Path(cfg.ca_file).is_absolute():
+        cfg.ca_file = str(base / cfg.ca_file)
     for section, key in (("htcondor", "log_dir"), ("htcondor", "token_file"),
                          ("htcondor", "executable"), ("local", "work_dir"), ("local", "token_file")):
         sub = getattr(cfg, section)
@@ -96,6 +101,11 @@ def check_token_file(cfg: FactoryConfig) -> None:
                                         " STATE_DIR/pool.token), transferred to each glidein")
     if tok and not Path(tok).is_file():
         raise FactoryConfigError(where, f"{tok} does not exist")
+    if cfg.ca_file and not Path(cfg.ca_file).is_file():
+        raise FactoryConfigError("ca_file", f"{cfg.ca_file} does not exist")
+    if cfg.ca_file and tok and Path(cfg.ca_file).name == Path(tok).name:
+        raise FactoryConfigError("ca_file", f"has the same file name as {where}: both are transferred"
+                                            " into the glidein's sandbox; rename one")
 
 
 def resolve_pool_token_file(cfg: FactoryConfig) -> FactoryConfig:

@@ -5,18 +5,21 @@ import asyncio
 import logging
 import threading
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional
 
 import anyio.to_thread
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import StreamingResponse
 
 from pcm_service.blobs import CHUNK_RE, parse_range, read_pieces
 from pcm_service.core import ServiceCore, UnknownWorker, UnknownWorkload
+from pcm_service.httperrors import ApiError, BodyLimit, errors, install_error_handlers
+from pcm_service.modelpaths import ModelUnavailable
 from pcm_service.protocol import (
     API_PREFIX,
+    ErrorCode,
     BatchReport,
     Demand,
     FactoryLimits,
@@ -41,8 +44,7 @@ from pcm_service.protocol import (
     WorkloadStatus,
     WorkloadSubmission,
 )
-from pcm_service.replicas import ModelUnavailable
-from pcm_service.tokens import bearer_checker, check_bearer
+from pcm_service.tokens import check_bearer
 
 log = logging.getLogger("pcm.service")
 
@@ -84,22 +86,52 @@ def _needs_pool_token(method: str, path: str) -> bool:
             or (method == "GET" and path.startswith(f"{API_PREFIX}/models/")))
 
 
+SECURITY_SCHEMES = {
+    "PoolToken": {"type": "http", "scheme": "bearer",
+                  "description": "The pool token: workers (glideins) and their chunk fetches"},
+    "ApiToken": {"type": "http", "scheme": "bearer",
+                 "description": "The API token: users, the CLI and the factory"},
+}
+AUTH = errors(401, 403)
+BODY = errors(401, 403, 413, 422)  # routes that take a request body (or query parameters)
+WORKER = {**BODY, **errors(404)}  # a worker route: the worker may be unknown or retired
+
+
+def _unknown_worker(e: UnknownWorker) -> ApiError:
+    return ApiError(404, ErrorCode.UNKNOWN_WORKER, f"unknown or retired worker {e}; register again")
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus which bearer token each operation takes (from the same rule
+    the app enforces, so the document cannot disagree with it)."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        doc.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+        for path, ops in doc["paths"].items():
+            for method, op in ops.items():
+                if path != "/healthz":
+                    op["security"] = [{"PoolToken" if _needs_pool_token(method.upper(), path) else "ApiToken": []}]
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
 def create_app(core: ServiceCore, pool_token: str, api_token: str) -> FastAPI:
     """Every route but /healthz needs a bearer token: the pool token on worker routes, the API
     token on the others (by path, so a new route is never open by mistake); never interchangeable."""
     if not pool_token or not api_token:
         raise ValueError("create_app needs both the pool token and the API token")
 
-    def auth(request: Request, authorization: Optional[str] = Header(default=None)) -> None:
+    def auth(request: Request) -> None:
         path = getattr(request.scope.get("route"), "path", request.url.path)
         if path == "/healthz":
             return
         pool = _needs_pool_token(request.method, path)
-        refused = check_bearer(authorization, pool_token if pool else api_token,
+        refused = check_bearer(request.headers.get("authorization"), pool_token if pool else api_token,
                                "pool token" if pool else "API token")
         if refused is not None:
-            headers = {"WWW-Authenticate": "Bearer"} if refused[0] == 401 else None
-            raise HTTPException(refused[0], refused[1], headers=headers)
+            status, why = refused
+            raise ApiError(status, ErrorCode.MISSING_TOKEN if status == 401 else ErrorCode.WRONG_TOKEN, why,
+                           headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
     stop = threading.Event()
     changes = _Changes()
@@ -116,52 +148,61 @@ def create_app(core: ServiceCore, pool_token: str, api_token: str) -> FastAPI:
         stop.set()
         t.join(timeout=5)
 
-    app = FastAPI(title="PCM service", lifespan=lifespan, dependencies=[Depends(auth)])
-    worker_auth = [Depends(bearer_checker(pool_token))]  # explicit on worker routes; `auth` already checks
+    app = FastAPI(title="PCM service", version="1", lifespan=lifespan, dependencies=[Depends(auth)])
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    install_error_handlers(app)
+    submit_path = f"{API_PREFIX}/workloads"
+    cfg = core.config
+    app.add_middleware(BodyLimit, limit_for=lambda path: cfg.max_submission_bytes if path == submit_path
+                       else cfg.max_request_bytes)
     app.state.core = core
 
     def worker_call(fn, *args):  # type: ignore[no-untyped-def]
         try:
             return fn(*args)
         except UnknownWorker as e:
-            raise HTTPException(404, f"unknown or retired worker {e}; register again") from None
+            raise _unknown_worker(e) from None
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.post(f"{API_PREFIX}/workloads", status_code=201)
+    @app.post(submit_path, status_code=201, responses={**BODY, **errors(400)})
     async def submit(sub: WorkloadSubmission) -> SubmitResponse:
         try:
             return await run_in_threadpool(core.submit, sub)
         except ModelUnavailable as e:
-            raise HTTPException(400, f"context.model: {e}") from None
+            raise ApiError(400, ErrorCode.MODEL_REFUSED, f"context.model: {e}", "context.model") from None
 
-    @app.post(f"{API_PREFIX}/models", status_code=201)
+    @app.post(f"{API_PREFIX}/models", status_code=201, responses={**BODY, **errors(400)})
     async def register_model(reg: ModelRegistration) -> ModelManifest:
         try:
-            return await run_in_threadpool(core.replicas.register_model, Path(reg.path))
+            return await run_in_threadpool(core.replicas.register_model, reg.path)
         except ModelUnavailable as e:
-            raise HTTPException(400, f"path: {e}") from None
+            raise ApiError(400, ErrorCode.MODEL_REFUSED, f"path: {e}", "path") from None
 
-    @app.get(f"{API_PREFIX}/models/{{digest}}", dependencies=worker_auth)
+    @app.get(f"{API_PREFIX}/models/{{digest}}", responses={**AUTH, **errors(404, 422)})
     def manifest(digest: str) -> ModelManifest:
         try:
             return core.replicas.manifest(digest)
         except KeyError:
-            raise HTTPException(404, f"unknown model manifest {digest}") from None
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"unknown model manifest {digest}") from None
 
-    @app.get(f"{API_PREFIX}/blobs/{{chunk}}", dependencies=worker_auth)
+    @app.get(f"{API_PREFIX}/blobs/{{chunk}}", response_class=StreamingResponse,
+             responses={200: {"content": {"application/octet-stream": {}}, "description": "The chunk"},
+                        206: {"content": {"application/octet-stream": {}}, "description": "Part of it"},
+                        **AUTH, **errors(404, 416, 422)})
     def origin_chunk(chunk: str, range: Optional[str] = Header(None)) -> StreamingResponse:
         """The origin copy of a chunk, paced by the origin's upload rate."""
         loc = core.replicas.origin_location(chunk) if CHUNK_RE.fullmatch(chunk) else None
         if loc is None:
-            raise HTTPException(404, f"no chunk {chunk} in any registered model")
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"no chunk {chunk} in any registered model")
         path, offset, length = loc
         try:
             span = parse_range(range, length)
         except ValueError as e:
-            raise HTTPException(416, str(e)) from None
+            raise ApiError(416, ErrorCode.RANGE_NOT_SATISFIABLE, str(e), "range",
+                           headers={"Content-Range": f"bytes */{length}"}) from None
         start, end = span or (0, length)
         headers = {"content-length": str(end - start)}
         if span:
@@ -170,68 +211,70 @@ def create_app(core: ServiceCore, pool_token: str, api_token: str) -> FastAPI:
                                  status_code=206 if span else 200, headers=headers,
                                  media_type="application/octet-stream")
 
-    @app.get(f"{API_PREFIX}/workloads/{{workload_id}}")
+    @app.get(f"{API_PREFIX}/workloads/{{workload_id}}", responses={**AUTH, **errors(404, 422)})
     def workload(workload_id: str) -> WorkloadStatus:
         try:
             return core.workload_status(workload_id)
         except UnknownWorkload:
-            raise HTTPException(404, f"unknown workload {workload_id}") from None
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"unknown workload {workload_id}") from None
 
-    @app.get(f"{API_PREFIX}/status")
+    @app.get(f"{API_PREFIX}/status", responses={**AUTH, **errors(422)})
     def status(all: bool = False) -> ServiceStatus:
         return core.status(include_gone=all)
 
-    @app.get(f"{API_PREFIX}/demand")
+    @app.get(f"{API_PREFIX}/demand", responses=AUTH)
     def demand() -> Demand:
         return core.demand()
 
-    @app.get(f"{API_PREFIX}/factory/limits")
+    @app.get(f"{API_PREFIX}/factory/limits", responses=AUTH)
     def get_limits() -> FactoryLimits:
         return core.factory_limits()
 
-    @app.put(f"{API_PREFIX}/factory/limits")
+    @app.put(f"{API_PREFIX}/factory/limits", responses=BODY)
     def set_limits(limits: FactoryLimits, from_config: bool = False) -> FactoryLimits:
         return core.set_factory_limits(limits, from_config)
 
-    @app.get(f"{API_PREFIX}/factory")
+    @app.get(f"{API_PREFIX}/factory", responses=AUTH)
     def factory_view() -> FactoryView:
         return core.factory_view()
 
-    @app.post(f"{API_PREFIX}/factory/report")
+    @app.post(f"{API_PREFIX}/factory/report", responses=BODY)
     def factory_report(rep: FactoryReport) -> dict[str, bool]:
         core.factory_report(rep)
         return {"ok": True}
 
-    @app.post(f"{API_PREFIX}/workers", status_code=201, dependencies=worker_auth)
+    @app.post(f"{API_PREFIX}/workers", status_code=201, responses=BODY)
     def register(reg: WorkerRegistration) -> RegisterResponse:
         return core.register(reg)
 
-    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/heartbeat", dependencies=worker_auth)
+    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/heartbeat", responses=WORKER)
     def heartbeat(worker_id: str, hb: Heartbeat) -> HeartbeatResponse:
         return worker_call(core.heartbeat, worker_id, hb)
 
-    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/library", dependencies=worker_auth)
+    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/library", responses=WORKER)
     def library(worker_id: str, ev: LibraryEvent) -> dict[str, bool]:
         worker_call(core.library_event, worker_id, ev)
         return {"ok": True}
 
-    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/lease", dependencies=worker_auth)
+    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/lease", responses=WORKER)
     def lease(worker_id: str, req: LeaseRequest) -> LeaseResponse:
         return worker_call(core.lease_batch, worker_id, req)
 
-    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/idle", dependencies=worker_auth)
+    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/idle", responses=WORKER)
     def idle(worker_id: str, rep: IdleReport) -> RetireDecision:
         """An idle worker asks to retire; the factory's minimum may keep it."""
         return worker_call(core.idle, worker_id, rep)
 
-    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/report", dependencies=worker_auth)
+    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/report", responses=WORKER)
     def report(worker_id: str, rep: BatchReport) -> ReportResponse:
         try:
             return core.report(worker_id, rep)
+        except UnknownWorker as e:
+            raise _unknown_worker(e) from None
         except LookupError as e:
-            raise HTTPException(404, str(e)) from None
+            raise ApiError(404, ErrorCode.NOT_FOUND, str(e), "batch_id") from None
 
-    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/fetch", dependencies=worker_auth)
+    @app.post(f"{API_PREFIX}/workers/{{worker_id}}/fetch", responses=WORKER)
     async def fetch(worker_id: str, req: FetchRequest) -> FetchPlan:
         """A transfer plan; with ``wait`` it long-polls until a source frees up."""
         loop = asyncio.get_running_loop()
@@ -241,7 +284,8 @@ def create_app(core: ServiceCore, pool_token: str, api_token: str) -> FastAPI:
             try:
                 plan = await run_in_threadpool(worker_call, core.fetch_plan, worker_id, req)
             except KeyError:
-                raise HTTPException(404, f"unknown model manifest {req.manifest_digest}") from None
+                raise ApiError(404, ErrorCode.NOT_FOUND, f"unknown model manifest {req.manifest_digest}",
+                               "manifest_digest") from None
             left = deadline - loop.time()
             done = plan.progress.chunks_held == plan.progress.chunks_total
             if plan.assignments or req.want == 0 or done or left <= 0 or ev is None:
@@ -252,7 +296,7 @@ def create_app(core: ServiceCore, pool_token: str, api_token: str) -> FastAPI:
             except asyncio.TimeoutError:
                 pass
 
-    @app.delete(f"{API_PREFIX}/workers/{{worker_id}}", dependencies=worker_auth)
+    @app.delete(f"{API_PREFIX}/workers/{{worker_id}}", responses={**AUTH, **errors(422)})
     def retire(worker_id: str) -> dict[str, int]:
         return {"requeued_batches": core.retire(worker_id)}
 

@@ -11,27 +11,22 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Mapping, Optional
 
 from pcm_service.protocol import ModelFile, ModelManifest
 
 DEFAULT_CHUNK_SIZE = 64 * 2**20
 PIECE = 2**20  # read, hash, send and rate-limit in pieces of this size
 CHUNK_RE = re.compile(r"[0-9a-f]{64}")
-IGNORED_PREFIX = ".pcm-"  # PCM's own bookkeeping files inside a model directory
+ModelFiles = Mapping[str, Path]  # relative name → the file to read (ModelPolicy.check makes it)
 
 
-def model_files(model_dir: Path) -> list[Path]:
-    return sorted(p for p in model_dir.rglob("*")
-                  if p.is_file() and not p.name.startswith(IGNORED_PREFIX))
-
-
-def stat_signature(model_dir: Path) -> str:
+def stat_signature(files: ModelFiles) -> str:
     """Cheap identity (names, sizes, mtimes): tells when a manifest must be rebuilt."""
     h = hashlib.sha256()
-    for f in model_files(model_dir):
+    for rel, f in sorted(files.items()):
         st = f.stat()
-        h.update(f"{f.relative_to(model_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -45,10 +40,10 @@ def swarm_chunk_size(total_bytes: int, max_size: int = DEFAULT_CHUNK_SIZE, min_c
     return min(size, max_size)
 
 
-def build_manifest(model_dir: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ModelManifest:
+def build_manifest(files: ModelFiles, chunk_size: int = DEFAULT_CHUNK_SIZE) -> ModelManifest:
     """Hash every file in ``chunk_size`` pieces (the last one of a file is shorter)."""
-    files = []
-    for f in model_files(model_dir):
+    out = []
+    for rel, f in sorted(files.items()):
         chunks = []
         with f.open("rb") as fh:
             while True:
@@ -63,9 +58,8 @@ def build_manifest(model_dir: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Mod
                 if n == 0:
                     break
                 chunks.append(h.hexdigest())
-        files.append(ModelFile(path=f.relative_to(model_dir).as_posix(), size=f.stat().st_size,
-                               chunks=chunks))
-    return ModelManifest(chunk_size=chunk_size, files=files)
+        out.append(ModelFile(path=rel, size=f.stat().st_size, chunks=chunks))
+    return ModelManifest(chunk_size=chunk_size, files=out)
 
 
 class RateLimiter:
@@ -124,7 +118,7 @@ def parse_range(header: Optional[str], length: int) -> Optional[tuple[int, int]]
 
 def read_pieces(path: Path, offset: int, length: int, limiter: RateLimiter) -> Iterator[bytes]:
     """A chunk's bytes from a file, paced by ``limiter`` (the origin's HTTP response body)."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # registered as a real file: a link now is a swap
     try:
         done = 0
         while done < length:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Optional
 import typer
 
 from pcm_service.cli_common import (
+    CaFileOpt,
     ServiceOpt,
     TokenFileOpt,
     client_for,
@@ -26,11 +28,14 @@ from pcm_service.protocol import ServiceStatus, SubmitResponse, WorkloadStatus
 from pcm_service.tokens import Token
 from pcm_service.workload import WorkloadError, load_workload
 
+log = logging.getLogger("pcm.service")
 app = typer.Typer(help="PCM: throughput LLM inference on opportunistic HTCondor GPU slots.",
                   no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
+tls_app = typer.Typer(help="TLS for the service's API.", no_args_is_help=True)
 app.add_typer(factory_app, name="factory")
 app.add_typer(model_app, name="model")
+app.add_typer(tls_app, name="tls")
 
 
 def _load(path: Path):  # type: ignore[no-untyped-def]
@@ -60,6 +65,14 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
               64, min=0.001, help="Largest model chunk in MiB (a model gets >= 64 chunks, >= 1 MiB)"),
           origin_rate: float = typer.Option(0, min=0, help="The origin's upload MB/s (0: unlimited)"),
           origin_slots: int = typer.Option(4, min=1, help="Chunk transfers the origin serves at once"),
+          model_root: list[Path] = typer.Option(
+              [], "--model-root", help="A directory models may be read from (repeatable); a model"
+                                       " path outside every root is refused"),
+          tls_cert: Optional[Path] = typer.Option(None, help="Serve HTTPS with this certificate (PEM)"),
+          tls_key: Optional[Path] = typer.Option(None, help="The certificate's private key (PEM, mode 0600)"),
+          max_request_mb: float = typer.Option(64, min=0.001, help="Largest request body in MiB (else 413)"),
+          max_submission_mb: float = typer.Option(
+              1024, min=0.001, help="Largest workload submission in MiB (it holds every row)"),
           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run the PCM service (HTTP API + SQLite state; the origin copy of model weights)."""
     import uvicorn
@@ -67,6 +80,7 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
     from pcm_service.api import create_app
     from pcm_service.core import ServiceConfig, ServiceCore
     from pcm_service.replicas import TransferPolicy
+    from pcm_service.tls import TLSError, check_server_files
     from pcm_service.tokens import API, POOL, TokenError, service_token
 
     try:
@@ -74,19 +88,38 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
         api_token = service_token(API, api_token_file, state_dir)
     except TokenError as e:
         fail(str(e), code=2)
+    for root in model_root:
+        if not root.is_dir():
+            fail(f"--model-root {root}: not a directory", code=2)
+    if (tls_cert is None) != (tls_key is None):
+        fail("--tls-cert and --tls-key go together", code=2)
+    if tls_cert is not None and tls_key is not None:
+        try:
+            check_server_files(tls_cert, tls_key)
+        except TLSError as e:
+            fail(str(e), code=2)
     setup_logging(verbose)
     transfers = TransferPolicy(chunk_size=int(chunk_size * 2**20), origin_rate=origin_rate * 1e6,
                                origin_slots=origin_slots)
-    core = ServiceCore(state_dir, ServiceConfig(heartbeat_interval=heartbeat_interval,
-                                                worker_timeout=worker_timeout, idle_timeout=idle_timeout,
-                                                transfers=transfers))
-    console.print(f"PCM service on http://{host}:{port} (state in {state_dir.resolve()})")
+    secrets = tuple(p for p in (pool_token.path, api_token.path, tls_key) if p is not None)
+    core = ServiceCore(state_dir, ServiceConfig(
+        heartbeat_interval=heartbeat_interval, worker_timeout=worker_timeout, idle_timeout=idle_timeout,
+        transfers=transfers, model_roots=tuple(model_root), secret_paths=secrets,
+        max_request_bytes=int(max_request_mb * 2**20), max_submission_bytes=int(max_submission_mb * 2**20)))
+    scheme = "https" if tls_cert else "http"
+    console.print(f"PCM service on {scheme}://{host}:{port} (state in {state_dir.resolve()})", highlight=False)
+    roots = ", ".join(str(r.resolve()) for r in model_root) or "none: every model path is refused"
+    console.print(f"model roots: {roots}", highlight=False)
     _print_token_use("pool token", pool_token, "workers: `pcm worker --token-file {file}`; factory:"
                      " local.token_file or htcondor.token_file: {file}")
     _print_token_use("API token", api_token, "clients (submit, status, factory):"
                      " --token-file {file} or PCM_API_TOKEN_FILE={file}")
+    if scheme == "http" and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving plain HTTP on %s: bearer tokens cross the network in clear;"
+                    " use --tls-cert/--tls-key (see `pcm tls init`)", host)
     uvicorn.run(create_app(core, pool_token.value, api_token.value), host=host, port=port,
-                log_level="warning")
+                log_level="warning", ssl_certfile=str(tls_cert) if tls_cert else None,
+                ssl_keyfile=str(tls_key) if tls_key else None)
 
 
 def _print_token_use(what: str, token: Token, how: str) -> None:
@@ -129,10 +162,11 @@ def _report_done(st: WorkloadStatus) -> None:
 @app.command()
 def submit(workload: Path = typer.Argument(..., help="Workload YAML file"),
            service: Optional[str] = ServiceOpt, token_file: Optional[Path] = TokenFileOpt,
+           ca_file: Optional[Path] = CaFileOpt,
            wait: bool = typer.Option(False, "--wait", help="Show progress until the output is written")) -> None:
     """Submit a workload to a running service."""
     sub = _load(workload)
-    client = client_for(service, token_file)
+    client = client_for(service, token_file, ca_file)
     try:
         resp: SubmitResponse = client.request("POST", "/workloads", sub, SubmitResponse)
     except ServiceError as e:
@@ -149,6 +183,7 @@ def submit(workload: Path = typer.Argument(..., help="Workload YAML file"),
 
 @app.command()
 def status(service: Optional[str] = ServiceOpt, token_file: Optional[Path] = TokenFileOpt,
+           ca_file: Optional[Path] = CaFileOpt,
            watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until interrupted"),
            interval: float = typer.Option(2.0, help="Refresh interval for --watch"),
            as_json: bool = typer.Option(False, "--json", help="Print the raw status as JSON"),
@@ -156,7 +191,7 @@ def status(service: Optional[str] = ServiceOpt, token_file: Optional[Path] = Tok
     """Show workers (state, context) and workloads (rows done/total, rate)."""
     from pcm_service.status_view import render_status
 
-    client = client_for(service, token_file)
+    client = client_for(service, token_file, ca_file)
 
     def fetch() -> ServiceStatus:
         try:
@@ -226,11 +261,15 @@ def worker(service: Optional[str] = ServiceOpt,
                          " (keep it well under HTCondor's MachineMaxVacateTime, 10 s by default)"),
            token_file: Optional[Path] = typer.Option(
                None, help="File holding the pool token [env PCM_TOKEN_FILE]", envvar="PCM_TOKEN_FILE"),
+           ca_file: Optional[Path] = CaFileOpt,
            serve_blobs: bool = typer.Option(True, "--serve-blobs/--no-serve-blobs",
                                             help="Serve verified model chunks to peers"),
            blob_host: Optional[str] = typer.Option(
                None, help="Address peers reach this worker on (default: the one facing the service)"),
            blob_port: int = typer.Option(0, min=0, help="Blob server port (0: any free one)"),
+           blob_url: Optional[str] = typer.Option(
+               None, help="The URL peers use for this worker's blob server when it differs from where"
+                          " it listens (NAT, port forwarding)"),
            upload_rate: float = typer.Option(0, min=0, help="Upload MB/s to peers (0: unlimited)"),
            upload_slots: int = typer.Option(2, min=1, help="Chunk uploads to peers at once"),
            fetch_parallel: int = typer.Option(4, min=1, help="Chunk downloads at once"),
@@ -243,18 +282,38 @@ def worker(service: Optional[str] = ServiceOpt,
         fail("the service refuses workers without its pool token: pass --token-file STATE_DIR/pool.token"
              " (STATE_DIR: the --state-dir of `pcm serve`) or set PCM_TOKEN_FILE", code=2)
     setup_logging(verbose)
-    peers = PeerSettings(serve=serve_blobs, host=blob_host, port=blob_port, upload_rate=upload_rate * 1e6,
-                         upload_slots=upload_slots, fetch_parallel=fetch_parallel)
+    peers = PeerSettings(serve=serve_blobs, host=blob_host, port=blob_port, url=blob_url,
+                         upload_rate=upload_rate * 1e6, upload_slots=upload_slots, fetch_parallel=fetch_parallel)
     try:
-        rc = run_worker(service or default_service_url(), token=token, glidein_id=glidein_id,
+        rc = run_worker(service or default_service_url(), token=token, ca_file=ca_file, glidein_id=glidein_id,
                         work_dir=work_dir, idle_timeout=idle_timeout, target_rows=target_rows,
                         start_timeout=start_timeout, drain_timeout=drain_timeout, peers=peers)
     except ServiceError as e:
+        if e.status == 0:  # unreachable for the whole retry window, or its certificate refused
+            fail(e.detail)
         if e.status not in (401, 403):
             raise
         fail(f"the service refused the pool token in {token_file}: pass --token-file with the"
              " service's STATE_DIR/pool.token (or the file its --pool-token-file names)", code=2)
     raise typer.Exit(rc)
+
+
+@tls_app.command("init")
+def tls_init(out_dir: Path = typer.Argument(..., help="Directory for ca.pem, server.pem and server.key"),
+             host: list[str] = typer.Option([], "--host", help="Another name or address clients use"
+                                                                " for the service (repeatable)"),
+             days: int = typer.Option(365, min=1, help="Validity of the certificates")) -> None:
+    """A self-signed CA and a server certificate for a test deployment (production: your site's CA)."""
+    from pcm_service.tls import default_hosts, make_test_ca
+
+    hosts = sorted(set(default_hosts()) | set(host))
+    paths = make_test_ca(out_dir, hosts, days)
+    console.print(f"server certificate for {', '.join(hosts)} (valid {days} days); the CA's key is not kept",
+                  highlight=False)
+    console.print(f"service: pcm serve --tls-cert {paths['cert']} --tls-key {paths['key']} ...\n"
+                  f"clients, factory, workers: --ca-file {paths['ca']} (or PCM_CA_FILE={paths['ca']})",
+                  highlight=False)
+    out.print(paths["ca"], highlight=False)
 
 
 @model_app.command("make-tiny")

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from pcm_service.client import ServiceClient, ServiceError, default_service_url
+from pcm_service.tls import CA_FILE_ENV
 from pcm_service.tokens import API, Token, TokenError, client_token
 
 console = Console(stderr=True)
@@ -21,6 +22,11 @@ TokenFileOpt = typer.Option(
     None, "--token-file", envvar=API.file_env,
     help=f"File holding the service's API token [env {API.file_env}; else env {API.value_env},"
          f" else ./pcm-state/{API.filename} if there]")
+
+CaFileOpt = typer.Option(
+    None, "--ca-file", envvar=CA_FILE_ENV,
+    help=f"CA certificate(s) that sign the service's TLS certificate [env {CA_FILE_ENV}; else the"
+         " system store] (for an https:// service)")
 
 
 def fail(msg: str, code: int = 1) -> NoReturn:
@@ -62,14 +68,20 @@ def auth_hint(status: int, url: str, source: Optional[str]) -> str:
     return f"the service at {url} refused the API token from {source}: {fix}"
 
 
-def client_for(service: Optional[str], token_file: Optional[Path] = None, **kw: float) -> UserClient:
+def client_for(service: Optional[str], token_file: Optional[Path] = None, ca_file: Optional[Path] = None,
+               **kw: float) -> UserClient:
     """A client for the user routes; the API token: --token-file, $PCM_API_TOKEN_FILE,
     $PCM_API_TOKEN, ./pcm-state/api.token (none found: the service's 401 says what to do)."""
+    from pcm_service.tls import TLSError
+
     try:
         token = client_token(API, token_file)
     except TokenError as e:
         fail(f"API token: {e}", code=2)
-    return UserClient(service or default_service_url(), token, **kw)
+    try:
+        return UserClient(service or default_service_url(), token, ca_file=ca_file, **kw)
+    except TLSError as e:
+        fail(f"--ca-file: {e}", code=2)
 
 
 def setup_logging(verbose: bool) -> None:

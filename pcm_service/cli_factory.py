@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from pcm_service.cli_common import (
+    CaFileOpt,
     ServiceOpt,
     TokenFileOpt,
     client_for,
@@ -50,6 +51,7 @@ def _limits(client: ServiceClient, min_: Optional[int], max_: Optional[int],
 def factory_run(config: Optional[Path] = typer.Option(
                     None, "--config", "-c", help="factory.yaml (re-read when it changes)"),
                 service: Optional[str] = ServiceOpt, token_file: Optional[Path] = TokenFileOpt,
+                ca_file: Optional[Path] = CaFileOpt,
                 backend: Optional[str] = typer.Option(None, help="Glidein backend: local or htcondor"),
                 min_workers: Optional[int] = MinOpt, max_workers: Optional[int] = MaxOpt,
                 per_cycle: Optional[int] = PerCycleOpt,
@@ -73,6 +75,7 @@ def factory_run(config: Optional[Path] = typer.Option(
         cfg = load_factory_config(config) if config else FactoryConfig()
         drill = eviction_settings(evict_every, evict_signal, evict_count, None)
         over = {k: v for k, v in (("service", service), ("backend", backend), ("interval", interval),
+                                  ("ca_file", str(ca_file.resolve()) if ca_file else None),
                                   ("eviction", drill.model_dump() if drill else None))
                 if v is not None}
         cfg = resolve_pool_token_file(FactoryConfig.model_validate({**cfg.model_dump(), **over}))
@@ -81,7 +84,7 @@ def factory_run(config: Optional[Path] = typer.Option(
     except ValidationError as e:
         fail(f"--{e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}", code=2)
     setup_logging(verbose)
-    client = client_for(cfg.service, token_file, retry_for=60.0)
+    client = client_for(cfg.service, token_file, Path(cfg.ca_file) if cfg.ca_file else None, retry_for=60.0)
     try:
         be = _backend(cfg)
     except BackendError as e:
@@ -109,22 +112,23 @@ def _backend(cfg):  # type: ignore[no-untyped-def]
     if cfg.backend == "htcondor":
         from factory.backends.htcondor import HTCondorBackend
 
-        return HTCondorBackend(cfg.htcondor, cfg.service, cfg.name)
+        return HTCondorBackend(cfg.htcondor, cfg.service, cfg.name, cfg.ca_file)
     from factory.backends.local import LocalBackend
 
     return LocalBackend(cfg.service, cfg.local.work_dir, worker_args=cfg.local.worker_args,
-                        token_file=cfg.local.token_file)
+                        token_file=cfg.local.token_file, ca_file=cfg.ca_file)
 
 
 @factory_app.command("set")
 def factory_set(service: Optional[str] = ServiceOpt, token_file: Optional[Path] = TokenFileOpt,
+                ca_file: Optional[Path] = CaFileOpt,
                 min_workers: Optional[int] = MinOpt,
                 max_workers: Optional[int] = MaxOpt, per_cycle: Optional[int] = PerCycleOpt) -> None:
     """Change the factory's limits; the next cycle applies them, and they survive restarts."""
     if (min_workers, max_workers, per_cycle) == (None, None, None):
         fail("nothing to set: give --min, --max and/or --per-cycle", code=2)
     try:
-        limits = _limits(client_for(service, token_file), min_workers, max_workers, per_cycle)
+        limits = _limits(client_for(service, token_file, ca_file), min_workers, max_workers, per_cycle)
     except ServiceError as e:
         fail(e.detail)
     out.print(f"min {limits.min_workers}, max {limits.max_workers}, per cycle {limits.per_cycle}")
@@ -132,9 +136,10 @@ def factory_set(service: Optional[str] = ServiceOpt, token_file: Optional[Path] 
 
 @factory_app.command("show")
 def factory_show(service: Optional[str] = ServiceOpt, token_file: Optional[Path] = TokenFileOpt,
+                 ca_file: Optional[Path] = CaFileOpt,
                  as_json: bool = typer.Option(False, "--json", help="Print the raw view as JSON")) -> None:
     """Show the limits, the demand, each factory's glideins by state and its last decisions."""
-    client = client_for(service, token_file)
+    client = client_for(service, token_file, ca_file)
     try:
         view: FactoryView = client.request("GET", "/factory", response=FactoryView)
         d: Demand = client.request("GET", "/demand", response=Demand)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 import httpx
 from pydantic import BaseModel
 
 from pcm_service.protocol import API_PREFIX
+from pcm_service.tls import CA_FILE_ENV, client_context, is_tls_failure, tls_hint
 
 DEFAULT_SERVICE_URL = "http://127.0.0.1:8642"
 T = TypeVar("T", bound=BaseModel)
@@ -18,11 +20,18 @@ def default_service_url() -> str:
     return os.environ.get("PCM_SERVICE_URL", DEFAULT_SERVICE_URL)
 
 
+def default_ca_file() -> Optional[str]:
+    return os.environ.get(CA_FILE_ENV) or None
+
+
 class ServiceError(RuntimeError):
-    def __init__(self, status: int, detail: str) -> None:
+    """An error answer (``status``, the service's ``code`` and message), or 0 for no answer."""
+
+    def __init__(self, status: int, detail: str, code: Optional[str] = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.code = code
 
 
 class ServiceUnreachable(ServiceError):
@@ -31,16 +40,21 @@ class ServiceUnreachable(ServiceError):
                             " is `pcm serve` running? Set --service or PCM_SERVICE_URL")
 
 
-def _detail(resp: httpx.Response) -> str:
+class ServiceTLSError(ServiceError):
+    """The service's certificate was refused: retrying cannot help."""
+
+    def __init__(self, url: str, ca_file: Optional[str], err: Exception) -> None:
+        super().__init__(0, tls_hint(url, ca_file, err), "tls")
+
+
+def _error(resp: httpx.Response) -> ServiceError:
     try:
         body = resp.json()
     except ValueError:
-        return resp.text
-    detail = body.get("detail", body) if isinstance(body, dict) else body
-    if isinstance(detail, list):  # FastAPI validation errors
-        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}"
-                         for d in detail)
-    return str(detail)
+        return ServiceError(resp.status_code, resp.text)
+    if not isinstance(body, dict):
+        return ServiceError(resp.status_code, str(body))
+    return ServiceError(resp.status_code, str(body.get("detail", body)), body.get("code"))
 
 
 class ServiceClient:
@@ -48,13 +62,16 @@ class ServiceClient:
     workers ride out a service restart this way."""
 
     def __init__(self, url: Optional[str] = None, timeout: float = 30.0, retry_for: float = 0.0,
-                 token: Optional[str] = None) -> None:
+                 token: Optional[str] = None, ca_file: Optional[str | Path] = None) -> None:
         self.url = (url or default_service_url()).rstrip("/")
         self.retry_for = retry_for
+        self.ca_file = str(ca_file) if ca_file else default_ca_file()
+        # the service's certificate is checked against ca_file, else the system store
+        self.ssl_context = client_context(self.ca_file) if self.url.startswith("https:") else None
         self._headers = {"content-type": "application/json"}
         if token:
             self._headers["authorization"] = f"Bearer {token}"
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, verify=self.ssl_context or True)
 
     def request(self, method: str, path: str, body: Optional[BaseModel] = None,
                 response: Optional[type[T]] = None, **params: Any) -> Any:
@@ -68,12 +85,14 @@ class ServiceClient:
                                           headers=self._headers)
                 break
             except httpx.TransportError as e:
+                if is_tls_failure(e):
+                    raise ServiceTLSError(self.url, self.ca_file, e) from None
                 if time.monotonic() + delay > deadline:
                     raise ServiceUnreachable(self.url, e) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
         if resp.status_code >= 400:
-            raise ServiceError(resp.status_code, _detail(resp))
+            raise _error(resp)
         data = resp.json()
         return response.model_validate(data) if response is not None else data
 

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 from pcm_service.demand import DemandPolicy, Ramp, ThroughputMeter, make_demand
 from pcm_service.factories import FactoryRegistry
+from pcm_service.modelpaths import ModelPolicy
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
     BatchLease,
@@ -75,6 +76,12 @@ class ServiceConfig:
     max_losses: int = 50
     demand: DemandPolicy = field(default_factory=DemandPolicy)
     transfers: TransferPolicy = field(default_factory=TransferPolicy)  # model weights
+    # model weights are read only from directories under these (ModelPolicy); never from the
+    # state directory or these secret files (token files, the TLS key), whatever the roots
+    model_roots: tuple[Path, ...] = ()
+    secret_paths: tuple[Path, ...] = ()
+    max_request_bytes: int = 64 * 2**20  # larger request bodies get 413
+    max_submission_bytes: int = 2**30  # the same for a workload submission (it holds every row)
 
 
 def _now() -> float:
@@ -90,7 +97,8 @@ class ServiceCore:
         self.clock = clock
         self.store = Store(self.state_dir / "pcm.sqlite3")
         self.factories = FactoryRegistry(self.store)
-        self.replicas = ReplicaMap(self.store, self.config.transfers, clock)
+        models = ModelPolicy.of(self.config.model_roots, (self.state_dir, *self.config.secret_paths))
+        self.replicas = ReplicaMap(self.store, self.config.transfers, clock, models)
         self.throughput = ThroughputMeter(self.config.demand)
         self.ramp = Ramp(self.config.demand)
         self._progress = threading.Condition()
@@ -110,8 +118,8 @@ class ServiceCore:
 
     # ----- workloads ------------------------------------------------------------
     def submit(self, sub: WorkloadSubmission) -> SubmitResponse:
-        """Raises ModelUnavailable when the service cannot read the model (its origin copy)."""
-        sub.context.model_digest = self.replicas.register_model(Path(sub.context.model)).digest
+        """Raises ModelUnavailable when the model policy refuses the model or it cannot be read."""
+        sub.context.model_digest = self.replicas.register_model(sub.context.model).digest
         ctx_id = sub.context.context_id
         wl_id = "wl-" + uuid.uuid4().hex[:12]
         n_batches = math.ceil(len(sub.rows) / sub.batch_size)

@@ -1,6 +1,7 @@
 """`pcm run`: the service, a local factory and its workers, all on this machine."""
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -72,7 +73,11 @@ def run_workload(sub: WorkloadSubmission, state_dir: Path, workers: int = 1,
                  config: Optional[ServiceConfig] = None, worker_args: Optional[list[str]] = None,
                  on_progress: Optional[Callable[[WorkloadStatus], None]] = None,
                  poll: float = 0.25, eviction: Optional[EvictionSettings] = None) -> RunResult:
-    """Submit one workload to a fresh embedded pool and wait for its output file."""
+    """Submit one workload to a fresh embedded pool and wait for its output file. Without model
+    roots in ``config``, the workload's own model directory is the only one."""
+    config = config or ServiceConfig()
+    if not config.model_roots:
+        config = dataclasses.replace(config, model_roots=(Path(sub.context.model),))
     service = EmbeddedService(state_dir / "service", config).start()
     backend = LocalBackend(service.url, state_dir / "glideins", worker_args=worker_args,
                            token_file=service.pool_token.path)

@@ -17,7 +17,41 @@ API_PREFIX = "/v1"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields and wrong types are refused: no bool or string for a number, no number
+    for a string. Enum fields are marked ``strict=False`` so they take their values, as JSON
+    carries them (in strict mode pydantic wants Enum instances from Python input)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+
+class ErrorCode(str, enum.Enum):
+    """Machine-readable reason of an error answer (``ErrorBody.code``)."""
+
+    INVALID_REQUEST = "invalid_request"  # 422: the request does not match the API schema
+    MODEL_REFUSED = "model_refused"  # 400: the model path breaks the model policy or is unreadable
+    MISSING_TOKEN = "missing_token"  # 401
+    WRONG_TOKEN = "wrong_token"  # 403
+    NOT_FOUND = "not_found"  # 404: no such route or object
+    UNKNOWN_WORKER = "unknown_worker"  # 404: the worker id is unknown or retired: register again
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # 405 (the Allow header lists the methods)
+    REQUEST_TOO_LARGE = "request_too_large"  # 413
+    RANGE_NOT_SATISFIABLE = "range_not_satisfiable"  # 416
+    BUSY = "busy"  # 503: every upload slot is taken; ask another source
+
+
+class ErrorItem(Strict):
+    field: str
+    message: str
+
+
+class ErrorBody(Strict):
+    """The one shape of every error answer: a code, a message, the field at fault if any."""
+
+    code: ErrorCode = Field(strict=False)
+    detail: str
+    field: Optional[str] = None
+    errors: list[ErrorItem] = Field(default_factory=list)  # 422: every field at fault
 
 
 class ContextState(str, enum.Enum):
@@ -152,7 +186,7 @@ class RegisterResponse(Strict):
 
 class Heartbeat(Strict):
     context_id: Optional[str] = None
-    context_state: ContextState = ContextState.ABSENT
+    context_state: ContextState = Field(default=ContextState.ABSENT, strict=False)
     inflight_batches: int = 0
     draining: bool = False
     # Lease reconciliation: the batches the worker still holds, and the newest lease response it
@@ -171,14 +205,14 @@ class LibraryEvent(Strict):
     """A library process changed state; ``ready`` events count engine starts."""
 
     context_id: str
-    state: ContextState
+    state: ContextState = Field(strict=False)
     seconds: float = 0.0
     error: Optional[str] = None
 
 
 class LeaseRequest(Strict):
     context_id: Optional[str] = None
-    context_state: ContextState = ContextState.ABSENT
+    context_state: ContextState = Field(default=ContextState.ABSENT, strict=False)
     max_batches: int = Field(default=2, ge=0)
 
 
@@ -272,7 +306,7 @@ class GlideinState(str, enum.Enum):
 class Glidein(Strict):
     """One batch-system job running (or meant to run) one worker, as its backend sees it."""
     glidein_id: str  # HTCondor: "cluster.proc"
-    state: GlideinState
+    state: GlideinState = Field(strict=False)
     host: Optional[str] = None
     gpus: list[str] = Field(default_factory=list)
     detail: str = ""  # hold reason, exit code, pid
@@ -398,9 +432,9 @@ class WorkerStatus(Strict):
     host: str
     glidein_id: Optional[str]
     gpus: list[str] = Field(default_factory=list)
-    state: WorkerState
+    state: WorkerState = Field(strict=False)
     context_id: Optional[str]
-    context_state: ContextState
+    context_state: ContextState = Field(strict=False)
     inflight_batches: int
     rows_done: int
     library_starts: int
@@ -412,7 +446,7 @@ class WorkerStatus(Strict):
 class WorkloadStatus(Strict):
     workload_id: str
     name: str
-    state: WorkloadState
+    state: WorkloadState = Field(strict=False)
     context_id: str
     rows_total: int
     rows_done: int

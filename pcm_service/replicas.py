@@ -19,12 +19,13 @@ from typing import Callable, NamedTuple, Optional
 
 from pcm_service.blobs import (
     DEFAULT_CHUNK_SIZE,
+    ModelFiles,
     RateLimiter,
     build_manifest,
-    model_files,
     stat_signature,
     swarm_chunk_size,
 )
+from pcm_service.modelpaths import ModelPolicy, ModelUnavailable
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
     ORIGIN,
@@ -40,10 +41,6 @@ from pcm_service.protocol import (
 from pcm_service.store import Store
 
 log = logging.getLogger("pcm.replicas")
-
-
-class ModelUnavailable(ValueError):
-    pass
 
 
 @dataclass
@@ -69,9 +66,11 @@ class _Holder(NamedTuple):
 
 
 class ReplicaMap:
-    def __init__(self, store: Store, policy: TransferPolicy, clock: Callable[[], float]) -> None:
+    def __init__(self, store: Store, policy: TransferPolicy, clock: Callable[[], float],
+                 models: ModelPolicy = ModelPolicy()) -> None:
         self.store = store
         self.policy = policy
+        self.models = models
         self.clock = clock
         self.origin_limiter = RateLimiter(policy.origin_rate)
         self.on_change: Callable[[], None] = lambda: None  # the HTTP layer wakes long polls here
@@ -82,40 +81,56 @@ class ReplicaMap:
         self._avoid: dict[str, float] = {}  # source → until when
         self._origin_copies: Counter[str] = Counter()
         self._fetching: dict[str, str] = {}  # worker → manifest digest it is fetching
-        with store.read() as db:
-            for r in db.execute("SELECT path, manifest FROM models").fetchall():
-                self._index(ModelManifest.model_validate_json(r["manifest"]), Path(r["path"]))
+        self._load_models()
 
     # ----- models ----------------------------------------------------------------
-    def _index(self, m: ModelManifest, path: Path) -> None:
+    def _load_models(self) -> None:
+        """Index the stored manifests; one whose directory now breaks the model policy is dropped."""
+        with self.store.read() as db:
+            rows = db.execute("SELECT digest, path, manifest FROM models").fetchall()
+        dropped = []
+        for r in rows:
+            m = ModelManifest.model_validate_json(r["manifest"])
+            try:
+                files = self.models.check(r["path"])
+                missing = [f.path for f in m.files if f.path not in files]
+                if missing:
+                    raise ModelUnavailable(f"{missing[0]} is no longer a regular file of the model")
+            except ModelUnavailable as e:
+                log.warning("dropping the manifest of model %s (%s…): %s", r["path"], r["digest"][:16], e)
+                dropped.append(r["digest"])
+                continue
+            self._index(m, files)
+        if dropped:
+            with self.store.transaction() as db:
+                db.executemany("DELETE FROM models WHERE digest=?", ((d,) for d in dropped))
+
+    def _index(self, m: ModelManifest, files: ModelFiles) -> None:
         self._manifests[m.digest] = m
         for chunk, locs in m.locations.items():
             rel, off, length = locs[0]
-            self._origin[chunk] = (path / rel, off, length)
+            self._origin[chunk] = (files[rel], off, length)
 
-    def register_model(self, path: Path) -> ModelManifest:
-        """Make a model directory an origin copy; its manifest is rebuilt only when it changed."""
-        path = path.resolve()
-        if not path.is_dir():
-            raise ModelUnavailable(f"model directory {path} does not exist or is not readable"
-                                   " by the service (it serves the first copy of the weights)")
-        sig = stat_signature(path)
+    def register_model(self, path: str | Path) -> ModelManifest:
+        """Make a model directory an origin copy (only if the model policy allows it); its
+        manifest is rebuilt only when the files changed. Raises ModelUnavailable."""
+        files = self.models.check(path)
+        real = str(Path(path).resolve())
+        sig = stat_signature(files)
         size = self.policy.chunk_size
         with self.store.read() as db:
             row = db.execute("SELECT digest FROM models WHERE path=? AND signature=? AND chunk_size=?",
-                             (str(path), sig, size)).fetchone()
+                             (real, sig, size)).fetchone()
         if row is not None and row["digest"] in self._manifests:
             return self._manifests[row["digest"]]
-        total = sum(f.stat().st_size for f in model_files(path))
-        m = build_manifest(path, swarm_chunk_size(total, size, self.policy.min_chunks))
-        if not m.files:
-            raise ModelUnavailable(f"model directory {path} has no files")
+        total = sum(f.stat().st_size for f in files.values())
+        m = build_manifest(files, swarm_chunk_size(total, size, self.policy.min_chunks))
         with self.store.transaction() as db:
             db.execute("INSERT OR REPLACE INTO models VALUES (?,?,?,?,?,?)",
-                       (m.digest, str(path), sig, size, m.model_dump_json(), self.clock()))
+                       (m.digest, real, sig, size, m.model_dump_json(), self.clock()))
         with self._lock:
-            self._index(m, path)
-        log.info("model %s: manifest %s, %d files, %d chunks, %.1f MiB", path, m.digest[:16],
+            self._index(m, files)
+        log.info("model %s: manifest %s, %d files, %d chunks, %.1f MiB", real, m.digest[:16],
                  len(m.files), len(m.chunk_lengths), m.total_bytes / 2**20)
         return m
 

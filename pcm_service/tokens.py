@@ -1,4 +1,5 @@
-"""Shared-secret tokens: the pool token workers present and the API token users present.
+"""Shared-secret tokens: the pool token workers present and the API token users present, and
+the signatures peers put on chunk requests instead of the pool token.
 
 A token comes from a file or the environment, or is generated on the service's first start
 in its state directory (mode 0600 from the moment the file exists). Values are never logged,
@@ -6,15 +7,15 @@ never put in argv and never in a batch job's ad: only file paths and variable na
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import secrets
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
-
-from fastapi import Header, HTTPException
 
 DEFAULT_STATE_DIR = Path("pcm-state")  # `pcm serve`'s default --state-dir
 
@@ -128,11 +129,45 @@ def check_bearer(authorization: Optional[str], expected: Optional[str],
     return None
 
 
-def bearer_checker(expected: Optional[str], what: str = "pool token"):  # type: ignore[no-untyped-def]
-    """A FastAPI dependency applying ``check_bearer``."""
-    def check(authorization: Optional[str] = Header(default=None)) -> None:
-        refused = check_bearer(authorization, expected, what)
-        if refused is not None:
-            headers = {"WWW-Authenticate": "Bearer"} if refused[0] == 401 else None
-            raise HTTPException(refused[0], refused[1], headers=headers)
-    return check
+# ----- peer chunk requests: signed, so the pool token never crosses the pool ---------------
+# Peers serve chunks over plain HTTP (the bytes are verified by hash; a worker has no
+# certificate). A request carries "PCM-Sig EXPIRES:HMAC" with HMAC-SHA256 over the method,
+# the path and the expiry, keyed by a key derived from the pool token: a captured request
+# gives neither the token nor a signature for any other chunk, and expires within minutes.
+PEER_AUTH_SCHEME = "PCM-Sig"
+PEER_SIG_LIFETIME = 60.0  # seconds a signature is good for
+PEER_CLOCK_SKEW = 300.0  # tolerated clock difference between two workers of a pool
+
+
+def peer_key(pool_token: str) -> bytes:
+    return hmac.new(pool_token.encode(), b"pcm peer chunk requests v1", hashlib.sha256).digest()
+
+
+def _peer_mac(key: bytes, method: str, path: str, expires: int) -> str:
+    return hmac.new(key, f"{method}\n{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def sign_peer_request(key: bytes, method: str, path: str, now: Optional[float] = None) -> str:
+    """The Authorization header value for one peer request."""
+    expires = int((time.time() if now is None else now) + PEER_SIG_LIFETIME)
+    return f"{PEER_AUTH_SCHEME} {expires}:{_peer_mac(key, method, path, expires)}"
+
+
+def check_peer_signature(authorization: Optional[str], key: Optional[bytes], method: str, path: str,
+                         now: Optional[float] = None) -> Optional[tuple[int, str]]:
+    """None when allowed; else (401, why) without a signature or (403, why) with a bad one."""
+    if key is None:
+        return None
+    scheme, _, cred = (authorization or "").partition(" ")
+    if scheme != PEER_AUTH_SCHEME:
+        return 401, (f"peers take signed requests ('Authorization: {PEER_AUTH_SCHEME} EXPIRES:HMAC'),"
+                     " never a token")
+    expires_text, _, mac = cred.strip().partition(":")
+    if not expires_text.isdigit() or not mac:
+        return 401, f"malformed {PEER_AUTH_SCHEME} credentials: want EXPIRES:HMAC"
+    expires, now = int(expires_text), time.time() if now is None else now
+    if not now - PEER_CLOCK_SKEW <= expires <= now + PEER_SIG_LIFETIME + PEER_CLOCK_SKEW:
+        return 403, "the request's signature has expired (or the clocks differ by minutes)"
+    if not hmac.compare_digest(mac.encode(), _peer_mac(key, method, path, expires).encode()):
+        return 403, "wrong signature (not signed with this pool's token)"
+    return None

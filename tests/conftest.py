@@ -31,6 +31,14 @@ ENGINE = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True,
           "kv_cache_memory_bytes": 128 * 2**20}
 
 
+def fake_model(d: Path) -> Path:
+    """A directory the service accepts as a model (config.json + a weight file); no engine loads it."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"not really weights")
+    return d
+
+
 @pytest.fixture
 def write_workload(tmp_path: Path) -> Callable[..., Path]:
     """Write a workload YAML (+ its JSONL inputs) into tmp_path; overrides replace fields."""
@@ -41,8 +49,7 @@ def write_workload(tmp_path: Path) -> Callable[..., Path]:
             rows = [{"id": f"r{i}", "claim": f"Claim number {i} is true."} for i in range(20)]
         (tmp_path / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         if model == "model":  # a directory that passes validation (no engine is started from it)
-            (tmp_path / "model").mkdir(exist_ok=True)
-            (tmp_path / "model" / "config.json").write_text("{}")
+            fake_model(tmp_path / "model")
         spec: dict[str, Any] = {
             "name": "test", "model": str(model), "engine": dict(ENGINE),
             "sampling": {"temperature": 0, "max_tokens": 8},
@@ -90,14 +97,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+MODEL_ROOTS: list[Path] = []  # where tests keep models: pytest's temp root (set per session)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_roots(tmp_path_factory: pytest.TempPathFactory) -> None:
+    MODEL_ROOTS[:] = [tmp_path_factory.getbasetemp()]
+
+
 class ServeProcess:
     """A real `pcm serve` subprocess that can be killed and restarted on the same state.
-    Its tokens: the files it generated in state_dir unless the test passes its own."""
+    Its tokens: the files it generated in state_dir unless the test passes its own. Models may
+    come from ``model_roots`` (default: pytest's temp root, where the tests' models are)."""
 
-    def __init__(self, state_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, state_dir: Path, *args: str, env: dict[str, str] | None = None,
+                 model_roots: list[Path] | None = None, ca_file: Path | None = None) -> None:
+        """``ca_file``: the service runs TLS (the test passes --tls-cert/--tls-key); trust this CA."""
         self.state_dir = state_dir
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.ca_file = ca_file
+        self.url = f"{'https' if ca_file else 'http'}://127.0.0.1:{self.port}"
+        roots = MODEL_ROOTS if model_roots is None else model_roots
+        args = (*args, *(a for r in roots for a in ("--model-root", str(r))))
         self.args = args
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -121,11 +142,11 @@ class ServeProcess:
 
     def client(self, **kw: Any) -> ServiceClient:
         """A client for the user routes (the API token)."""
-        return ServiceClient(self.url, token=self.api_token, **kw)
+        return ServiceClient(self.url, token=self.api_token, ca_file=self.ca_file, **kw)
 
     def worker_client(self, **kw: Any) -> ServiceClient:
         """A client for the worker routes (the pool token)."""
-        return ServiceClient(self.url, token=self.pool_token, **kw)
+        return ServiceClient(self.url, token=self.pool_token, ca_file=self.ca_file, **kw)
 
     def start(self) -> "ServeProcess":
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +155,7 @@ class ServeProcess:
             [sys.executable, "-m", "pcm_service.cli", "serve", "--state-dir", str(self.state_dir),
              "--port", str(self.port), *self.args], stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, **self.env})
-        client = ServiceClient(self.url, timeout=5.0)
+        client = ServiceClient(self.url, timeout=5.0, ca_file=self.ca_file)
         deadline = time.monotonic() + 60
         try:
             while not client.healthy():  # until the server answers, or the process exits

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import fake_model
 
 from pcm_service.core import ServiceConfig, ServiceCore, UnknownWorker
 from pcm_service.protocol import (
@@ -33,9 +34,7 @@ class Clock:
 
 
 def submission(tmp_path: Path, n: int = 7, batch_size: int = 3) -> WorkloadSubmission:
-    model = tmp_path / "model"
-    model.mkdir(exist_ok=True)
-    (model / "config.json").write_text("{}")
+    model = fake_model(tmp_path / "model")
     return WorkloadSubmission(
         name="t", context=ContextSpec(model=str(model)), batch_size=batch_size,
         output=str(tmp_path / "out" / "r.jsonl"),
@@ -60,7 +59,7 @@ def ok(idx: int, text: str = "t") -> RowResult:
 
 @pytest.fixture
 def core(tmp_path: Path):  # type: ignore[no-untyped-def]
-    c = ServiceCore(tmp_path / "state", ServiceConfig(worker_timeout=10), clock=Clock())
+    c = ServiceCore(tmp_path / "state", ServiceConfig(worker_timeout=10, model_roots=(tmp_path,)), clock=Clock())
     yield c
     c.close()
 
@@ -321,13 +320,13 @@ def test_factory_limits_validated() -> None:
 
 
 def test_state_survives_reopen(tmp_path) -> None:
-    core = ServiceCore(tmp_path / "s")
+    core = ServiceCore(tmp_path / "s", ServiceConfig(model_roots=(tmp_path,)))
     resp = core.submit(submission(tmp_path))
     w = ready_worker(core, resp.context_id)
     [b] = lease(core, w, resp.context_id)
     core.report(w, BatchReport(batch_id=b.batch_id, results=[ok(0)]))
     core.close()
-    core = ServiceCore(tmp_path / "s")
+    core = ServiceCore(tmp_path / "s", ServiceConfig(model_roots=(tmp_path,)))
     st = core.workload_status(resp.workload_id)
     assert (st.rows_total, st.rows_done) == (7, 1)
     core.close()

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,6 +23,7 @@ from pcm_service.client import ServiceClient
 from pcm_service.protocol import ORIGIN, ChunkAssignment, ContextState, ModelManifest, ServiceStatus
 from pcm_service.status_view import context_cell
 from worker_image.agent import PeerSettings, WorkerAgent
+from pcm_service.tokens import peer_key, sign_peer_request
 from worker_image.blobserver import BlobServer
 
 TOKEN = "p2p-test-pool-token"
@@ -35,6 +37,10 @@ def make_model(d: Path, sizes: dict[str, int], seed: int = 1) -> Path:
         (d / name).parent.mkdir(parents=True, exist_ok=True)
         (d / name).write_bytes(rnd.randbytes(size))
     return d
+
+
+def dir_files(d: Path) -> dict[str, Path]:
+    return {p.relative_to(d).as_posix(): p for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def same_files(a: Path, b: Path) -> bool:
@@ -112,7 +118,7 @@ def pool(tmp_path: Path) -> Iterator[Pool]:
 def test_manifest_cuts_files_into_hashed_chunks(tmp_path: Path) -> None:
     d = make_model(tmp_path / "m", {"a.bin": 2 * 256 * KIB + 5, "sub/b.bin": 256 * KIB, "c.json": 0})
     (d / "dup.bin").write_bytes((d / "sub" / "b.bin").read_bytes())  # same bytes: same chunk
-    m = build_manifest(d, 256 * KIB)
+    m = build_manifest(dir_files(d), 256 * KIB)
     files = {f.path: f for f in m.files}
     assert sorted(files) == ["a.bin", "c.json", "dup.bin", "sub/b.bin"]
     assert len(files["a.bin"].chunks) == 3 and files["c.json"].chunks == []
@@ -127,31 +133,43 @@ def test_manifest_cuts_files_into_hashed_chunks(tmp_path: Path) -> None:
     assert swarm_chunk_size(15 * 1024 * mib) == 64 * mib and swarm_chunk_size(10 * mib) == mib
     assert swarm_chunk_size(10 * mib, 256 * KIB) == 256 * KIB
     (d / "c.json").write_text("{}")
-    assert build_manifest(d, 256 * KIB).digest != digest
+    assert build_manifest(dir_files(d), 256 * KIB).digest != digest
 
 
-def test_blob_server_refuses_requests_without_the_pool_token(tmp_path: Path) -> None:
+def test_blob_server_takes_only_requests_signed_with_the_pool_key(tmp_path: Path) -> None:
     data = os.urandom(3000)
     (tmp_path / "f").write_bytes(data)
     chunk = hashlib.sha256(data).hexdigest()
     srv = BlobServer(lambda c: (tmp_path / "f", 0, len(data)) if c == chunk else None, TOKEN).start()
+    key, path = peer_key(TOKEN), f"/v1/blobs/{chunk}"
     try:
-        url = f"{srv.url}/v1/blobs/{chunk}"
-        assert httpx.get(url).status_code == 401
-        assert httpx.get(url, headers={"Authorization": "Bearer nope"}).status_code == 403
-        auth = {"Authorization": f"Bearer {TOKEN}"}
-        r = httpx.get(url, headers=auth)
+        url = f"{srv.url}{path}"
+
+        def get(auth: str | None, **headers: str) -> httpx.Response:
+            return httpx.get(url, headers={**({"Authorization": auth} if auth else {}), **headers})
+
+        assert get(None).status_code == 401
+        r = get(f"Bearer {TOKEN}")  # the token itself is never what a peer takes
+        assert r.status_code == 401 and r.json()["code"] == "missing_token"
+        assert get(sign_peer_request(peer_key("another pool"), "GET", path)).status_code == 403
+        assert get(sign_peer_request(key, "GET", f"/v1/blobs/{'0' * 64}")).status_code == 403  # other chunk
+        expired = get(sign_peer_request(key, "GET", path, now=time.time() - 3600))
+        assert expired.status_code == 403 and "expired" in expired.json()["detail"]
+        assert get(f"PCM-Sig 12:{'0' * 64}").status_code == 403
+        r = get(sign_peer_request(key, "GET", path))
         assert r.status_code == 200 and r.content == data
-        r = httpx.get(url, headers={**auth, "Range": "bytes=100-199"})
+        r = get(sign_peer_request(key, "GET", path), Range="bytes=100-199")
         assert r.status_code == 206 and r.content == data[100:200]
-        assert httpx.get(url, headers={**auth, "Range": "bytes=5000-"}).status_code == 416
-        assert httpx.get(f"{srv.url}/v1/blobs/{'0' * 64}", headers=auth).status_code == 404
+        assert get(sign_peer_request(key, "GET", path), Range="bytes=5000-").status_code == 416
+        other = f"/v1/blobs/{'0' * 64}"
+        r = httpx.get(f"{srv.url}{other}", headers={"Authorization": sign_peer_request(key, "GET", other)})
+        assert r.status_code == 404 and r.json()["code"] == "not_found"
     finally:
         srv.stop()
 
 
 def test_origin_and_plans_need_the_pool_token(pool: Pool, tmp_path: Path) -> None:
-    m = pool.register(make_model(tmp_path / "model", {"w.bin": 300 * KIB}))
+    m = pool.register(make_model(tmp_path / "model", {"w.bin": 300 * KIB, "config.json": 10}))
     chunk = m.files[0].chunks[0]
     assert httpx.get(f"{pool.url}/v1/blobs/{chunk}").status_code == 401
     assert httpx.get(f"{pool.url}/v1/models/{m.digest}",

@@ -7,7 +7,8 @@ import pytest
 
 from pcm_service.core import ServiceConfig, ServiceCore
 from pcm_service.protocol import ORIGIN, FetchRequest, ModelManifest, TransferResult, WorkerRegistration
-from pcm_service.replicas import ModelUnavailable, TransferPolicy
+from pcm_service.modelpaths import ModelUnavailable
+from pcm_service.replicas import TransferPolicy
 
 CHUNK = 1024
 
@@ -24,11 +25,12 @@ class Clock:
 def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
     model = tmp_path / "model"
     model.mkdir()
-    for i in range(4):
+    (model / "config.json").write_bytes(bytes([9]) * CHUNK)
+    for i in range(3):
         (model / f"w{i}.bin").write_bytes(bytes([i]) * CHUNK)  # four distinct one-chunk files
     clock = Clock()
     core = ServiceCore(tmp_path / "state", ServiceConfig(transfers=TransferPolicy(
-        chunk_size=CHUNK, origin_slots=2, avoid_seconds=30)), clock=clock)
+        chunk_size=CHUNK, origin_slots=2, avoid_seconds=30), model_roots=(tmp_path,)), clock=clock)
     m = core.replicas.register_model(model)
     yield core, m, clock
     core.close()
@@ -107,7 +109,7 @@ def test_busy_source_is_not_avoided_and_departed_workers_are_not_sources(setup) 
 
 
 def test_unreadable_model_is_refused_with_its_path(tmp_path: Path) -> None:
-    core = ServiceCore(tmp_path / "state")
-    with pytest.raises(ModelUnavailable, match="does not exist or is not readable"):
+    core = ServiceCore(tmp_path / "state", ServiceConfig(model_roots=(tmp_path,)))
+    with pytest.raises(ModelUnavailable, match="does not exist or the service cannot read it"):
         core.replicas.register_model(tmp_path / "nope")
     core.close()

@@ -25,6 +25,7 @@ from pcm_service.protocol import (
     BatchReport,
     ContextSpec,
     ContextState,
+    ErrorCode,
     FetchPlan,
     FetchRequest,
     Heartbeat,
@@ -65,6 +66,7 @@ class PeerSettings:
     serve: bool = True  # run a blob server (peers must be able to connect to it)
     host: Optional[str] = None  # address peers reach it on (default: the one facing the service)
     port: int = 0
+    url: Optional[str] = None  # the URL peers use, when it differs from host:port (NAT, forwarding)
     upload_rate: float = 0.0  # bytes/s for all uploads together, 0: unlimited
     upload_slots: int = 2  # uploads at once
     fetch_parallel: int = 4  # downloads at once
@@ -120,7 +122,7 @@ class WorkerAgent:
     def _register(self) -> None:
         self.reg = self.client.request("POST", "/workers", WorkerRegistration(
             host=socket.gethostname(), pid=os.getpid(), glidein_id=self.glidein_id,
-            resources=detect_resources(), blob_url=self.blobs.url if self.blobs else None,
+            resources=detect_resources(), blob_url=(self.peers.url or self.blobs.url) if self.blobs else None,
             upload_slots=self.peers.upload_slots if self.blobs else 0,
             chunks=self.store.held()), RegisterResponse)
         with self._lock:  # a new worker id: its lease responses are numbered from 1 again
@@ -134,7 +136,7 @@ class WorkerAgent:
         try:
             return self.client.request(method, f"/workers/{stale}{path}", body, response)
         except ServiceError as e:
-            if e.status != 404 or "unknown or retired worker" not in e.detail:
+            if e.status != 404 or e.code != ErrorCode.UNKNOWN_WORKER.value:
                 raise
             with self._register_lock:  # heartbeat and main loop may both notice
                 if self.worker_id == stale:
@@ -425,8 +427,9 @@ class WorkerAgent:
         log.info("worker %s exits", self.worker_id)
 
 
-def run_worker(service_url: str, token: Optional[str] = None, **kwargs: object) -> int:
-    client = ServiceClient(service_url, retry_for=300.0, token=token)  # rides out a service restart
+def run_worker(service_url: str, token: Optional[str] = None, ca_file: Optional[Path] = None,
+               **kwargs: object) -> int:
+    client = ServiceClient(service_url, retry_for=300.0, token=token, ca_file=ca_file)  # rides out a restart
     agent = WorkerAgent(client, token=token, **kwargs)  # type: ignore[arg-type]
     signal.signal(signal.SIGTERM, agent.request_drain)
     signal.signal(signal.SIGINT, agent.request_drain)

@@ -3,7 +3,8 @@
 The standard library's threaded HTTP server with ``sendfile`` is used rather
 than uvicorn: it is one small handler, zero-copy, and paces every byte through
 one upload rate limiter. It answers ``GET /v1/blobs/<sha256>`` (with one
-``Range`` allowed) to holders of the pool token only, and at most
+``Range`` allowed) only to requests signed with a key derived from the pool token
+(``tokens.sign_peer_request``: the token itself never crosses the pool), and at most
 ``upload_slots`` transfers at once (more get 503 so the newcomer asks elsewhere).
 """
 from __future__ import annotations
@@ -17,11 +18,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from pcm_service.blobs import CHUNK_RE, RateLimiter, Slots, parse_range
-from pcm_service.protocol import API_PREFIX
-from pcm_service.tokens import check_bearer
+from pcm_service.protocol import API_PREFIX, ErrorBody, ErrorCode
+from pcm_service.tokens import PEER_AUTH_SCHEME, check_peer_signature, peer_key
 
 log = logging.getLogger("pcm.blobs")
 Locate = Callable[[str], Optional[tuple[Path, int, int]]]
+
+
+_CODES = {401: ErrorCode.MISSING_TOKEN, 403: ErrorCode.WRONG_TOKEN, 404: ErrorCode.NOT_FOUND,
+          416: ErrorCode.RANGE_NOT_SATISFIABLE, 503: ErrorCode.BUSY}
 
 
 class _Server(ThreadingHTTPServer):
@@ -38,7 +43,8 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + fmt, self.address_string(), *args)
 
     def _refuse(self, code: int, detail: str, headers: Optional[dict[str, str]] = None) -> None:
-        body = json.dumps({"detail": detail}).encode()
+        error = _CODES.get(code, ErrorCode.NOT_FOUND)
+        body = json.dumps(ErrorBody(code=error, detail=detail).model_dump(mode="json")).encode()
         self.send_response(code)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -49,9 +55,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         blob = self.server.blob
-        refused = check_bearer(self.headers.get("Authorization"), blob.token)
+        refused = check_peer_signature(self.headers.get("Authorization"), blob.key, "GET", self.path)
         if refused is not None:
-            self._refuse(*refused, headers={"WWW-Authenticate": "Bearer"} if refused[0] == 401 else None)
+            self._refuse(*refused, headers={"WWW-Authenticate": PEER_AUTH_SCHEME} if refused[0] == 401 else None)
             return
         prefix = f"{API_PREFIX}/blobs/"
         chunk = self.path[len(prefix):] if self.path.startswith(prefix) else ""
@@ -104,8 +110,9 @@ class _Handler(BaseHTTPRequestHandler):
 class BlobServer:
     def __init__(self, locate: Locate, token: Optional[str], host: str = "127.0.0.1", port: int = 0,
                  upload_rate: float = 0.0, upload_slots: int = 4) -> None:
+        """``token``: the pool token, whose derived key checks request signatures (None: open)."""
         self.locate = locate
-        self.token = token
+        self.key = peer_key(token) if token else None
         self.limiter = RateLimiter(upload_rate)
         self.slots = Slots(upload_slots)
         self.bytes_served = 0

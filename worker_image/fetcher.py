@@ -17,6 +17,7 @@ from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 from pcm_service.client import ServiceClient, ServiceError
+from pcm_service.tokens import peer_key, sign_peer_request
 from pcm_service.protocol import (
     API_PREFIX,
     ChunkAssignment,
@@ -46,7 +47,10 @@ class ModelFetcher:
         self.client = client
         self.plan = plan
         self.store = store
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # the service (origin) takes the pool token, over TLS when it has a certificate; peers
+        # take a short-lived signature made with a key derived from it, never the token
+        self.origin_headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.peer_key = peer_key(token) if token else None
         self.parallel = parallel
         self.timeout = timeout  # no byte from a source for this long: try another one
         self.stall_timeout = stall_timeout
@@ -107,9 +111,19 @@ class ModelFetcher:
         res = TransferResult(chunk=a.chunk, source=a.source, ok=False)
         writer = self.store.writer(m, a.chunk)
         u = urlsplit(a.url or self.client.url)
-        conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=self.timeout)
+        path = f"{u.path.rstrip('/')}{API_PREFIX}/blobs/{a.chunk}"
+        conn: http.client.HTTPConnection
+        if u.scheme == "https":
+            conn = http.client.HTTPSConnection(u.hostname or "127.0.0.1", u.port, timeout=self.timeout,
+                                               context=self.client.ssl_context)
+        else:
+            conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=self.timeout)
+        if a.url is None:
+            headers = self.origin_headers
+        else:
+            headers = {"Authorization": sign_peer_request(self.peer_key, "GET", path)} if self.peer_key else {}
         try:
-            conn.request("GET", f"{u.path.rstrip('/')}{API_PREFIX}/blobs/{a.chunk}", headers=self.headers)
+            conn.request("GET", path, headers=headers)
             resp = conn.getresponse()
             if resp.status != 200:
                 res.busy = resp.status == 503

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from factory.backends.base import BackendError, Glidein, GlideinBackend, GlideinState
 from factory.config import FactoryConfig, HTCondorSettings
@@ -37,7 +37,8 @@ def condor_environment(env: dict[str, str]) -> str:
     return condor_arguments([f"{k}={v}" for k, v in env.items()])
 
 
-def glidein_description(s: HTCondorSettings, service_url: str, factory_name: str) -> dict[str, str]:
+def glidein_description(s: HTCondorSettings, service_url: str, factory_name: str,
+                        ca_file: Optional[str] = None) -> dict[str, str]:
     """The submit description of one glidein (a dict of HTCondor submit commands)."""
     from classad2 import quote
 
@@ -63,9 +64,15 @@ def glidein_description(s: HTCondorSettings, service_url: str, factory_name: str
         "MY.PcmService": quote(service_url),
         "MY.PcmGlidein": "true",
     }
+    inputs = []
     if s.token_file:
-        d["transfer_input_files"] = s.token_file
+        inputs.append(s.token_file)
         args += ["--token-file", Path(s.token_file).name]  # a name in the sandbox, not the token
+    if ca_file:  # what the worker trusts for an https:// service, transferred like the token
+        inputs.append(ca_file)
+        args += ["--ca-file", Path(ca_file).name]
+    if inputs:
+        d["transfer_input_files"] = ",".join(inputs)
     if s.request_gpus:
         d["request_gpus"] = str(s.request_gpus)
         if s.gpus_minimum_memory:
@@ -86,7 +93,8 @@ def glidein_description(s: HTCondorSettings, service_url: str, factory_name: str
 class HTCondorBackend(GlideinBackend):
     name = "htcondor"
 
-    def __init__(self, settings: HTCondorSettings, service_url: str, factory_name: str) -> None:
+    def __init__(self, settings: HTCondorSettings, service_url: str, factory_name: str,
+                 ca_file: Optional[str] = None) -> None:
         try:
             import classad2
             import htcondor2
@@ -96,6 +104,7 @@ class HTCondorBackend(GlideinBackend):
         self.settings = settings
         self.service_url = service_url
         self.factory_name = factory_name
+        self.ca_file = ca_file
         self.constraint = (f"PcmFactory == {classad2.quote(factory_name)}"
                            f" && PcmService == {classad2.quote(service_url)}")
         self.schedd = self._locate()
@@ -127,7 +136,7 @@ class HTCondorBackend(GlideinBackend):
             raise BackendError(f"schedd {what} failed: {e}") from None
 
     def description(self) -> dict[str, str]:
-        return glidein_description(self.settings, self.service_url, self.factory_name)
+        return glidein_description(self.settings, self.service_url, self.factory_name, self.ca_file)
 
     # ----- the backend interface --------------------------------------------------
     def submit(self, count: int) -> list[str]:
@@ -190,6 +199,7 @@ class HTCondorBackend(GlideinBackend):
 
     def configure(self, config: FactoryConfig) -> None:
         old, self.settings = self.settings, config.htcondor
+        self.ca_file = config.ca_file or self.ca_file
         Path(self.settings.log_dir).mkdir(parents=True, exist_ok=True)
         if (old.collector, old.schedd) != (self.settings.collector, self.settings.schedd):
             self.schedd = self._locate()

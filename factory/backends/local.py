@@ -16,15 +16,17 @@ from pcm_service.tokens import SECRET_ENV
 
 class LocalBackend(GlideinBackend):
     """``token_file``: the pool token, passed to workers as a path (argv is visible to all local
-    users); token values in the environment are not passed on."""
+    users); token values in the environment are not passed on. ``ca_file``: what workers trust
+    for an https:// service."""
     name = "local"
 
     def __init__(self, service_url: str, work_dir: str | Path,
                  worker_args: Optional[list[str]] = None,
                  env: Optional[dict[str, str]] = None,
-                 token_file: Optional[str | Path] = None) -> None:
+                 token_file: Optional[str | Path] = None, ca_file: Optional[str | Path] = None) -> None:
         self.service_url = service_url
         self.token_file = token_file
+        self.ca_file = ca_file
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.worker_args = worker_args or []
@@ -41,6 +43,7 @@ class LocalBackend(GlideinBackend):
             env = {k: v for k, v in {**os.environ, **self.env}.items() if k not in SECRET_ENV}
             env["PCM_GLIDEIN_ID"] = gid
             token = ["--token-file", str(self.token_file)] if self.token_file else []
+            token += ["--ca-file", str(self.ca_file)] if self.ca_file else []
             with (wdir / "worker.log").open("ab") as log:
                 self._procs[gid] = subprocess.Popen(
                     [sys.executable, "-m", "pcm_service.cli", "worker", "--service", self.service_url,
@@ -82,6 +85,8 @@ class LocalBackend(GlideinBackend):
         self.worker_args = list(config.local.worker_args)
         if config.local.token_file:
             self.token_file = config.local.token_file
+        if config.ca_file:
+            self.ca_file = config.ca_file
 
     def pids(self) -> dict[str, int]:
         return {gid: p.pid for gid, p in self._procs.items() if p.poll() is None}

@@ -1,0 +1,119 @@
+"""The HTTP edges of the service: one error body for every refusal, documented statuses,
+``OPTIONS``/405 with ``Allow``, and request-size limits (413)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pcm_service.protocol import ErrorBody, ErrorCode, ErrorItem
+
+_DESCRIPTIONS = {
+    400: "The request is well formed but cannot be carried out (e.g. a refused model path)",
+    401: "No bearer token (send `Authorization: Bearer <token>`)",
+    403: "A wrong token, or the other kind of token",
+    404: "No such object",
+    409: "Conflicts with the current state",
+    413: "The request body is larger than the service accepts",
+    416: "The Range cannot be served",
+    422: "The request does not match the schema (every field at fault is listed)",
+}
+_CODES = {401: ErrorCode.MISSING_TOKEN, 403: ErrorCode.WRONG_TOKEN, 404: ErrorCode.NOT_FOUND,
+          405: ErrorCode.METHOD_NOT_ALLOWED, 413: ErrorCode.REQUEST_TOO_LARGE,
+          416: ErrorCode.RANGE_NOT_SATISFIABLE}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, all with the ErrorBody shape."""
+    return {s: {"model": ErrorBody, "description": _DESCRIPTIONS[s]} for s in statuses}
+
+
+class ApiError(HTTPException):
+    """An error answer with its machine-readable code and, if one is at fault, the field."""
+
+    def __init__(self, status: int, code: ErrorCode, detail: str, field: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None) -> None:
+        super().__init__(status, detail, headers)
+        self.code = code
+        self.field = field
+
+
+def error_response(status: int, body: ErrorBody, headers: Optional[dict[str, str]] = None) -> JSONResponse:
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc]
+    return ".".join(parts[1:] if parts and parts[0] in ("body", "query", "path", "header") else parts)
+
+
+def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**scope, "method": "GET"})  # match the path, whatever the method
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods | {"OPTIONS"}) if methods else []
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 405:
+            allow = ", ".join(_allowed_methods(app, request.scope))
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers={"Allow": allow})
+            return error_response(405, ErrorBody(code=ErrorCode.METHOD_NOT_ALLOWED,
+                                                 detail=f"{request.method} is not allowed here; use {allow}"),
+                                  headers={"Allow": allow})
+        code = exc.code if isinstance(exc, ApiError) else _CODES.get(exc.status_code, ErrorCode.INVALID_REQUEST)
+        field = exc.field if isinstance(exc, ApiError) else None
+        return error_response(exc.status_code, ErrorBody(code=code, detail=str(exc.detail), field=field),
+                              headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> Response:
+        items = [ErrorItem(field=_loc(tuple(e.get("loc", ()))) or "body", message=str(e.get("msg", "")))
+                 for e in exc.errors()]
+        detail = "; ".join(f"{i.field}: {i.message}" for i in items) or "invalid request"
+        return error_response(422, ErrorBody(code=ErrorCode.INVALID_REQUEST, detail=detail,
+                                             field=items[0].field if items else None, errors=items))
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit_for(path)`` bytes gets 413, whether it
+    says its length up front or streams it."""
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        too_large = ApiError(413, ErrorCode.REQUEST_TOO_LARGE,
+                             f"the request body is larger than this service accepts here ({limit} bytes)")
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            body = ErrorBody(code=too_large.code, detail=str(too_large.detail))
+            await error_response(413, body, {"Connection": "close"})(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise too_large  # inside the route: the error handler answers 413
+            return message
+
+        await self.app(scope, limited, send)
