@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from pcm_service.blobs import CHUNK_RE, parse_range, read_pieces
 from pcm_service.core import ServiceCore, UnknownWorker, UnknownWorkload
-from pcm_service.httperrors import ApiError, BodyLimit, errors, install_error_handlers
+from pcm_service.httperrors import ApiError, BodyLimit, StrictJSONRoute, errors, install_error_handlers
 from pcm_service.modelpaths import ModelUnavailable
 from pcm_service.protocol import (
     API_PREFIX,
@@ -149,6 +149,7 @@ def create_app(core: ServiceCore, pool_token: str, api_token: str) -> FastAPI:
         t.join(timeout=5)
 
     app = FastAPI(title="PCM service", version="1", lifespan=lifespan, dependencies=[Depends(auth)])
+    app.router.route_class = StrictJSONRoute
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     submit_path = f"{API_PREFIX}/workloads"
@@ -230,7 +231,7 @@ def create_app(core: ServiceCore, pool_token: str, api_token: str) -> FastAPI:
     def get_limits() -> FactoryLimits:
         return core.factory_limits()
 
-    @app.put(f"{API_PREFIX}/factory/limits", responses=BODY)
+    @app.put(f"{API_PREFIX}/factory/limits", responses={**BODY, **errors(400)})
     def set_limits(limits: FactoryLimits, from_config: bool = False) -> FactoryLimits:
         return core.set_factory_limits(limits, from_config)
 

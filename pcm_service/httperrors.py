@@ -1,12 +1,15 @@
 """The HTTP edges of the service: one error body for every refusal, documented statuses,
-``OPTIONS``/405 with ``Allow``, and request-size limits (413)."""
+``OPTIONS``/405 with ``Allow``, request-size limits (413) and strict JSON."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import json
+from typing import Any, Callable, Coroutine, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic_core import from_json
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,6 +25,7 @@ _DESCRIPTIONS = {
     413: "The request body is larger than the service accepts",
     416: "The Range cannot be served",
     422: "The request does not match the schema (every field at fault is listed)",
+    503: "Busy: try again or elsewhere",
 }
 _CODES = {401: ErrorCode.MISSING_TOKEN, 403: ErrorCode.WRONG_TOKEN, 404: ErrorCode.NOT_FOUND,
           405: ErrorCode.METHOD_NOT_ALLOWED, 413: ErrorCode.REQUEST_TOO_LARGE,
@@ -61,6 +65,30 @@ def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
     return sorted(methods | {"OPTIONS"}) if methods else []
 
 
+class StrictJSONRequest(Request):
+    """Bodies parsed by pydantic's JSON parser: invalid UTF-8, lone surrogates (which could never
+    be written back out) and NaN/Infinity are refused (422) like any other malformed JSON."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = from_json(body)
+            except ValueError as e:
+                raise json.JSONDecodeError(f"not valid JSON ({e})", body.decode("utf-8", "replace"), 0) from None
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return route
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -71,18 +99,27 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(405, ErrorBody(code=ErrorCode.METHOD_NOT_ALLOWED,
                                                  detail=f"{request.method} is not allowed here; use {allow}"),
                                   headers={"Allow": allow})
-        code = exc.code if isinstance(exc, ApiError) else _CODES.get(exc.status_code, ErrorCode.INVALID_REQUEST)
-        field = exc.field if isinstance(exc, ApiError) else None
-        return error_response(exc.status_code, ErrorBody(code=code, detail=str(exc.detail), field=field),
-                              headers=exc.headers)
+        if isinstance(exc, ApiError):
+            body = ErrorBody(code=exc.code, detail=str(exc.detail), field=exc.field)
+        elif exc.status_code == 400:  # FastAPI could not read the body: it is not what the schema says
+            return error_response(422, ErrorBody(code=ErrorCode.INVALID_REQUEST, detail=f"body: {exc.detail}",
+                                                 field="body"))
+        else:
+            body = ErrorBody(code=_CODES.get(exc.status_code, ErrorCode.INVALID_REQUEST), detail=str(exc.detail))
+        return error_response(exc.status_code, body, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> Response:
-        items = [ErrorItem(field=_loc(tuple(e.get("loc", ()))) or "body", message=str(e.get("msg", "")))
-                 for e in exc.errors()]
+        """422 when the request breaks the schema; 400 when only our own validators (rules the
+        schema cannot state: duplicate ids, max below min) refuse it."""
+        errs = exc.errors()
+        items = [ErrorItem(field=_loc(tuple(e.get("loc", ()))) or "body",
+                           message=str(e.get("msg", "")).removeprefix("Value error, ")) for e in errs]
         detail = "; ".join(f"{i.field}: {i.message}" for i in items) or "invalid request"
-        return error_response(422, ErrorBody(code=ErrorCode.INVALID_REQUEST, detail=detail,
-                                             field=items[0].field if items else None, errors=items))
+        rule = bool(errs) and all(e.get("type") == "value_error" for e in errs)
+        return error_response(400 if rule else 422,
+                              ErrorBody(code=ErrorCode.INVALID_VALUE if rule else ErrorCode.INVALID_REQUEST,
+                                        detail=detail, field=items[0].field if items else None, errors=items))
 
 
 class BodyLimit:

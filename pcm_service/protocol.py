@@ -9,11 +9,26 @@ import enum
 import hashlib
 import json
 from functools import cached_property
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from annotated_types import Ge, Gt, Le
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 API_PREFIX = "/v1"
+
+
+# integers stay within what JSON carries exactly (and SQLite stores): larger ones are refused
+INT_MAX = 2**53 - 1
+
+
+def _integral(v: Any) -> Any:
+    """JSON Schema counts 3.0 as an integer; so do we (but never 3.5, "3" or true)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, Ge(-INT_MAX), Le(INT_MAX), BeforeValidator(_integral)]
+Count = Annotated[int, Ge(0), Le(INT_MAX), BeforeValidator(_integral)]  # ids, indexes, sizes, counts
+Positive = Annotated[int, Gt(0), Le(INT_MAX), BeforeValidator(_integral)]
 
 
 class Strict(BaseModel):
@@ -21,7 +36,7 @@ class Strict(BaseModel):
     for a string. Enum fields are marked ``strict=False`` so they take their values, as JSON
     carries them (in strict mode pydantic wants Enum instances from Python input)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 
@@ -29,6 +44,7 @@ class ErrorCode(str, enum.Enum):
     """Machine-readable reason of an error answer (``ErrorBody.code``)."""
 
     INVALID_REQUEST = "invalid_request"  # 422: the request does not match the API schema
+    INVALID_VALUE = "invalid_value"  # 400: it does, but breaks a rule between fields (duplicate ids, max < min)
     MODEL_REFUSED = "model_refused"  # 400: the model path breaks the model policy or is unreadable
     MISSING_TOKEN = "missing_token"  # 401
     WRONG_TOKEN = "wrong_token"  # 403
@@ -86,13 +102,13 @@ class EngineSettings(Strict):
     """Arguments for vLLM's engine (``vllm.EngineArgs``); ``extra`` passes any other one."""
 
     dtype: str = "auto"
-    max_model_len: Optional[int] = Field(default=None, gt=0)
+    max_model_len: Optional[Positive] = None
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     enforce_eager: bool = False
-    kv_cache_memory_bytes: Optional[int] = Field(default=None, gt=0)
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    seed: int = 0
-    max_num_seqs: Optional[int] = Field(default=None, gt=0)
+    kv_cache_memory_bytes: Optional[Positive] = None
+    tensor_parallel_size: Positive = 1
+    seed: Int = 0
+    max_num_seqs: Optional[Positive] = None
     extra: dict[str, Any] = Field(default_factory=dict)
 
     def engine_args(self) -> dict[str, Any]:
@@ -106,10 +122,10 @@ class SamplingSettings(Strict):
 
     temperature: float = Field(default=0.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = -1
-    max_tokens: int = Field(default=16, gt=0)
-    min_tokens: int = Field(default=0, ge=0)
-    seed: Optional[int] = None
+    top_k: Int = -1
+    max_tokens: Positive = 16
+    min_tokens: Count = 0
+    seed: Optional[Int] = None
     stop: list[str] = Field(default_factory=list)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -140,7 +156,7 @@ class WorkloadSubmission(Strict):
     name: str = Field(min_length=1)
     context: ContextSpec
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
-    batch_size: int = Field(gt=0)
+    batch_size: Positive
     output: str = Field(min_length=1)
     rows: list[RowIn] = Field(min_length=1)
 
@@ -158,23 +174,23 @@ class WorkloadSubmission(Strict):
 class SubmitResponse(Strict):
     workload_id: str
     context_id: str
-    rows: int
-    batches: int
+    rows: Count
+    batches: Count
 
 
 class Resources(Strict):
-    cpus: int = 1
-    memory_mb: int = 0
+    cpus: Count = 1
+    memory_mb: Count = 0
     gpus: list[str] = Field(default_factory=list)
 
 
 class WorkerRegistration(Strict):
     host: str
-    pid: int
+    pid: Count
     glidein_id: Optional[str] = None
     resources: Resources = Field(default_factory=Resources)
     blob_url: Optional[str] = None  # the worker's blob server, when it serves chunks to peers
-    upload_slots: int = Field(default=0, ge=0)  # transfers its blob server serves at once
+    upload_slots: Count = 0  # transfers its blob server serves at once
     chunks: list[str] = Field(default_factory=list)  # verified chunks already in its cache
 
 
@@ -187,13 +203,13 @@ class RegisterResponse(Strict):
 class Heartbeat(Strict):
     context_id: Optional[str] = None
     context_state: ContextState = Field(default=ContextState.ABSENT, strict=False)
-    inflight_batches: int = 0
+    inflight_batches: Count = 0
     draining: bool = False
     # Lease reconciliation: the batches the worker still holds, and the newest lease response it
     # has seen. A batch leased to it in a response it has seen but no longer held goes back to
     # the queue (e.g. a lease answered while the service crashed, a report lost for good).
-    batches: list[int] = Field(default_factory=list)
-    lease_seq: int = Field(default=0, ge=0)
+    batches: list[Count] = Field(default_factory=list)
+    lease_seq: Count = 0
 
 
 class HeartbeatResponse(Strict):
@@ -213,17 +229,17 @@ class LibraryEvent(Strict):
 class LeaseRequest(Strict):
     context_id: Optional[str] = None
     context_state: ContextState = Field(default=ContextState.ABSENT, strict=False)
-    max_batches: int = Field(default=2, ge=0)
+    max_batches: Count = 2
 
 
 class RowTask(Strict):
-    idx: int
+    idx: Count
     row_id: str
     prompt: str
 
 
 class BatchLease(Strict):
-    batch_id: int
+    batch_id: Count
     workload_id: str
     context_id: str
     sampling: SamplingSettings
@@ -232,27 +248,27 @@ class BatchLease(Strict):
 
 class LeaseResponse(Strict):
     batches: list[BatchLease] = Field(default_factory=list)
-    lease_seq: int = 0  # echoed in heartbeats (see Heartbeat.lease_seq)
+    lease_seq: Count = 0  # echoed in heartbeats (see Heartbeat.lease_seq)
     # Set when the worker should (re)load: its current context has no work left.
     assign_context: Optional[ContextSpec] = None
 
 
 class RowResult(Strict):
-    idx: int
+    idx: Count
     text: Optional[str] = None
     finish_reason: Optional[str] = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
     error: Optional[str] = None
 
 
 class BatchReport(Strict):
-    batch_id: int
+    batch_id: Count
     results: list[RowResult] = Field(default_factory=list)
-    returned: list[int] = Field(default_factory=list)  # row idx handed back unfinished
+    returned: list[Count] = Field(default_factory=list)  # row idx handed back unfinished
     # row idx in flight when the library process died: counted; a row in flight at
     # ``poison_after`` crashes is poisoned (failed with an error, not retried)
-    crashed: list[int] = Field(default_factory=list)
+    crashed: list[Count] = Field(default_factory=list)
 
 
 class IdleReport(Strict):
@@ -266,14 +282,14 @@ class RetireDecision(Strict):
 
 
 class ReportResponse(Strict):
-    accepted: int
-    duplicates: int
+    accepted: Count
+    duplicates: Count
 
 
 class FactoryLimits(Strict):
-    min_workers: int = Field(default=0, ge=0)
-    max_workers: int = Field(default=1, ge=0)
-    per_cycle: int = Field(default=4, gt=0)
+    min_workers: Count = 0
+    max_workers: Count = 1
+    per_cycle: Positive = 4
 
     @model_validator(mode="after")
     def _ordered(self) -> "FactoryLimits":
@@ -285,12 +301,12 @@ class FactoryLimits(Strict):
 
 
 class Demand(Strict):
-    workers_wanted: int
+    workers_wanted: Count
     reason: str
     limits: FactoryLimits
-    raw: int = 0  # what the work alone asks for, before damping and limits
-    rows_left: int = 0
-    batches_left: int = 0
+    raw: Count = 0  # what the work alone asks for, before damping and limits
+    rows_left: Count = 0
+    batches_left: Count = 0
     rows_per_worker_second: Optional[float] = None  # measured; None before any worker ran rows
     time_to_ready: float = 0.0  # seconds from registration to a loaded engine (measured or assumed)
     ready_measured: bool = False
@@ -315,8 +331,8 @@ class Glidein(Strict):
 
 class FactoryDecision(Strict):
     at: float
-    wanted: int
-    submit: int = 0
+    wanted: Count
+    submit: Count = 0
     remove: list[str] = Field(default_factory=list)
     reason: str = ""
 
@@ -342,14 +358,14 @@ ORIGIN = "origin"  # the source name of the service's own copy of a model
 
 class ModelFile(Strict):
     path: str  # relative to the model directory
-    size: int = Field(ge=0)
+    size: Count
     chunks: list[str] = Field(default_factory=list)  # sha256 of each chunk_size piece, in order
 
 
 class ModelManifest(Strict):
     """A model directory as content-addressed chunks: what a worker fetches and verifies."""
 
-    chunk_size: int = Field(gt=0)
+    chunk_size: Positive
     files: list[ModelFile]
 
     # derived once per manifest (they are read on every plan and every chunk received)
@@ -384,7 +400,7 @@ class TransferResult(Strict):
     chunk: str
     source: str  # a worker id or ORIGIN
     ok: bool
-    bytes: int = 0
+    bytes: Count = 0
     seconds: float = 0.0
     error: Optional[str] = None
     corrupt: bool = False  # the bytes did not match the chunk's hash
@@ -394,24 +410,24 @@ class TransferResult(Strict):
 class FetchRequest(Strict):
     manifest_digest: str
     results: list[TransferResult] = Field(default_factory=list)
-    want: int = Field(default=0, ge=0)  # how many more transfers the worker can run now
+    want: Count = 0  # how many more transfers the worker can run now
     wait: float = Field(default=0.0, ge=0, le=30)  # block this long for a free source
 
 
 class ChunkAssignment(Strict):
     chunk: str
-    length: int
+    length: Count
     source: str
     url: Optional[str] = None  # None: the origin, i.e. the service the worker talks to
 
 
 class FetchProgress(Strict):
     manifest_digest: str
-    chunks_held: int
-    chunks_total: int
-    bytes_held: int
-    bytes_total: int
-    sources: int  # distinct sources of the transfers in flight
+    chunks_held: Count
+    chunks_total: Count
+    bytes_held: Count
+    bytes_total: Count
+    sources: Count  # distinct sources of the transfers in flight
 
 
 class FetchPlan(Strict):
@@ -420,11 +436,11 @@ class FetchPlan(Strict):
 
 
 class TransferStats(Strict):
-    origin_bytes: int = 0
-    peer_bytes: int = 0
-    transfers: int = 0
-    failures: int = 0
-    active: int = 0
+    origin_bytes: Count = 0
+    peer_bytes: Count = 0
+    transfers: Count = 0
+    failures: Count = 0
+    active: Count = 0
 
 
 class WorkerStatus(Strict):
@@ -435,9 +451,9 @@ class WorkerStatus(Strict):
     state: WorkerState = Field(strict=False)
     context_id: Optional[str]
     context_state: ContextState = Field(strict=False)
-    inflight_batches: int
-    rows_done: int
-    library_starts: int
+    inflight_batches: Count
+    rows_done: Count
+    library_starts: Count
     idle_seconds: float
     last_heartbeat_age: float
     fetch: Optional[FetchProgress] = None  # while its context is fetching
@@ -448,9 +464,9 @@ class WorkloadStatus(Strict):
     name: str
     state: WorkloadState = Field(strict=False)
     context_id: str
-    rows_total: int
-    rows_done: int
-    rows_failed: int
+    rows_total: Count
+    rows_done: Count
+    rows_failed: Count
     rows_per_second: float
     output: str
     created_at: float
