@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from factory.backends.base import BackendError, Glidein, GlideinBackend, GlideinState
-from factory.drill import EvictionDrill
 from factory.config import (
     FactoryConfig,
     FactoryConfigError,
     file_digest,
     load_factory_config,
 )
+from factory.drill import EvictionDrill
 from pcm_service.client import ServiceClient, ServiceError
 from pcm_service.protocol import (
     FactoryDecision,

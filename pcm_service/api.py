@@ -19,9 +19,9 @@ from pcm_service.httperrors import ApiError, BodyLimit, StrictJSONRoute, errors,
 from pcm_service.modelpaths import ModelUnavailable
 from pcm_service.protocol import (
     API_PREFIX,
-    ErrorCode,
     BatchReport,
     Demand,
+    ErrorCode,
     FactoryLimits,
     FactoryReport,
     FactoryView,

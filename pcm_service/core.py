@@ -51,8 +51,8 @@ from pcm_service.protocol import (
 )
 from pcm_service.replicas import ReplicaMap, TransferPolicy
 from pcm_service.results import complete, count_done, fail_rows, settle_batch
-from pcm_service.views import demand_inputs, worker_status, workload_status
 from pcm_service.store import Store
+from pcm_service.views import demand_inputs, worker_status, workload_status
 
 
 class UnknownWorker(LookupError):

@@ -18,13 +18,13 @@ from factory.drill import EvictionSettings
 from pcm_service.api import create_app
 from pcm_service.client import ServiceClient
 from pcm_service.core import ServiceConfig, ServiceCore
-from pcm_service.tokens import API, POOL, state_token
 from pcm_service.protocol import (
     FactoryLimits,
     WorkloadState,
     WorkloadStatus,
     WorkloadSubmission,
 )
+from pcm_service.tokens import API, POOL, state_token
 
 
 class EmbeddedService:

@@ -106,7 +106,7 @@ def install_error_handlers(app: FastAPI) -> None:
                                                  field="body"))
         else:
             body = ErrorBody(code=_CODES.get(exc.status_code, ErrorCode.INVALID_REQUEST), detail=str(exc.detail))
-        return error_response(exc.status_code, body, headers=exc.headers)
+        return error_response(exc.status_code, body, headers=dict(exc.headers) if exc.headers else None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> Response:

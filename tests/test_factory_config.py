@@ -45,6 +45,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ("backend: htcondor\n", "htcondor.token_file: required"),
     ("local: {token_file: nowhere.token}\n", "local.token_file"),
     ("limits: [1, 2\n", "not valid YAML"),
+    ("ca_file: nowhere.pem\n", "ca_file: "),
 ])
 def test_bad_config_names_the_problem(tmp_path: Path, text: str, message: str) -> None:
     res = factory_run(write(tmp_path, text))
@@ -175,3 +176,22 @@ def test_example_configs_make_valid_glidein_descriptions(name: str) -> None:
     if name == "factory-gpu-pool.yaml":
         assert (sub["request_gpus"], sub["gpus_minimum_capability"]) == ("1", "8.0")
         assert sub["MY.IsOpportunistic"] == "true" and sub["accounting_group"] == "group_opportunistic.pcm"
+
+
+def test_glideins_get_the_ca_file_transferred_like_the_token(tmp_path: Path) -> None:
+    htcondor2 = pytest.importorskip("htcondor2")
+    from factory.backends.htcondor import glidein_description
+
+    token_file(tmp_path / "pool.token")
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "tls" / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    cfg = load_factory_config(write(tmp_path, "backend: htcondor\nservice: https://submit.example:8642\n"
+                                              "ca_file: tls/ca.pem\nhtcondor: {token_file: pool.token}\n"))
+    assert cfg.ca_file == str(tmp_path / "tls" / "ca.pem")  # relative to the config file
+    sub = htcondor2.Submit(glidein_description(cfg.htcondor, cfg.service, cfg.name, cfg.ca_file))
+    assert sub["transfer_input_files"] == f"{tmp_path / 'pool.token'},{tmp_path / 'tls' / 'ca.pem'}"
+    assert "--token-file pool.token --ca-file ca.pem" in sub["arguments"]  # names in the sandbox
+    (tmp_path / "tls" / "pool.token").write_text("x")
+    res = factory_run(write(tmp_path, "backend: htcondor\nca_file: tls/pool.token\n"
+                                      "htcondor: {token_file: pool.token}\n"))
+    assert res.returncode == 2 and "same file name" in " ".join(res.stderr.split()), res.stderr

@@ -2,10 +2,12 @@
 agents with their blob servers, real HTTP on 127.0.0.1, real SQLite."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,14 +18,14 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-from conftest import REPO, ServeProcess
+from conftest import REPO, ServeProcess, free_port
 
 from pcm_service.blobs import build_manifest, swarm_chunk_size
 from pcm_service.client import ServiceClient
 from pcm_service.protocol import ORIGIN, ChunkAssignment, ContextState, ModelManifest, ServiceStatus
 from pcm_service.status_view import context_cell
-from worker_image.agent import PeerSettings, WorkerAgent
 from pcm_service.tokens import peer_key, sign_peer_request
+from worker_image.agent import PeerSettings, WorkerAgent
 from worker_image.blobserver import BlobServer
 
 TOKEN = "p2p-test-pool-token"
@@ -254,3 +256,66 @@ def test_peer_dying_mid_transfer_does_not_stop_the_newcomer(pool: Pool, tmp_path
         assert {x["chunk"] for x in got if x["ok"]} == set(m.chunk_lengths)
     finally:
         pool_big.close()
+
+
+class RecordingProxy:
+    """A TCP relay on 127.0.0.1 that keeps every byte it relays, both ways: what a peer transfer
+    puts on the wire."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = upstream_port
+        self.sent = bytearray()  # newcomer → peer
+        self.received = bytearray()  # peer → newcomer
+        self._lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            for src, dst, buf in ((client, upstream, self.sent), (upstream, client, self.received)):
+                threading.Thread(target=self._pump, args=(src, dst, buf), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, buf: bytearray) -> None:
+        try:
+            while data := src.recv(65536):
+                with self._lock:
+                    buf.extend(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_peer_transfer_on_the_wire_holds_no_token(pool: Pool, tmp_path: Path) -> None:
+    origin = make_model(tmp_path / "model", {"w.bin": 1024 * KIB, "config.json": 100})
+    m = pool.register(origin)
+    port = free_port()
+    proxy = RecordingProxy(port)  # peers reach seeder "a" only through the proxy
+    try:
+        _, a = pool.seeder("a", m.digest, "--blob-port", str(port), "--blob-url", f"http://127.0.0.1:{proxy.port}")
+        _, b = pool.seeder("b", m.digest, "--parallel", "1")
+        assert same_files(origin, b["dir"])
+        got = pool.transfers(b["worker_id"])
+        from_a = [t for t in got if t["ok"] and t["source"] == a["worker_id"]]
+        assert from_a and sum(t["bytes"] for t in from_a) <= len(proxy.received)  # it all went through
+        wire = bytes(proxy.sent + proxy.received)
+        assert b"Authorization: PCM-Sig " in proxy.sent
+        for secret in (TOKEN, pool.serve.api_token):
+            assert secret.encode() not in wire
+            assert base64.b64encode(secret.encode()) not in wire
+    finally:
+        proxy.close()

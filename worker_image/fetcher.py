@@ -17,7 +17,6 @@ from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 from pcm_service.client import ServiceClient, ServiceError
-from pcm_service.tokens import peer_key, sign_peer_request
 from pcm_service.protocol import (
     API_PREFIX,
     ChunkAssignment,
@@ -26,6 +25,7 @@ from pcm_service.protocol import (
     ModelManifest,
     TransferResult,
 )
+from pcm_service.tokens import peer_key, sign_peer_request
 from worker_image.chunkstore import ChunkStore
 
 log = logging.getLogger("pcm.fetch")

@@ -37,6 +37,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--work-dir", type=Path, required=True)
     ap.add_argument("--token-file", type=Path)
     ap.add_argument("--ca-file", type=Path, help="what to trust for an https:// service")
+    ap.add_argument("--blob-port", type=int, default=0, help="blob server port (0: any free one)")
     ap.add_argument("--blob-url", help="the URL peers use for this blob server (NAT, forwarding)")
     ap.add_argument("--upload-rate", type=float, default=0.0, help="bytes/s, 0: unlimited")
     ap.add_argument("--upload-slots", type=int, default=2)
@@ -50,7 +51,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     token = read_token(args.token_file) if args.token_file else None
     client = ServiceClient(args.service, retry_for=30.0, token=token, ca_file=args.ca_file)
     agent = WorkerAgent(client, work_dir=args.work_dir, token=token, peers=PeerSettings(
-        serve=not args.no_serve, url=args.blob_url, upload_rate=args.upload_rate,
+        serve=not args.no_serve, port=args.blob_port, url=args.blob_url, upload_rate=args.upload_rate,
         upload_slots=args.upload_slots, fetch_parallel=args.parallel))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
