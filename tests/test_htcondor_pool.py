@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import ENGINE, ServeProcess, reference_texts
+from conftest import ENGINE, MODEL_ROOTS, ServeProcess, reference_texts
 from htcondor_pool.fixtures import (
     FactoryProcess,
     PoolHandle,
@@ -60,7 +60,8 @@ def pool_service(pool: PoolHandle, tmp_path: Path,
     token_file = pool.dir(tmp_path.name) / "pool.token"
     token = pool.token(token_file)
     s = ServeProcess(tmp_path / "state", "--pool-token-file", str(token_file), "--heartbeat-interval", "1",
-                     "--worker-timeout", "20", "--idle-timeout", "600").start()
+                     "--worker-timeout", "20", "--idle-timeout", "600",
+                     model_roots=[*MODEL_ROOTS, pool.share]).start()  # the model is in the pool's share
     API_TOKENS[s.url] = s.api_token
     monkeypatch.setenv("PCM_API_TOKEN_FILE", str(s.api_token_file))
     yield s, token_file, token
