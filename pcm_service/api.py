@@ -41,6 +41,7 @@ from pcm_service.protocol import (
     ServiceStatus,
     SubmitResponse,
     WorkerRegistration,
+    WorkerState,
     WorkloadStatus,
     WorkloadSubmission,
 )
@@ -94,11 +95,15 @@ SECURITY_SCHEMES = {
 }
 AUTH = errors(401, 403)
 BODY = errors(401, 403, 413, 422)  # routes that take a request body (or query parameters)
-WORKER = {**BODY, **errors(404)}  # a worker route: the worker may be unknown or retired
+WORKER = {**BODY, **errors(404, 410)}  # a worker route: the worker may be unknown, lost or retired
 
 
 def _unknown_worker(e: UnknownWorker) -> ApiError:
-    return ApiError(404, ErrorCode.UNKNOWN_WORKER, f"unknown or retired worker {e}; register again")
+    if e.state == WorkerState.RETIRED:
+        return ApiError(410, ErrorCode.WORKER_RETIRED, f"worker {e.worker_id} has retired; it may not come back")
+    if e.state == WorkerState.LOST:
+        return ApiError(404, ErrorCode.WORKER_LOST, f"worker {e.worker_id} was declared lost; register again")
+    return ApiError(404, ErrorCode.WORKER_UNKNOWN, f"unknown worker {e.worker_id}; register again")
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -173,14 +178,14 @@ def create_app(core: ServiceCore, pool_token: str, api_token: str) -> FastAPI:
         try:
             return await run_in_threadpool(core.submit, sub)
         except ModelUnavailable as e:
-            raise ApiError(400, ErrorCode.MODEL_REFUSED, f"context.model: {e}", "context.model") from None
+            raise ApiError(400, ErrorCode.MODEL_UNAVAILABLE, f"context.model: {e}", "context.model") from None
 
     @app.post(f"{API_PREFIX}/models", status_code=201, responses={**BODY, **errors(400)})
     async def register_model(reg: ModelRegistration) -> ModelManifest:
         try:
             return await run_in_threadpool(core.replicas.register_model, reg.path)
         except ModelUnavailable as e:
-            raise ApiError(400, ErrorCode.MODEL_REFUSED, f"path: {e}", "path") from None
+            raise ApiError(400, ErrorCode.MODEL_UNAVAILABLE, f"path: {e}", "path") from None
 
     @app.get(f"{API_PREFIX}/models/{{digest}}", responses={**AUTH, **errors(404, 422)})
     def manifest(digest: str) -> ModelManifest:

@@ -56,7 +56,13 @@ from pcm_service.views import demand_inputs, worker_status, workload_status
 
 
 class UnknownWorker(LookupError):
-    pass
+    """No live worker by that id. ``state`` says why: None (never registered here), LOST (the
+    service gave up on it: it may register again) or RETIRED (it left: it must not come back)."""
+
+    def __init__(self, worker_id: str, state: Optional[WorkerState] = None) -> None:
+        super().__init__(worker_id)
+        self.worker_id = worker_id
+        self.state = state
 
 
 class UnknownWorkload(LookupError):
@@ -159,8 +165,10 @@ class ServiceCore:
 
     def _live_worker(self, db: sqlite3.Connection, worker_id: str) -> sqlite3.Row:
         w = db.execute("SELECT * FROM workers WHERE worker_id=?", (worker_id,)).fetchone()
-        if w is None or w["state"] not in LIVE_WORKER_STATES:
+        if w is None:
             raise UnknownWorker(worker_id)
+        if w["state"] not in LIVE_WORKER_STATES:
+            raise UnknownWorker(worker_id, WorkerState(w["state"]))
         return w
 
     def heartbeat(self, worker_id: str, hb: Heartbeat) -> HeartbeatResponse:

@@ -22,6 +22,7 @@ _DESCRIPTIONS = {
     403: "A wrong token, or the other kind of token",
     404: "No such object",
     409: "Conflicts with the current state",
+    410: "Gone for good (a retired worker)",
     413: "The request body is larger than the service accepts",
     416: "The Range cannot be served",
     422: "The request does not match the schema (every field at fault is listed)",

@@ -45,11 +45,13 @@ class ErrorCode(str, enum.Enum):
 
     INVALID_REQUEST = "invalid_request"  # 422: the request does not match the API schema
     INVALID_VALUE = "invalid_value"  # 400: it does, but breaks a rule between fields (duplicate ids, max < min)
-    MODEL_REFUSED = "model_refused"  # 400: the model path breaks the model policy or is unreadable
+    MODEL_UNAVAILABLE = "model_unavailable"  # 400: the model path breaks the model policy or is unreadable
     MISSING_TOKEN = "missing_token"  # 401
     WRONG_TOKEN = "wrong_token"  # 403
     NOT_FOUND = "not_found"  # 404: no such route or object
-    UNKNOWN_WORKER = "unknown_worker"  # 404: the worker id is unknown or retired: register again
+    WORKER_UNKNOWN = "worker_unknown"  # 404: no worker by that id here: register again
+    WORKER_LOST = "worker_lost"  # 404: the service declared it lost (no heartbeat): register again
+    WORKER_RETIRED = "worker_retired"  # 410: it left (deregistered or retired): never register again
     METHOD_NOT_ALLOWED = "method_not_allowed"  # 405 (the Allow header lists the methods)
     REQUEST_TOO_LARGE = "request_too_large"  # 413
     RANGE_NOT_SATISFIABLE = "range_not_satisfiable"  # 416

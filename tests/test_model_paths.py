@@ -71,7 +71,7 @@ def test_paths_outside_the_policy_are_400_and_register_nothing(serve: ServeProce
                 r = http.post(route, json=body)
                 assert r.status_code == 400, (path, route, r.text)
                 err = r.json()
-                assert err["code"] == "model_refused" and err["field"] == field, (path, err)
+                assert err["code"] == "model_unavailable" and err["field"] == field, (path, err)
                 assert err["detail"].startswith(f"{field}: ") and why in err["detail"], (path, err["detail"])
         assert (count(serve, "models"), count(serve, "workloads"), count(serve, "rows")) == (0, 0, 0)
         r = http.post("/v1/workloads", json=submission(str(root / "good")))

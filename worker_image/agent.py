@@ -46,6 +46,7 @@ from worker_image.fetcher import FetchFailed, ModelFetcher
 from worker_image.library_handle import LibraryFailed, LibraryHandle
 
 log = logging.getLogger("pcm.worker")
+REGISTER_AGAIN = (ErrorCode.WORKER_UNKNOWN.value, ErrorCode.WORKER_LOST.value)
 
 
 def detect_resources() -> Resources:
@@ -131,18 +132,25 @@ class WorkerAgent:
         log.info("registered as %s with %s", self.worker_id, self.client.url)
 
     def _call(self, method: str, path: str, body=None, response=None):  # type: ignore[no-untyped-def]
-        """A worker call that re-registers if the service forgot us (e.g. declared us lost)."""
+        """A worker call that re-registers if the service forgot us or declared us lost, but
+        never once we are leaving (SIGTERM, told to retire, deregistered): a call still in
+        flight then must not bring back a worker that is about to exit. A retired worker
+        (410) never registers again."""
         stale = self.worker_id
         try:
             return self.client.request(method, f"/workers/{stale}{path}", body, response)
         except ServiceError as e:
-            if e.status != 404 or e.code != ErrorCode.UNKNOWN_WORKER.value:
+            if e.code not in REGISTER_AGAIN or self.leaving:
                 raise
             with self._register_lock:  # heartbeat and main loop may both notice
                 if self.worker_id == stale:
-                    log.warning("service no longer knows %s; registering again", stale)
+                    log.warning("service no longer knows %s (%s); registering again", stale, e.code)
                     self._register()
             return self.client.request(method, f"/workers/{self.worker_id}{path}", body, response)
+
+    @property
+    def leaving(self) -> bool:
+        return self.stopping.is_set() or self.retiring or self._exited.is_set()
 
     def _plan(self, req: FetchRequest) -> FetchPlan:
         return self._call("POST", "/fetch", req, FetchPlan)
@@ -339,6 +347,10 @@ class WorkerAgent:
         except ServiceUnreachable as e:
             log.error("giving up: %s", e.detail)
             rc = 1
+        except ServiceError as e:
+            if e.code != ErrorCode.WORKER_RETIRED.value and not self.leaving:
+                raise
+            log.info("leaving: %s", e.detail)
         finally:
             self._finish(reporter)
         return rc
