@@ -19,8 +19,10 @@ from pcm_service.factories import FactoryRegistry
 from pcm_service.modelpaths import ModelPolicy
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
+    STAYING_WORKER_STATES,
     BatchLease,
     BatchReport,
+    BatchState,
     ContextSpec,
     ContextState,
     Demand,
@@ -39,6 +41,7 @@ from pcm_service.protocol import (
     RegisterResponse,
     ReportResponse,
     RetireDecision,
+    RowState,
     RowTask,
     SamplingSettings,
     ServiceStatus,
@@ -50,8 +53,8 @@ from pcm_service.protocol import (
     WorkloadSubmission,
 )
 from pcm_service.replicas import ReplicaMap, TransferPolicy
-from pcm_service.results import complete, count_done, fail_rows, settle_batch
-from pcm_service.store import Store
+from pcm_service.results import complete, count_done, fail_rows, requeue, settle_batch
+from pcm_service.store import Store, in_list
 from pcm_service.views import demand_inputs, worker_status, workload_status
 
 
@@ -115,7 +118,8 @@ class ServiceCore:
         """Give known workers a full timeout to reconnect and finish interrupted completions."""
         now = self.clock()
         with self.store.transaction() as db:
-            db.execute(f"UPDATE workers SET last_heartbeat=? WHERE state IN {LIVE_WORKER_STATES}", (now,))
+            live, states = in_list(LIVE_WORKER_STATES)
+            db.execute(f"UPDATE workers SET last_heartbeat=? WHERE state IN {live}", (now, *states))
             pending = [r["workload_id"] for r in db.execute(
                 "SELECT workload_id FROM workloads WHERE state=? AND rows_done=rows_total",
                 (WorkloadState.RUNNING.value,))]
@@ -197,18 +201,15 @@ class ServiceCore:
     def _reconcile(self, db: sqlite3.Connection, worker_id: str, hb: Heartbeat) -> None:
         """Requeue batches leased to this worker in a response it has seen but that it no longer
         holds (a report lost for good, a lease answered just before a service crash)."""
-        held = ",".join(str(int(b)) for b in hb.batches) or "NULL"
-        db.execute(f"UPDATE batches SET state='queued', worker_id=NULL WHERE worker_id=?"
-                   f" AND state='leased' AND lease_seq<=? AND batch_id NOT IN ({held})",
-                   (worker_id, hb.lease_seq))
+        held, ids = in_list(hb.batches)
+        requeue(db, f"worker_id=? AND lease_seq<=? AND batch_id NOT IN {held}", (worker_id, hb.lease_seq, *ids))
 
     def _surplus_workers(self, db: sqlite3.Connection, max_workers: int) -> set[str]:
         """Workers beyond the factory's max (e.g. after `pcm factory set --max`): they finish
         their batches and exit. The least busy, newest ones go first."""
-        live = db.execute("SELECT worker_id FROM workers WHERE state IN (?, ?, ?)"
-                          " ORDER BY inflight ASC, registered_at DESC",
-                          (WorkerState.STARTING.value, WorkerState.IDLE.value,
-                           WorkerState.BUSY.value)).fetchall()
+        staying, states = in_list(STAYING_WORKER_STATES)
+        live = db.execute(f"SELECT worker_id FROM workers WHERE state IN {staying}"
+                          " ORDER BY inflight ASC, registered_at DESC", states).fetchall()
         extra = len(live) - max_workers
         return {r["worker_id"] for r in live[:extra]} if extra > 0 else set()
 
@@ -218,9 +219,8 @@ class ServiceCore:
         min_workers = self.factory_limits().min_workers
         with self.store.transaction() as db:
             self._live_worker(db, worker_id)
-            staying = db.execute("SELECT COUNT(*) FROM workers WHERE state IN (?, ?, ?)",
-                                 (WorkerState.STARTING.value, WorkerState.IDLE.value,
-                                  WorkerState.BUSY.value)).fetchone()[0]
+            marks, states = in_list(STAYING_WORKER_STATES)
+            staying = db.execute(f"SELECT COUNT(*) FROM workers WHERE state IN {marks}", states).fetchone()[0]
             if staying <= min_workers:
                 return RetireDecision(retire=False, reason=f"kept: {staying} workers, factory minimum"
                                                            f" {min_workers}")
@@ -245,8 +245,8 @@ class ServiceCore:
                        (ev.context_id, ContextState.FAILED.value)).fetchone()[0]
         if n < self.config.max_attempts:
             return
-        for b in db.execute("SELECT batch_id, workload_id FROM batches WHERE context_id=?"
-                            " AND state!='done'", (ev.context_id,)).fetchall():
+        for b in db.execute("SELECT batch_id, workload_id FROM batches WHERE context_id=? AND state!=?",
+                            (ev.context_id, BatchState.DONE.value)).fetchall():
             fail_rows(db, self.clock(), b["batch_id"], b["workload_id"],
                       f"engine failed to start {n} times; last error: {ev.error}")
 
@@ -265,11 +265,10 @@ class ServiceCore:
         with self.store.transaction() as db:
             db.execute("UPDATE workers SET state=?, inflight=0, left_at=? WHERE worker_id=?",
                        (state.value, now, worker_id))
-            held = db.execute("SELECT batch_id, workload_id, losses FROM batches WHERE worker_id=?"
-                              " AND state='leased'", (worker_id,)).fetchall()
+            held = db.execute("SELECT batch_id, workload_id, losses FROM batches WHERE worker_id=? AND state=?",
+                              (worker_id, BatchState.LEASED.value)).fetchall()
             lost = 1 if state == WorkerState.LOST else 0
-            db.execute("UPDATE batches SET state='queued', worker_id=NULL, losses=losses+?"
-                       " WHERE worker_id=? AND state='leased'", (lost, worker_id))
+            requeue(db, "worker_id=?", (worker_id,), lost)
             for b in held:
                 if b["losses"] + lost >= self.config.max_losses:
                     fail_rows(db, now, b["batch_id"], b["workload_id"],
@@ -282,9 +281,9 @@ class ServiceCore:
         """Declare workers without a recent heartbeat lost: their leases expire, work is requeued."""
         cutoff = self.clock() - self.config.worker_timeout
         with self.store.read() as db:
+            live, states = in_list(LIVE_WORKER_STATES)
             lost = [r["worker_id"] for r in db.execute(
-                f"SELECT worker_id FROM workers WHERE state IN {LIVE_WORKER_STATES}"
-                " AND last_heartbeat < ?", (cutoff,))]
+                f"SELECT worker_id FROM workers WHERE state IN {live} AND last_heartbeat < ?", (*states, cutoff))]
         for worker_id in lost:
             self.retire(worker_id, WorkerState.LOST)
         return lost
@@ -298,8 +297,8 @@ class ServiceCore:
     # ----- leasing --------------------------------------------------------------
     def _context_with_most_work(self, db: sqlite3.Connection) -> Optional[ContextSpec]:
         row = db.execute("SELECT c.spec FROM batches b JOIN contexts c USING (context_id)"
-                         " WHERE b.state='queued' GROUP BY b.context_id"
-                         " ORDER BY COUNT(*) DESC, MIN(b.batch_id) LIMIT 1").fetchone()
+                         " WHERE b.state=? GROUP BY b.context_id"
+                         " ORDER BY COUNT(*) DESC, MIN(b.batch_id) LIMIT 1", (BatchState.QUEUED.value,)).fetchone()
         return ContextSpec.model_validate_json(row["spec"]) if row else None
 
     def lease_batch(self, worker_id: str, req: LeaseRequest) -> LeaseResponse:
@@ -316,13 +315,13 @@ class ServiceCore:
             db.execute("UPDATE workers SET lease_seq=? WHERE worker_id=?", (seq, worker_id))
             leases: list[BatchLease] = []
             for b in db.execute("SELECT b.*, w.sampling FROM batches b JOIN workloads w USING (workload_id)"
-                                " WHERE b.state='queued' AND b.context_id=? ORDER BY b.batch_id LIMIT ?",
-                                (req.context_id, req.max_batches)).fetchall():
-                db.execute("UPDATE batches SET state='leased', worker_id=?, lease_seq=?, leased_at=?"
-                           " WHERE batch_id=?", (worker_id, seq, now, b["batch_id"]))
+                                " WHERE b.state=? AND b.context_id=? ORDER BY b.batch_id LIMIT ?",
+                                (BatchState.QUEUED.value, req.context_id, req.max_batches)).fetchall():
+                db.execute("UPDATE batches SET state=?, worker_id=?, lease_seq=?, leased_at=? WHERE batch_id=?",
+                           (BatchState.LEASED.value, worker_id, seq, now, b["batch_id"]))
                 rows = [RowTask(idx=r["idx"], row_id=r["row_id"], prompt=r["prompt"]) for r in db.execute(
-                    "SELECT idx, row_id, prompt FROM rows WHERE batch_id=? AND state='pending' ORDER BY idx",
-                    (b["batch_id"],))]
+                    "SELECT idx, row_id, prompt FROM rows WHERE batch_id=? AND state=? ORDER BY idx",
+                    (b["batch_id"], RowState.PENDING.value))]
                 leases.append(BatchLease(batch_id=b["batch_id"], workload_id=b["workload_id"],
                                          context_id=b["context_id"],
                                          sampling=SamplingSettings.model_validate_json(b["sampling"]),
@@ -347,11 +346,11 @@ class ServiceCore:
             accepted = failed = 0
             for r in rep.results:
                 cur = db.execute(
-                    "UPDATE rows SET state='done', text=?, finish_reason=?, prompt_tokens=?,"
+                    "UPDATE rows SET state=?, text=?, finish_reason=?, prompt_tokens=?,"
                     " completion_tokens=?, error=?, worker_id=?, finished_at=?"
-                    " WHERE batch_id=? AND idx=? AND state='pending'",
-                    (r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.error,
-                     worker_id, now, rep.batch_id, r.idx))
+                    " WHERE batch_id=? AND idx=? AND state=?",
+                    (RowState.DONE.value, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens,
+                     r.error, worker_id, now, rep.batch_id, r.idx, RowState.PENDING.value))
                 accepted += cur.rowcount
                 failed += cur.rowcount if r.error else 0
             db.execute("UPDATE workers SET rows_done=rows_done+?, last_busy=? WHERE worker_id=?",
@@ -361,8 +360,7 @@ class ServiceCore:
                 self._count_crashes(db, now, b, rep.crashed)
             if not settle_batch(db, rep.batch_id) and (rep.returned or rep.crashed) \
                     and b["worker_id"] == worker_id:
-                db.execute("UPDATE batches SET state='queued', worker_id=NULL WHERE batch_id=?",
-                           (rep.batch_id,))
+                requeue(db, "batch_id=?", (rep.batch_id,))
         self.throughput.rows(worker_id, accepted, now)
         with self._progress:
             self._progress.notify_all()
@@ -370,11 +368,11 @@ class ServiceCore:
 
     def _count_crashes(self, db: sqlite3.Connection, now: float, b: sqlite3.Row, idx: list[int]) -> None:
         for i in idx:
-            db.execute("UPDATE rows SET crashes=crashes+1 WHERE batch_id=? AND idx=? AND state='pending'",
-                       (b["batch_id"], i))
+            db.execute("UPDATE rows SET crashes=crashes+1 WHERE batch_id=? AND idx=? AND state=?",
+                       (b["batch_id"], i, RowState.PENDING.value))
         poisoned = [r["idx"] for r in db.execute(
-            "SELECT idx FROM rows WHERE batch_id=? AND state='pending' AND crashes>=?",
-            (b["batch_id"], self.config.poison_after))]
+            "SELECT idx FROM rows WHERE batch_id=? AND state=? AND crashes>=?",
+            (b["batch_id"], RowState.PENDING.value, self.config.poison_after))]
         if poisoned:
             fail_rows(db, now, b["batch_id"], b["workload_id"],
                       f"poisoned: the library process died {self.config.poison_after} times while"
@@ -400,10 +398,10 @@ class ServiceCore:
         if not gone:
             return []
         with self.store.read() as db:
-            marks = ",".join("?" * len(gone))
+            live, states = in_list(LIVE_WORKER_STATES)
+            marks, ids = in_list(gone)
             lost = [r["worker_id"] for r in db.execute(
-                f"SELECT worker_id FROM workers WHERE state IN {LIVE_WORKER_STATES}"
-                f" AND glidein_id IN ({marks})", gone)]
+                f"SELECT worker_id FROM workers WHERE state IN {live} AND glidein_id IN {marks}", (*states, *ids))]
         for worker_id in lost:
             self.retire(worker_id, WorkerState.LOST)
         return lost
@@ -428,9 +426,10 @@ class ServiceCore:
     def status(self, include_gone: bool = False) -> ServiceStatus:
         now = self.clock()
         starts = self.library_starts()
-        where = "" if include_gone else f" WHERE state IN {LIVE_WORKER_STATES}"
+        live, states = in_list(LIVE_WORKER_STATES)
+        where, params = ("", []) if include_gone else (f" WHERE state IN {live}", states)
         with self.store.read() as db:
-            workers = db.execute(f"SELECT * FROM workers{where} ORDER BY registered_at").fetchall()
+            workers = db.execute(f"SELECT * FROM workers{where} ORDER BY registered_at", params).fetchall()
             workloads = db.execute("SELECT * FROM workloads ORDER BY created_at").fetchall()
         fetching = ContextState.FETCHING.value
         return ServiceStatus(

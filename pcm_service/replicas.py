@@ -38,7 +38,7 @@ from pcm_service.protocol import (
     TransferStats,
     WorkerRegistration,
 )
-from pcm_service.store import Store
+from pcm_service.store import Store, in_list
 
 log = logging.getLogger("pcm.replicas")
 
@@ -191,9 +191,10 @@ class ReplicaMap:
         if not needed:
             return []
         holders: dict[str, list[_Holder]] = defaultdict(list)
+        live, states = in_list(LIVE_WORKER_STATES)
         for r in db.execute(f"SELECT r.chunk, r.worker_id, p.url, p.slots FROM replicas r"
                             f" JOIN peers p USING (worker_id) JOIN workers w USING (worker_id)"
-                            f" WHERE w.state IN {LIVE_WORKER_STATES} AND r.worker_id != ?", (worker_id,)):
+                            f" WHERE w.state IN {live} AND r.worker_id != ?", (*states, worker_id)):
             if r["chunk"] in lengths:
                 holders[r["chunk"]].append(_Holder(r["worker_id"], r["url"], r["slots"]))
         load = Counter(t.source for t in self._active.values())

@@ -9,20 +9,23 @@ import json
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any, Sequence
 
-from pcm_service.protocol import WorkloadState
+from pcm_service.protocol import BatchState, RowState, WorkloadState
+
+DONE, PENDING = RowState.DONE.value, RowState.PENDING.value
 
 
 def fail_rows(db: sqlite3.Connection, now: float, batch_id: int, wl_id: str, error: str,
               idx: list[int] | None = None) -> int:
     """End pending rows of a batch (all, or those in ``idx``) with ``error``; returns how many."""
     if idx is None:
-        n = db.execute("UPDATE rows SET state='done', error=?, finished_at=? WHERE batch_id=?"
-                       " AND state='pending'", (error, now, batch_id)).rowcount
-        db.execute("UPDATE batches SET state='done' WHERE batch_id=?", (batch_id,))
+        n = db.execute("UPDATE rows SET state=?, error=?, finished_at=? WHERE batch_id=? AND state=?",
+                       (DONE, error, now, batch_id, PENDING)).rowcount
+        db.execute("UPDATE batches SET state=? WHERE batch_id=?", (BatchState.DONE.value, batch_id))
     else:
-        n = sum(db.execute("UPDATE rows SET state='done', error=?, finished_at=? WHERE batch_id=?"
-                           " AND idx=? AND state='pending'", (error, now, batch_id, i)).rowcount
+        n = sum(db.execute("UPDATE rows SET state=?, error=?, finished_at=? WHERE batch_id=? AND idx=?"
+                           " AND state=?", (DONE, error, now, batch_id, i, PENDING)).rowcount
                 for i in idx)
     count_done(db, now, wl_id, n, n)
     return n
@@ -41,11 +44,18 @@ def count_done(db: sqlite3.Connection, now: float, wl_id: str, done: int, failed
 
 def settle_batch(db: sqlite3.Connection, batch_id: int) -> bool:
     """Mark a batch done when none of its rows is pending; True if it was."""
-    left = db.execute("SELECT COUNT(*) FROM rows WHERE batch_id=? AND state='pending'",
-                      (batch_id,)).fetchone()[0]
+    left = db.execute("SELECT COUNT(*) FROM rows WHERE batch_id=? AND state=?",
+                      (batch_id, PENDING)).fetchone()[0]
     if left == 0:
-        db.execute("UPDATE batches SET state='done' WHERE batch_id=?", (batch_id,))
+        db.execute("UPDATE batches SET state=? WHERE batch_id=?", (BatchState.DONE.value, batch_id))
     return left == 0
+
+
+def requeue(db: sqlite3.Connection, where: str, params: Sequence[Any], lost: int = 0) -> int:
+    """Leased batches matching ``where`` go back to the queue: their worker left or was lost,
+    forgot them, or handed their rows back. ``lost`` counts a worker loss against each."""
+    return db.execute(f"UPDATE batches SET state=?, worker_id=NULL, losses=losses+? WHERE state=? AND {where}",
+                      (BatchState.QUEUED.value, lost, BatchState.LEASED.value, *params)).rowcount
 
 
 def complete(db: sqlite3.Connection, now: float, wl_id: str) -> None:

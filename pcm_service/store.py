@@ -1,13 +1,24 @@
 """SQLite state of the service (WAL, synchronous=FULL): committed means durable."""
 from __future__ import annotations
 
+import enum
 import sqlite3
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
-SCHEMA = """
+from pcm_service.protocol import BatchState, RowState
+
+
+def in_list(values: Iterable[Any]) -> tuple[str, list[Any]]:
+    """``(?,?,…)`` and the values to bind to it (an enum member binds its value), for ``IN``:
+    states are never spelled in SQL. An empty list is ``()``, which matches nothing."""
+    bound = [v.value if isinstance(v, enum.Enum) else v for v in values]
+    return "(" + ",".join("?" * len(bound)) + ")", bound
+
+
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS contexts (
     context_id TEXT PRIMARY KEY,
     spec TEXT NOT NULL
@@ -32,7 +43,7 @@ CREATE TABLE IF NOT EXISTS rows (
     row_id TEXT NOT NULL,
     prompt TEXT NOT NULL,
     batch_id INTEGER NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',
+    state TEXT NOT NULL DEFAULT '{RowState.PENDING.value}',
     text TEXT,
     finish_reason TEXT,
     prompt_tokens INTEGER,
@@ -48,7 +59,7 @@ CREATE TABLE IF NOT EXISTS batches (
     batch_id INTEGER PRIMARY KEY AUTOINCREMENT,
     workload_id TEXT NOT NULL,
     context_id TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'queued',
+    state TEXT NOT NULL DEFAULT '{BatchState.QUEUED.value}',
     worker_id TEXT,
     lease_seq INTEGER NOT NULL DEFAULT 0,  -- the worker's lease response that leased it
     losses INTEGER NOT NULL DEFAULT 0,  -- requeued because its worker was lost

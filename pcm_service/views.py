@@ -6,6 +6,8 @@ from typing import Optional
 
 from pcm_service.demand import WorkLeft
 from pcm_service.protocol import (
+    READY_WORKER_STATES,
+    BatchState,
     ContextState,
     FetchProgress,
     Resources,
@@ -14,6 +16,7 @@ from pcm_service.protocol import (
     WorkloadState,
     WorkloadStatus,
 )
+from pcm_service.store import in_list
 
 
 def workload_status(r: sqlite3.Row, now: float) -> WorkloadStatus:
@@ -41,9 +44,9 @@ def demand_inputs(db: sqlite3.Connection, last: int = 8) -> tuple[WorkLeft, int,
     the last workers that got there (None before any did)."""
     rows = db.execute("SELECT COALESCE(SUM(rows_total - rows_done), 0) FROM workloads WHERE state=?",
                       (WorkloadState.RUNNING.value,)).fetchone()[0]
-    batches = db.execute("SELECT COUNT(*) FROM batches WHERE state!='done'").fetchone()[0]
-    ready = db.execute("SELECT COUNT(*) FROM workers WHERE state IN (?, ?)",
-                       (WorkerState.IDLE.value, WorkerState.BUSY.value)).fetchone()[0]
+    batches = db.execute("SELECT COUNT(*) FROM batches WHERE state!=?", (BatchState.DONE.value,)).fetchone()[0]
+    marks, states = in_list(READY_WORKER_STATES)
+    ready = db.execute(f"SELECT COUNT(*) FROM workers WHERE state IN {marks}", states).fetchone()[0]
     spans = db.execute("SELECT MIN(e.at) - w.registered_at AS t FROM library_events e"
                        " JOIN workers w USING (worker_id) WHERE e.state=? GROUP BY e.worker_id"
                        " ORDER BY MIN(e.at) DESC LIMIT ?", (ContextState.READY.value, last)).fetchall()

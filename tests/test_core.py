@@ -195,6 +195,17 @@ def test_heartbeat_requeues_leases_the_worker_saw_but_no_longer_holds(core, tmp_
     assert lease(core, other, resp.context_id, n=3) == []
 
 
+def test_heartbeat_holding_nothing_requeues_every_lease_it_saw(core, tmp_path) -> None:
+    resp = core.submit(submission(tmp_path, n=3, batch_size=3))
+    w = ready_worker(core, resp.context_id)
+    r = core.lease_batch(w, LeaseRequest(context_id=resp.context_id, context_state=ContextState.READY,
+                                         max_batches=1))
+    # its only batch's report was lost for good: it holds nothing, yet has seen that lease
+    hb(core, w, resp.context_id, [], r.lease_seq, inflight=0)
+    other = ready_worker(core, resp.context_id)
+    assert [x.batch_id for x in lease(core, other, resp.context_id)] == [r.batches[0].batch_id]
+
+
 def test_worker_of_an_exited_glidein_is_lost_at_once(core, tmp_path) -> None:
     from pcm_service.protocol import FactoryReport, Glidein, GlideinState
     resp = core.submit(submission(tmp_path, n=3))

@@ -1,0 +1,70 @@
+"""What every wire model shares: strict validation, bounded integers, the one error body."""
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Optional
+
+from annotated_types import Ge, Gt, Le
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+API_PREFIX = "/v1"
+
+
+# integers stay within what JSON carries exactly (and SQLite stores): larger ones are refused
+
+
+INT_MAX = 2**53 - 1
+
+
+def _integral(v: Any) -> Any:
+    """JSON Schema counts 3.0 as an integer; so do we (but never 3.5, "3" or true)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, Ge(-INT_MAX), Le(INT_MAX), BeforeValidator(_integral)]
+
+
+Count = Annotated[int, Ge(0), Le(INT_MAX), BeforeValidator(_integral)]  # ids, indexes, sizes, counts
+
+
+Positive = Annotated[int, Gt(0), Le(INT_MAX), BeforeValidator(_integral)]
+
+
+class Strict(BaseModel):
+    """Unknown fields and wrong types are refused: no bool or string for a number, no number
+    for a string. Enum fields are marked ``strict=False`` so they take their values, as JSON
+    carries them (in strict mode pydantic wants Enum instances from Python input)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class ErrorCode(str, enum.Enum):
+    """Machine-readable reason of an error answer (``ErrorBody.code``)."""
+
+    INVALID_REQUEST = "invalid_request"  # 422: the request does not match the API schema
+    INVALID_VALUE = "invalid_value"  # 400: it does, but breaks a rule between fields (duplicate ids, max < min)
+    MODEL_UNAVAILABLE = "model_unavailable"  # 400: the model path breaks the model policy or is unreadable
+    MISSING_TOKEN = "missing_token"  # 401
+    WRONG_TOKEN = "wrong_token"  # 403
+    NOT_FOUND = "not_found"  # 404: no such route or object
+    WORKER_UNKNOWN = "worker_unknown"  # 404: no worker by that id here: register again
+    WORKER_LOST = "worker_lost"  # 404: the service declared it lost (no heartbeat): register again
+    WORKER_RETIRED = "worker_retired"  # 410: it left (deregistered or retired): never register again
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # 405 (the Allow header lists the methods)
+    REQUEST_TOO_LARGE = "request_too_large"  # 413
+    RANGE_NOT_SATISFIABLE = "range_not_satisfiable"  # 416
+    BUSY = "busy"  # 503: every upload slot is taken; ask another source
+
+
+class ErrorItem(Strict):
+    field: str
+    message: str
+
+
+class ErrorBody(Strict):
+    """The one shape of every error answer: a code, a message, the field at fault if any."""
+
+    code: ErrorCode = Field(strict=False)
+    detail: str
+    field: Optional[str] = None
+    errors: list[ErrorItem] = Field(default_factory=list)  # 422: every field at fault
