@@ -13,10 +13,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import StreamingResponse
 
-from pcm_service.blobs import CHUNK_RE, parse_range, read_pieces
 from pcm_service.core import ServiceCore, UnknownWorker, UnknownWorkload
 from pcm_service.httperrors import ApiError, BodyLimit, StrictJSONRoute, errors, install_error_handlers
-from pcm_service.modelpaths import ModelUnavailable
 from pcm_service.protocol import (
     API_PREFIX,
     BatchReport,
@@ -46,6 +44,9 @@ from pcm_service.protocol import (
     WorkloadSubmission,
 )
 from pcm_service.tokens import check_bearer
+from pcm_service.weights.chunks import CHUNK_RE, read_pieces
+from pcm_service.weights.modelpaths import ModelUnavailable
+from pcm_service.weights.ranges import RangeNotSatisfiable, byte_range
 
 log = logging.getLogger("pcm.service")
 
@@ -205,16 +206,11 @@ def create_app(core: ServiceCore, pool_token: str, api_token: str) -> FastAPI:
             raise ApiError(404, ErrorCode.NOT_FOUND, f"no chunk {chunk} in any registered model")
         path, offset, length = loc
         try:
-            span = parse_range(range, length)
-        except ValueError as e:
-            raise ApiError(416, ErrorCode.RANGE_NOT_SATISFIABLE, str(e), "range",
-                           headers={"Content-Range": f"bytes */{length}"}) from None
-        start, end = span or (0, length)
-        headers = {"content-length": str(end - start)}
-        if span:
-            headers["content-range"] = f"bytes {start}-{end - 1}/{length}"
-        return StreamingResponse(read_pieces(path, offset + start, end - start, core.replicas.origin_limiter),
-                                 status_code=206 if span else 200, headers=headers,
+            span = byte_range(range, length)
+        except RangeNotSatisfiable as e:
+            raise ApiError(416, ErrorCode.RANGE_NOT_SATISFIABLE, str(e), "range", headers=e.headers) from None
+        pieces = read_pieces(path, offset + span.start, span.end - span.start, core.replicas.origin_limiter)
+        return StreamingResponse(pieces, status_code=span.status, headers=span.headers,
                                  media_type="application/octet-stream")
 
     @app.get(f"{API_PREFIX}/workloads/{{workload_id}}", responses={**AUTH, **errors(404, 422)})

@@ -79,9 +79,9 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
 
     from pcm_service.api import create_app
     from pcm_service.core import ServiceConfig, ServiceCore
-    from pcm_service.replicas import TransferPolicy
     from pcm_service.tls import TLSError, check_server_files
     from pcm_service.tokens import API, POOL, TokenError, service_token
+    from pcm_service.weights.replicas import TransferPolicy
 
     try:
         pool_token = service_token(POOL, pool_token_file, state_dir)

@@ -16,7 +16,6 @@ from typing import Callable, Optional
 
 from pcm_service.demand import DemandPolicy, Ramp, ThroughputMeter, make_demand
 from pcm_service.factories import FactoryRegistry
-from pcm_service.modelpaths import ModelPolicy
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
     STAYING_WORKER_STATES,
@@ -52,10 +51,11 @@ from pcm_service.protocol import (
     WorkloadStatus,
     WorkloadSubmission,
 )
-from pcm_service.replicas import ReplicaMap, TransferPolicy
 from pcm_service.results import complete, count_done, fail_rows, requeue, settle_batch
 from pcm_service.store import Store, in_list
 from pcm_service.views import demand_inputs, worker_status, workload_status
+from pcm_service.weights.modelpaths import ModelPolicy
+from pcm_service.weights.replicas import ReplicaMap, TransferPolicy
 
 
 class UnknownWorker(LookupError):

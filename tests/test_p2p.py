@@ -20,7 +20,7 @@ import httpx
 import pytest
 from conftest import REPO, ServeProcess, free_port
 
-from pcm_service.blobs import build_manifest, swarm_chunk_size
+from pcm_service.weights.chunks import build_manifest, swarm_chunk_size
 from pcm_service.client import ServiceClient
 from pcm_service.protocol import ORIGIN, ChunkAssignment, ContextState, ModelManifest, ServiceStatus
 from pcm_service.status_view import context_cell

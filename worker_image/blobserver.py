@@ -17,9 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Optional
 
-from pcm_service.blobs import CHUNK_RE, RateLimiter, Slots, parse_range
 from pcm_service.protocol import API_PREFIX, ErrorBody, ErrorCode
 from pcm_service.tokens import PEER_AUTH_SCHEME, check_peer_signature, peer_key
+from pcm_service.weights.chunks import CHUNK_RE, RateLimiter, Slots
+from pcm_service.weights.ranges import RangeNotSatisfiable, Span, byte_range
 
 log = logging.getLogger("pcm.blobs")
 Locate = Callable[[str], Optional[tuple[Path, int, int]]]
@@ -67,38 +68,35 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path, offset, length = loc
         try:
-            span = parse_range(self.headers.get("Range"), length)
-        except ValueError as e:
-            self._refuse(416, str(e), {"Content-Range": f"bytes */{length}"})
+            span = byte_range(self.headers.get("Range"), length)
+        except RangeNotSatisfiable as e:
+            self._refuse(416, str(e), e.headers)
             return
         if not blob.slots.try_acquire():
             self._refuse(503, f"all {blob.slots.n} upload slots are busy", {"Retry-After": "1"})
             return
         try:
-            self._send(blob, chunk, path, offset, length, span)
+            self._send(blob, chunk, path, offset, span)
         except (BrokenPipeError, ConnectionResetError):
             log.debug("peer %s went away mid-chunk", self.address_string())
         finally:
             blob.slots.release()
 
-    def _send(self, blob: "BlobServer", chunk: str, path: Path, offset: int, length: int,
-              span: Optional[tuple[int, int]]) -> None:
-        start, end = span or (0, length)
+    def _send(self, blob: "BlobServer", chunk: str, path: Path, offset: int, span: Span) -> None:
         try:
             fh = path.open("rb")
         except FileNotFoundError:  # renamed from its .pcm-part- name just now
             loc = blob.locate(chunk)
             fh = (loc[0] if loc else path).open("rb")
         with fh:
-            self.send_response(206 if span else 200)
+            self.send_response(span.status)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(end - start))
-            if span:
-                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{length}")
+            for k, v in span.headers.items():
+                self.send_header(k, v)
             self.end_headers()
-            sent = start
-            while sent < end:
-                n = min(blob.limiter.piece, end - sent)
+            sent = span.start
+            while sent < span.end:
+                n = min(blob.limiter.piece, span.end - sent)
                 blob.limiter.take(n)
                 n = self.connection.sendfile(fh, offset + sent, n)
                 if n == 0:

@@ -17,15 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
-from pcm_service.blobs import (
-    DEFAULT_CHUNK_SIZE,
-    ModelFiles,
-    RateLimiter,
-    build_manifest,
-    stat_signature,
-    swarm_chunk_size,
-)
-from pcm_service.modelpaths import ModelPolicy, ModelUnavailable
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
     ORIGIN,
@@ -39,6 +30,15 @@ from pcm_service.protocol import (
     WorkerRegistration,
 )
 from pcm_service.store import Store, in_list
+from pcm_service.weights.chunks import (
+    DEFAULT_CHUNK_SIZE,
+    ModelFiles,
+    RateLimiter,
+    build_manifest,
+    stat_signature,
+    swarm_chunk_size,
+)
+from pcm_service.weights.modelpaths import ModelPolicy, ModelUnavailable
 
 log = logging.getLogger("pcm.replicas")
 

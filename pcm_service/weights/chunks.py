@@ -11,7 +11,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping
 
 from pcm_service.protocol import ModelFile, ModelManifest
 
@@ -96,24 +96,6 @@ class Slots:
     def release(self) -> None:
         if self._sem:
             self._sem.release()
-
-
-def parse_range(header: Optional[str], length: int) -> Optional[tuple[int, int]]:
-    """``Range: bytes=a-b`` → (start, end exclusive); None means the whole chunk.
-    Raises ValueError for a range that cannot be served (HTTP 416)."""
-    if not header:
-        return None
-    m = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header)
-    if not m or (not m.group(1) and not m.group(2)):
-        raise ValueError(f"unsupported Range {header!r}: give one range, bytes=START-END")
-    if m.group(1):
-        start = int(m.group(1))
-        end = min(int(m.group(2)) + 1, length) if m.group(2) else length
-    else:
-        start, end = max(0, length - int(m.group(2))), length
-    if start >= end:
-        raise ValueError(f"Range {header!r} is outside the chunk's {length} bytes")
-    return start, end
 
 
 def read_pieces(path: Path, offset: int, length: int, limiter: RateLimiter) -> Iterator[bytes]:
