@@ -7,9 +7,11 @@ verified, so neither the engine nor a peer ever sees unverified bytes.
 """
 from __future__ import annotations
 
+import enum
 import hashlib
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -139,6 +141,19 @@ class ChunkStore:
         self._finish_model(m)
 
 
+class ChunkFault(enum.Enum):
+    SHORT = "short"  # fewer bytes than the chunk has
+    CORRUPT = "corrupt"  # the bytes do not hash to the chunk's name
+
+
+@dataclass(frozen=True)
+class ChunkProblem:
+    """Why a received chunk was not taken."""
+
+    kind: ChunkFault
+    message: str
+
+
 class ChunkWriter:
     """Receives one chunk's bytes into place, hashing them as they come."""
 
@@ -157,13 +172,13 @@ class ChunkWriter:
         self._hash.update(data)
         self.received += len(data)
 
-    def commit(self) -> Optional[str]:
+    def commit(self) -> Optional[ChunkProblem]:
         """None when the chunk is whole and its hash matches (it is now served); else why not."""
         self.close()
         if self.received != self.length:
-            return f"got {self.received} of {self.length} bytes"
+            return ChunkProblem(ChunkFault.SHORT, f"got {self.received} of {self.length} bytes")
         if self._hash.hexdigest() != self.chunk:
-            return "sha256 mismatch: corrupt chunk"
+            return ChunkProblem(ChunkFault.CORRUPT, "sha256 mismatch: corrupt chunk")
         self.store.commit(self.m, self.chunk, self.path, self.offset, self.length)
         return None
 

@@ -26,7 +26,7 @@ from pcm_service.protocol import (
     TransferResult,
 )
 from pcm_service.tokens import peer_key, sign_peer_request
-from worker_image.chunkstore import ChunkStore
+from worker_image.chunkstore import ChunkFault, ChunkStore
 
 log = logging.getLogger("pcm.fetch")
 PlanCall = Callable[[FetchRequest], FetchPlan]
@@ -137,9 +137,10 @@ class ModelFetcher:
                     writer.write(buf[:n])
                     if self.on_bytes is not None:
                         self.on_bytes(a, writer.received)
-                res.error = writer.commit()
-                res.ok = res.error is None
-                res.corrupt = res.error is not None and "mismatch" in res.error
+                problem = writer.commit()
+                res.ok = problem is None
+                if problem is not None:
+                    res.error, res.corrupt = problem.message, problem.kind == ChunkFault.CORRUPT
         except (OSError, http.client.HTTPException, ValueError) as e:
             res.error = f"{e.__class__.__name__}: {e}"
         finally:
