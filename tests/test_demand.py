@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pcm_service.demand import DemandPolicy, Ramp, ThroughputMeter, WorkLeft, make_demand, raw_demand
+from pcm_service.core.demand import DemandPolicy, Ramp, ThroughputMeter, WorkLeft, make_demand, raw_demand
 from pcm_service.protocol import FactoryLimits
 
 P = DemandPolicy()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Optional
 
-from pcm_service.demand import WorkLeft
+from pcm_service.core.demand import WorkLeft
 from pcm_service.protocol import (
     READY_WORKER_STATES,
     BatchState,

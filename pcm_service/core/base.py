@@ -1,0 +1,41 @@
+"""What every part of the service core shares: its state and its errors."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+from pcm_service.core.config import ServiceConfig
+from pcm_service.core.demand import Ramp, ThroughputMeter
+from pcm_service.core.factories import FactoryRegistry
+from pcm_service.protocol import WorkerState
+from pcm_service.store import Store
+from pcm_service.weights.replicas import ReplicaMap
+
+
+class UnknownWorker(LookupError):
+    """No live worker by that id. ``state`` says why: None (never registered here), LOST (the
+    service gave up on it: it may register again) or RETIRED (it left: it must not come back)."""
+
+    def __init__(self, worker_id: str, state: Optional[WorkerState] = None) -> None:
+        super().__init__(worker_id)
+        self.worker_id = worker_id
+        self.state = state
+
+
+class UnknownWorkload(LookupError):
+    pass
+
+
+class CoreBase:
+    """The state the parts of ServiceCore share (set by ``ServiceCore.__init__``)."""
+
+    state_dir: Path
+    config: ServiceConfig
+    clock: Callable[[], float]
+    store: Store
+    factories: FactoryRegistry
+    replicas: ReplicaMap
+    throughput: ThroughputMeter
+    ramp: Ramp
+    _progress: threading.Condition

@@ -1,0 +1,122 @@
+"""Leases: which batches a worker runs, and what comes back from them."""
+from __future__ import annotations
+
+import sqlite3
+from typing import Optional
+
+from pcm_service.core.base import CoreBase
+from pcm_service.core.results import count_done, fail_rows, requeue, settle_batch
+from pcm_service.protocol import (
+    BatchLease,
+    BatchReport,
+    BatchState,
+    ContextSpec,
+    ContextState,
+    Heartbeat,
+    LeaseRequest,
+    LeaseResponse,
+    ReportResponse,
+    RowState,
+    RowTask,
+    SamplingSettings,
+    WorkerState,
+)
+from pcm_service.store import in_list
+
+
+class LeaseOps(CoreBase):
+    """Lease batches of the loaded context (or say what to load), record row results."""
+
+    def _reconcile(self, db: sqlite3.Connection, worker_id: str, hb: Heartbeat) -> None:
+        """Requeue batches leased to this worker in a response it has seen but that it no longer
+        holds (a report lost for good, a lease answered just before a service crash)."""
+        held, ids = in_list(hb.batches)
+        requeue(db, f"worker_id=? AND lease_seq<=? AND batch_id NOT IN {held}", (worker_id, hb.lease_seq, *ids))
+
+    def _context_with_most_work(self, db: sqlite3.Connection) -> Optional[ContextSpec]:
+        row = db.execute("SELECT c.spec FROM batches b JOIN contexts c USING (context_id)"
+                         " WHERE b.state=? GROUP BY b.context_id"
+                         " ORDER BY COUNT(*) DESC, MIN(b.batch_id) LIMIT 1", (BatchState.QUEUED.value,)).fetchone()
+        return ContextSpec.model_validate_json(row["spec"]) if row else None
+
+    def lease_batch(self, worker_id: str, req: LeaseRequest) -> LeaseResponse:
+        """Lease up to ``max_batches`` of the worker's loaded context, or tell it what to load."""
+        now = self.clock()
+        with self.store.transaction() as db:
+            w = self._live_worker(db, worker_id)
+            if req.context_id is None or req.context_state != ContextState.READY:
+                want = self._context_with_most_work(db)
+                return LeaseResponse(assign_context=want)
+            if w["state"] == WorkerState.DRAINING.value:
+                return LeaseResponse()  # it asked to retire: no new work
+            seq = w["lease_seq"] + 1
+            db.execute("UPDATE workers SET lease_seq=? WHERE worker_id=?", (seq, worker_id))
+            leases: list[BatchLease] = []
+            for b in db.execute("SELECT b.*, w.sampling FROM batches b JOIN workloads w USING (workload_id)"
+                                " WHERE b.state=? AND b.context_id=? ORDER BY b.batch_id LIMIT ?",
+                                (BatchState.QUEUED.value, req.context_id, req.max_batches)).fetchall():
+                db.execute("UPDATE batches SET state=?, worker_id=?, lease_seq=?, leased_at=? WHERE batch_id=?",
+                           (BatchState.LEASED.value, worker_id, seq, now, b["batch_id"]))
+                rows = [RowTask(idx=r["idx"], row_id=r["row_id"], prompt=r["prompt"]) for r in db.execute(
+                    "SELECT idx, row_id, prompt FROM rows WHERE batch_id=? AND state=? ORDER BY idx",
+                    (b["batch_id"], RowState.PENDING.value))]
+                leases.append(BatchLease(batch_id=b["batch_id"], workload_id=b["workload_id"],
+                                         context_id=b["context_id"],
+                                         sampling=SamplingSettings.model_validate_json(b["sampling"]),
+                                         rows=rows))
+            if leases:
+                db.execute("UPDATE workers SET last_busy=? WHERE worker_id=?", (now, w["worker_id"]))
+                self.throughput.leased(worker_id, now)
+            elif w["inflight"] == 0 and req.max_batches > 0:
+                other = self._context_with_most_work(db)
+                if other is not None and other.context_id != req.context_id:
+                    return LeaseResponse(assign_context=other, lease_seq=seq)
+            return LeaseResponse(batches=leases, lease_seq=seq)
+
+    def report(self, worker_id: str, rep: BatchReport) -> ReportResponse:
+        """Record row results (the first result for a row wins, later ones are dropped); requeue
+        rows handed back; count library crashes against the rows that were in flight."""
+        now = self.clock()
+        with self.store.transaction() as db:
+            b = db.execute("SELECT * FROM batches WHERE batch_id=?", (rep.batch_id,)).fetchone()
+            if b is None:
+                raise LookupError(f"unknown batch {rep.batch_id}")
+            accepted = failed = 0
+            for r in rep.results:
+                cur = db.execute(
+                    "UPDATE rows SET state=?, text=?, finish_reason=?, prompt_tokens=?,"
+                    " completion_tokens=?, error=?, worker_id=?, finished_at=?"
+                    " WHERE batch_id=? AND idx=? AND state=?",
+                    (RowState.DONE.value, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens,
+                     r.error, worker_id, now, rep.batch_id, r.idx, RowState.PENDING.value))
+                accepted += cur.rowcount
+                failed += cur.rowcount if r.error else 0
+            db.execute("UPDATE workers SET rows_done=rows_done+?, last_busy=? WHERE worker_id=?",
+                       (accepted, now, worker_id))
+            count_done(db, now, b["workload_id"], accepted, failed)
+            if rep.crashed:
+                self._count_crashes(db, now, b, rep.crashed)
+            if not settle_batch(db, rep.batch_id) and (rep.returned or rep.crashed) \
+                    and b["worker_id"] == worker_id:
+                requeue(db, "batch_id=?", (rep.batch_id,))
+        self.throughput.rows(worker_id, accepted, now)
+        with self._progress:
+            self._progress.notify_all()
+        return ReportResponse(accepted=accepted, duplicates=len(rep.results) - accepted)
+
+    def _count_crashes(self, db: sqlite3.Connection, now: float, b: sqlite3.Row, idx: list[int]) -> None:
+        for i in idx:
+            db.execute("UPDATE rows SET crashes=crashes+1 WHERE batch_id=? AND idx=? AND state=?",
+                       (b["batch_id"], i, RowState.PENDING.value))
+        poisoned = [r["idx"] for r in db.execute(
+            "SELECT idx FROM rows WHERE batch_id=? AND state=? AND crashes>=?",
+            (b["batch_id"], RowState.PENDING.value, self.config.poison_after))]
+        if poisoned:
+            fail_rows(db, now, b["batch_id"], b["workload_id"],
+                      f"poisoned: the library process died {self.config.poison_after} times while"
+                      " running this row; not retried", poisoned)
+
+    def wait_for_progress(self, timeout: float) -> None:
+        """Block until some row result arrives (or ``timeout``): lets in-process callers await progress."""
+        with self._progress:
+            self._progress.wait(timeout)

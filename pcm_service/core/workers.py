@@ -1,0 +1,164 @@
+"""Workers: registration, heartbeats, engine events, retirement, loss."""
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from typing import Optional
+
+from pcm_service.core.base import CoreBase, UnknownWorker
+from pcm_service.core.results import fail_rows, requeue
+from pcm_service.protocol import (
+    LIVE_WORKER_STATES,
+    STAYING_WORKER_STATES,
+    BatchState,
+    ContextState,
+    FetchPlan,
+    FetchRequest,
+    Heartbeat,
+    HeartbeatResponse,
+    IdleReport,
+    LibraryEvent,
+    RegisterResponse,
+    RetireDecision,
+    WorkerRegistration,
+    WorkerState,
+)
+from pcm_service.store import in_list
+
+
+class WorkerOps(CoreBase):
+    """The life of a worker as the service sees it, and the weights it fetches."""
+
+    def register(self, reg: WorkerRegistration) -> RegisterResponse:
+        worker_id = "w-" + uuid.uuid4().hex[:10]
+        now = self.clock()
+        with self.store.transaction() as db:
+            db.execute(
+                "INSERT INTO workers (worker_id, host, pid, glidein_id, resources, state, context_state,"
+                " registered_at, last_heartbeat, last_busy) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (worker_id, reg.host, reg.pid, reg.glidein_id, reg.resources.model_dump_json(),
+                 WorkerState.STARTING.value, ContextState.ABSENT.value, now, now, now))
+            self.replicas.add_worker(db, worker_id, reg)
+        return RegisterResponse(worker_id=worker_id, heartbeat_interval=self.config.heartbeat_interval,
+                                idle_timeout=self.config.idle_timeout)
+
+    def _live_worker(self, db: sqlite3.Connection, worker_id: str) -> sqlite3.Row:
+        w = db.execute("SELECT * FROM workers WHERE worker_id=?", (worker_id,)).fetchone()
+        if w is None:
+            raise UnknownWorker(worker_id)
+        if w["state"] not in LIVE_WORKER_STATES:
+            raise UnknownWorker(worker_id, WorkerState(w["state"]))
+        return w
+
+    def heartbeat(self, worker_id: str, hb: Heartbeat) -> HeartbeatResponse:
+        now = self.clock()
+        limits = self.factories.explicit_limits()
+        with self.store.transaction() as db:
+            w = self._live_worker(db, worker_id)
+            state = (WorkerState.DRAINING if hb.draining or w["state"] == WorkerState.DRAINING.value else
+                     WorkerState.BUSY if hb.inflight_batches else
+                     WorkerState.IDLE if hb.context_state == ContextState.READY else WorkerState.STARTING)
+            last_busy = now if hb.inflight_batches else w["last_busy"]
+            db.execute(
+                "UPDATE workers SET state=?, context_id=?, context_state=?, inflight=?, last_heartbeat=?,"
+                " last_busy=? WHERE worker_id=?",
+                (state.value, hb.context_id, hb.context_state.value, hb.inflight_batches, now,
+                 last_busy, worker_id))
+            self._reconcile(db, worker_id, hb)
+            # with no limits set, no factory manages this pool: workers started by hand all stay
+            retire = (limits is not None and state != WorkerState.DRAINING
+                      and worker_id in self._surplus_workers(db, limits.max_workers))
+            if retire:  # draining from now on: the others' heartbeats no longer count it as surplus
+                db.execute("UPDATE workers SET state=? WHERE worker_id=?",
+                           (WorkerState.DRAINING.value, worker_id))
+        return HeartbeatResponse(retire=retire)
+
+    def _surplus_workers(self, db: sqlite3.Connection, max_workers: int) -> set[str]:
+        """Workers beyond the factory's max (e.g. after `pcm factory set --max`): they finish
+        their batches and exit. The least busy, newest ones go first."""
+        staying, states = in_list(STAYING_WORKER_STATES)
+        live = db.execute(f"SELECT worker_id FROM workers WHERE state IN {staying}"
+                          " ORDER BY inflight ASC, registered_at DESC", states).fetchall()
+        extra = len(live) - max_workers
+        return {r["worker_id"] for r in live[:extra]} if extra > 0 else set()
+
+    def idle(self, worker_id: str, rep: IdleReport) -> RetireDecision:
+        """An idle worker asks to retire: yes (and it starts draining, so two idle workers
+        cannot both leave the pool below the minimum) unless the factory's minimum keeps it."""
+        min_workers = self.factory_limits().min_workers
+        with self.store.transaction() as db:
+            self._live_worker(db, worker_id)
+            marks, states = in_list(STAYING_WORKER_STATES)
+            staying = db.execute(f"SELECT COUNT(*) FROM workers WHERE state IN {marks}", states).fetchone()[0]
+            if staying <= min_workers:
+                return RetireDecision(retire=False, reason=f"kept: {staying} workers, factory minimum"
+                                                           f" {min_workers}")
+            db.execute("UPDATE workers SET state=? WHERE worker_id=?",
+                       (WorkerState.DRAINING.value, worker_id))
+        return RetireDecision(retire=True, reason=f"idle for {rep.idle_seconds:.0f}s with no work")
+
+    def library_event(self, worker_id: str, ev: LibraryEvent) -> None:
+        with self.store.transaction() as db:
+            self._live_worker(db, worker_id)
+            db.execute("INSERT INTO library_events (worker_id, context_id, state, seconds, error, at)"
+                       " VALUES (?,?,?,?,?,?)",
+                       (worker_id, ev.context_id, ev.state.value, ev.seconds, ev.error, self.clock()))
+            db.execute("UPDATE workers SET context_id=?, context_state=? WHERE worker_id=?",
+                       (ev.context_id, ev.state.value, worker_id))
+            if ev.state == ContextState.FAILED:
+                self._fail_broken_context(db, ev)
+
+    def _fail_broken_context(self, db: sqlite3.Connection, ev: LibraryEvent) -> None:
+        """An engine that failed to start ``max_attempts`` times fails its rows instead of looping."""
+        n = db.execute("SELECT COUNT(*) FROM library_events WHERE context_id=? AND state=?",
+                       (ev.context_id, ContextState.FAILED.value)).fetchone()[0]
+        if n < self.config.max_attempts:
+            return
+        for b in db.execute("SELECT batch_id, workload_id FROM batches WHERE context_id=? AND state!=?",
+                            (ev.context_id, BatchState.DONE.value)).fetchall():
+            fail_rows(db, self.clock(), b["batch_id"], b["workload_id"],
+                      f"engine failed to start {n} times; last error: {ev.error}")
+
+    def library_starts(self, worker_id: Optional[str] = None) -> dict[str, int]:
+        """Engine starts per worker: the context cost PCM exists to pay once."""
+        with self.store.read() as db:
+            rows = db.execute("SELECT worker_id, COUNT(*) AS n FROM library_events WHERE state=?"
+                              " GROUP BY worker_id", (ContextState.READY.value,)).fetchall()
+        starts = {r["worker_id"]: r["n"] for r in rows}
+        return {worker_id: starts.get(worker_id, 0)} if worker_id else starts
+
+    def retire(self, worker_id: str, state: WorkerState = WorkerState.RETIRED) -> int:
+        """A worker left (or was declared lost): its unfinished batches go back to the queue. A
+        batch lost ``max_losses`` times with its worker is failed: it may be what kills them."""
+        now = self.clock()
+        with self.store.transaction() as db:
+            db.execute("UPDATE workers SET state=?, inflight=0, left_at=? WHERE worker_id=?",
+                       (state.value, now, worker_id))
+            held = db.execute("SELECT batch_id, workload_id, losses FROM batches WHERE worker_id=? AND state=?",
+                              (worker_id, BatchState.LEASED.value)).fetchall()
+            lost = 1 if state == WorkerState.LOST else 0
+            requeue(db, "worker_id=?", (worker_id,), lost)
+            for b in held:
+                if b["losses"] + lost >= self.config.max_losses:
+                    fail_rows(db, now, b["batch_id"], b["workload_id"],
+                              f"abandoned: its worker was lost {b['losses'] + lost} times while running it")
+        self.replicas.drop_worker(worker_id)
+        self.throughput.forget(worker_id)
+        return len(held)
+
+    def reap(self) -> list[str]:
+        """Declare workers without a recent heartbeat lost: their leases expire, work is requeued."""
+        cutoff = self.clock() - self.config.worker_timeout
+        with self.store.read() as db:
+            live, states = in_list(LIVE_WORKER_STATES)
+            lost = [r["worker_id"] for r in db.execute(
+                f"SELECT worker_id FROM workers WHERE state IN {live} AND last_heartbeat < ?", (*states, cutoff))]
+        for worker_id in lost:
+            self.retire(worker_id, WorkerState.LOST)
+        return lost
+
+    def fetch_plan(self, worker_id: str, req: FetchRequest) -> FetchPlan:
+        """Record finished chunk transfers, then hand out sources for up to ``req.want`` more."""
+        with self.store.read() as db:
+            self._live_worker(db, worker_id)
+        return self.replicas.plan(worker_id, req)
