@@ -14,7 +14,8 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pcm_service.protocol import ErrorBody, ErrorCode, ErrorItem
+from pcm_service.core import UnknownWorker
+from pcm_service.protocol import ErrorBody, ErrorCode, ErrorItem, WorkerState
 
 _DESCRIPTIONS = {
     400: "The request is well formed but cannot be carried out (e.g. a refused model path)",
@@ -46,6 +47,20 @@ class ApiError(HTTPException):
         super().__init__(status, detail, headers)
         self.code = code
         self.field = field
+
+
+AUTH = errors(401, 403)
+BODY = errors(401, 403, 413, 422)  # routes that take a request body (or query parameters)
+WORKER = {**BODY, **errors(404, 410)}  # a worker route: the worker may be unknown, lost or retired
+
+
+def unknown_worker(e: UnknownWorker) -> ApiError:
+    """404 for a worker that may register again (never seen, or declared lost); 410 for one that left."""
+    if e.state == WorkerState.RETIRED:
+        return ApiError(410, ErrorCode.WORKER_RETIRED, f"worker {e.worker_id} has retired; it may not come back")
+    if e.state == WorkerState.LOST:
+        return ApiError(404, ErrorCode.WORKER_LOST, f"worker {e.worker_id} was declared lost; register again")
+    return ApiError(404, ErrorCode.WORKER_UNKNOWN, f"unknown worker {e.worker_id}; register again")
 
 
 def error_response(status: int, body: ErrorBody, headers: Optional[dict[str, str]] = None) -> JSONResponse:

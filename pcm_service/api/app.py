@@ -1,0 +1,77 @@
+"""The HTTP service: a thin FastAPI shell over ``ServiceCore``. Worker routes sit behind the
+pool token, user routes behind the API token, by the router they belong to."""
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import anyio.to_thread
+from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
+
+from pcm_service.api.auth import BearerToken, api_token, pool_token
+from pcm_service.api.changes import Changes
+from pcm_service.api.errors import BodyLimit, StrictJSONRoute, install_error_handlers
+from pcm_service.api.user_routes import SUBMIT_PATH, user_router
+from pcm_service.api.worker_routes import worker_router
+from pcm_service.core import ServiceCore
+
+log = logging.getLogger("pcm.service")
+OPEN = {"/healthz"}  # the one route without a token (besides the API's own description)
+
+
+def _reaper(core: ServiceCore, stop: threading.Event) -> None:
+    while not stop.wait(core.config.heartbeat_interval):
+        try:
+            for worker_id in core.reap():
+                log.warning("worker %s missed heartbeats for %.0fs: lost, its batches requeued",
+                            worker_id, core.config.worker_timeout)
+        except Exception:  # the reaper must outlive any one bad cycle
+            log.exception("reaper cycle failed")
+
+
+def create_app(core: ServiceCore, pool: str, api: str) -> FastAPI:
+    """The service's app. ``pool``, ``api``: the two tokens, never interchangeable."""
+    if not pool or not api:
+        raise ValueError("create_app needs both the pool token and the API token")
+    stop = threading.Event()
+    changes = Changes()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        t = threading.Thread(target=_reaper, args=(core, stop), name="pcm-reaper", daemon=True)
+        t.start()
+        changes.bind()
+        core.replicas.on_change = changes.notify
+        # chunk streams and plan requests run in threads: leave room for a large pool
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 200
+        yield
+        stop.set()
+        t.join(timeout=5)
+
+    app = FastAPI(title="PCM service", version="1", lifespan=lifespan)
+    app.router.route_class = StrictJSONRoute
+    install_error_handlers(app)
+    cfg = core.config
+    app.add_middleware(BodyLimit, limit_for=lambda path: cfg.max_submission_bytes if path == SUBMIT_PATH
+                       else cfg.max_request_bytes)
+    app.state.core = core
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.include_router(worker_router(core, changes), dependencies=[Depends(pool_token(pool))])
+    app.include_router(user_router(core), dependencies=[Depends(api_token(api))])
+    _check_every_route_has_a_token(app)
+    return app
+
+
+def _check_every_route_has_a_token(app: FastAPI) -> None:
+    """A route added outside the two routers would be open: refuse to start instead."""
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.path not in OPEN and not any(
+                isinstance(d.dependency, BearerToken) for d in route.dependencies):
+            raise RuntimeError(f"route {route.path} is behind neither token: add it to a router")

@@ -1,0 +1,35 @@
+"""The two bearer tokens as route dependencies. A router is included behind one of them, and
+the OpenAPI document names the scheme each operation takes (PoolToken or ApiToken)."""
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.security import HTTPBearer
+
+from pcm_service.api.errors import ApiError
+from pcm_service.protocol import ErrorCode
+from pcm_service.tokens import check_bearer
+
+
+class BearerToken(HTTPBearer):
+    """The request must carry ``Authorization: Bearer <token>``: 401 without one, 403 with another."""
+
+    def __init__(self, token: str, what: str, scheme_name: str, description: str) -> None:
+        if not token:
+            raise ValueError(f"no {what}")
+        super().__init__(auto_error=False, scheme_name=scheme_name, description=description)
+        self.token, self.what = token, what
+
+    async def __call__(self, request: Request) -> None:  # type: ignore[override]
+        refused = check_bearer(request.headers.get("authorization"), self.token, self.what)
+        if refused is not None:
+            status, why = refused
+            raise ApiError(status, ErrorCode.MISSING_TOKEN if status == 401 else ErrorCode.WRONG_TOKEN, why,
+                           headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+
+
+def pool_token(token: str) -> BearerToken:
+    return BearerToken(token, "pool token", "PoolToken", "The pool token: workers (glideins) and their chunk fetches")
+
+
+def api_token(token: str) -> BearerToken:
+    return BearerToken(token, "API token", "ApiToken", "The API token: users, the CLI and the factory")

@@ -1,0 +1,78 @@
+"""Routes for users, the CLI and the factory (behind the API token): workloads, models,
+status, demand, the factory's limits and reports."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+
+from pcm_service.api.errors import AUTH, BODY, ApiError, StrictJSONRoute, errors
+from pcm_service.core import ServiceCore, UnknownWorkload
+from pcm_service.protocol import (
+    API_PREFIX,
+    Demand,
+    ErrorCode,
+    FactoryLimits,
+    FactoryReport,
+    FactoryView,
+    ModelManifest,
+    ModelRegistration,
+    ServiceStatus,
+    SubmitResponse,
+    WorkloadStatus,
+    WorkloadSubmission,
+)
+from pcm_service.weights.modelpaths import ModelUnavailable
+
+SUBMIT_PATH = f"{API_PREFIX}/workloads"
+
+
+def user_router(core: ServiceCore) -> APIRouter:
+    router = APIRouter(route_class=StrictJSONRoute)
+
+    @router.post(SUBMIT_PATH, status_code=201, responses={**BODY, **errors(400)})
+    async def submit(sub: WorkloadSubmission) -> SubmitResponse:
+        try:
+            return await run_in_threadpool(core.submit, sub)
+        except ModelUnavailable as e:
+            raise ApiError(400, ErrorCode.MODEL_UNAVAILABLE, f"context.model: {e}", "context.model") from None
+
+    @router.post(f"{API_PREFIX}/models", status_code=201, responses={**BODY, **errors(400)})
+    async def register_model(reg: ModelRegistration) -> ModelManifest:
+        try:
+            return await run_in_threadpool(core.replicas.register_model, reg.path)
+        except ModelUnavailable as e:
+            raise ApiError(400, ErrorCode.MODEL_UNAVAILABLE, f"path: {e}", "path") from None
+
+    @router.get(f"{API_PREFIX}/workloads/{{workload_id}}", responses={**AUTH, **errors(404, 422)})
+    def workload(workload_id: str) -> WorkloadStatus:
+        try:
+            return core.workload_status(workload_id)
+        except UnknownWorkload:
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"unknown workload {workload_id}") from None
+
+    @router.get(f"{API_PREFIX}/status", responses={**AUTH, **errors(422)})
+    def status(all: bool = False) -> ServiceStatus:
+        return core.status(include_gone=all)
+
+    @router.get(f"{API_PREFIX}/demand", responses=AUTH)
+    def demand() -> Demand:
+        return core.demand()
+
+    @router.get(f"{API_PREFIX}/factory/limits", responses=AUTH)
+    def get_limits() -> FactoryLimits:
+        return core.factory_limits()
+
+    @router.put(f"{API_PREFIX}/factory/limits", responses={**BODY, **errors(400)})
+    def set_limits(limits: FactoryLimits, from_config: bool = False) -> FactoryLimits:
+        return core.set_factory_limits(limits, from_config)
+
+    @router.get(f"{API_PREFIX}/factory", responses=AUTH)
+    def factory_view() -> FactoryView:
+        return core.factory_view()
+
+    @router.post(f"{API_PREFIX}/factory/report", responses=BODY)
+    def factory_report(rep: FactoryReport) -> dict[str, bool]:
+        core.factory_report(rep)
+        return {"ok": True}
+
+    return router

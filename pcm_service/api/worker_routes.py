@@ -1,0 +1,132 @@
+"""Routes for workers (behind the pool token): register, heartbeat, lease, report, retire, and
+the model weights they fetch (manifests, plans, the origin's chunks)."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Optional, TypeVar
+
+from fastapi import APIRouter, Header
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from pcm_service.api.changes import Changes
+from pcm_service.api.errors import AUTH, BODY, WORKER, ApiError, StrictJSONRoute, errors, unknown_worker
+from pcm_service.core import ServiceCore, UnknownWorker
+from pcm_service.protocol import (
+    API_PREFIX,
+    BatchReport,
+    ErrorCode,
+    FetchPlan,
+    FetchRequest,
+    Heartbeat,
+    HeartbeatResponse,
+    IdleReport,
+    LeaseRequest,
+    LeaseResponse,
+    LibraryEvent,
+    ModelManifest,
+    RegisterResponse,
+    ReportResponse,
+    RetireDecision,
+    WorkerRegistration,
+)
+from pcm_service.weights.chunks import CHUNK_RE, read_pieces
+from pcm_service.weights.ranges import RangeNotSatisfiable, byte_range
+
+T = TypeVar("T")
+BYTES = {"content": {"application/octet-stream": {}}}
+
+
+def call(fn: Callable[..., T], *args: Any) -> T:
+    """A core call for a worker: an unknown, lost or retired worker gets its own answer."""
+    try:
+        return fn(*args)
+    except UnknownWorker as e:
+        raise unknown_worker(e) from None
+
+
+def worker_router(core: ServiceCore, changes: Changes) -> APIRouter:
+    router = APIRouter(route_class=StrictJSONRoute)
+
+    @router.get(f"{API_PREFIX}/models/{{digest}}", responses={**AUTH, **errors(404, 422)})
+    def manifest(digest: str) -> ModelManifest:
+        try:
+            return core.replicas.manifest(digest)
+        except KeyError:
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"unknown model manifest {digest}") from None
+
+    @router.get(f"{API_PREFIX}/blobs/{{chunk}}", response_class=StreamingResponse,
+             responses={200: {**BYTES, "description": "The chunk"}, 206: {**BYTES, "description": "Part of it"},
+                        **AUTH, **errors(404, 416, 422)})
+    def origin_chunk(chunk: str, range: Optional[str] = Header(None)) -> StreamingResponse:
+        """The origin copy of a chunk, paced by the origin's upload rate."""
+        loc = core.replicas.origin_location(chunk) if CHUNK_RE.fullmatch(chunk) else None
+        if loc is None:
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"no chunk {chunk} in any registered model")
+        path, offset, length = loc
+        try:
+            span = byte_range(range, length)
+        except RangeNotSatisfiable as e:
+            raise ApiError(416, ErrorCode.RANGE_NOT_SATISFIABLE, str(e), "range", headers=e.headers) from None
+        pieces = read_pieces(path, offset + span.start, span.end - span.start, core.replicas.origin_limiter)
+        return StreamingResponse(pieces, status_code=span.status, headers=span.headers,
+                                 media_type="application/octet-stream")
+
+    @router.post(f"{API_PREFIX}/workers", status_code=201, responses=BODY)
+    def register(reg: WorkerRegistration) -> RegisterResponse:
+        return core.register(reg)
+
+    @router.post(f"{API_PREFIX}/workers/{{worker_id}}/heartbeat", responses=WORKER)
+    def heartbeat(worker_id: str, hb: Heartbeat) -> HeartbeatResponse:
+        return call(core.heartbeat, worker_id, hb)
+
+    @router.post(f"{API_PREFIX}/workers/{{worker_id}}/library", responses=WORKER)
+    def library(worker_id: str, ev: LibraryEvent) -> dict[str, bool]:
+        call(core.library_event, worker_id, ev)
+        return {"ok": True}
+
+    @router.post(f"{API_PREFIX}/workers/{{worker_id}}/lease", responses=WORKER)
+    def lease(worker_id: str, req: LeaseRequest) -> LeaseResponse:
+        return call(core.lease_batch, worker_id, req)
+
+    @router.post(f"{API_PREFIX}/workers/{{worker_id}}/idle", responses=WORKER)
+    def idle(worker_id: str, rep: IdleReport) -> RetireDecision:
+        """An idle worker asks to retire; the factory's minimum may keep it."""
+        return call(core.idle, worker_id, rep)
+
+    @router.post(f"{API_PREFIX}/workers/{{worker_id}}/report", responses=WORKER)
+    def report(worker_id: str, rep: BatchReport) -> ReportResponse:
+        try:
+            return core.report(worker_id, rep)
+        except UnknownWorker as e:
+            raise unknown_worker(e) from None
+        except LookupError as e:
+            raise ApiError(404, ErrorCode.NOT_FOUND, str(e), "batch_id") from None
+
+    @router.post(f"{API_PREFIX}/workers/{{worker_id}}/fetch", responses=WORKER)
+    async def fetch(worker_id: str, req: FetchRequest) -> FetchPlan:
+        """A transfer plan; with ``wait`` it long-polls until a source frees up."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + req.wait
+        while True:
+            ev = changes.event
+            try:
+                plan = await run_in_threadpool(call, core.fetch_plan, worker_id, req)
+            except KeyError:
+                raise ApiError(404, ErrorCode.NOT_FOUND, f"unknown model manifest {req.manifest_digest}",
+                               "manifest_digest") from None
+            left = deadline - loop.time()
+            done = plan.progress.chunks_held == plan.progress.chunks_total
+            if plan.assignments or req.want == 0 or done or left <= 0 or ev is None:
+                return plan
+            req = req.model_copy(update={"results": []})  # recorded once
+            try:
+                await asyncio.wait_for(ev.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    @router.delete(f"{API_PREFIX}/workers/{{worker_id}}", responses={**AUTH, **errors(422)})
+    def retire(worker_id: str) -> dict[str, int]:
+        return {"requeued_batches": core.retire(worker_id)}
+
+    return router
