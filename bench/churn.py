@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from factory.drill import EvictionSettings  # noqa: E402
+from pcm_service.cli.embedded import run_workload  # noqa: E402
 from pcm_service.core import ServiceConfig  # noqa: E402
-from pcm_service.embedded import run_workload  # noqa: E402
 from pcm_service.protocol import ContextSpec, EngineSettings, RowIn, SamplingSettings, WorkloadSubmission  # noqa: E402
 
 ENGINE = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True,
@@ -67,7 +67,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--work", type=Path, default=None, help="where runs keep state (default: a temp dir)")
     args = p.parse_args()
-    from pcm_service.tinymodel import make_tiny_model
+    from pcm_service.cli.tinymodel import make_tiny_model
 
     tmp = args.work or Path(tempfile.mkdtemp(prefix="pcm-bench-churn-"))
     model = make_tiny_model(tmp / "tiny-llama")

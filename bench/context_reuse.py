@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pcm_service.embedded import run_workload  # noqa: E402
+from pcm_service.cli.embedded import run_workload  # noqa: E402
 from pcm_service.protocol import ContextSpec, EngineSettings, RowIn, SamplingSettings, WorkloadSubmission  # noqa: E402
 
 ONE_BATCH = r"""
@@ -95,7 +95,7 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=REPO / "build/models/tiny-llama")
     args = p.parse_args()
     if not (args.model / "config.json").exists():
-        from pcm_service.tinymodel import make_tiny_model
+        from pcm_service.cli.tinymodel import make_tiny_model
         make_tiny_model(args.model)
     ps = prompts(args.rows)
     with tempfile.TemporaryDirectory(prefix="pcm-bench-") as d:

@@ -22,7 +22,7 @@ pytest_plugins = ["htcondor_pool.fixtures"]  # the `pool` fixture: a real HTCond
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pcm_service.tinymodel import make_tiny_model
+    from pcm_service.cli.tinymodel import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 

@@ -20,11 +20,11 @@ import httpx
 import pytest
 from conftest import REPO, ServeProcess, free_port
 
-from pcm_service.weights.chunks import build_manifest, swarm_chunk_size
+from pcm_service.cli.status_view import context_cell
 from pcm_service.client import ServiceClient
 from pcm_service.protocol import ORIGIN, ChunkAssignment, ContextState, ModelManifest, ServiceStatus
-from pcm_service.status_view import context_cell
 from pcm_service.tokens import peer_key, sign_peer_request
+from pcm_service.weights.chunks import build_manifest, swarm_chunk_size
 from worker_image.agent import PeerSettings, WorkerAgent
 from worker_image.blobserver import BlobServer
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from pcm_service.core import ServiceConfig, ServiceCore
-from pcm_service.weights.modelpaths import ModelUnavailable
 from pcm_service.protocol import ORIGIN, FetchRequest, ModelManifest, TransferResult, WorkerRegistration
+from pcm_service.weights.modelpaths import ModelUnavailable
 from pcm_service.weights.replicas import TransferPolicy
 
 CHUNK = 1024

@@ -11,7 +11,7 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from pcm_service.cli_common import (
+from pcm_service.cli.common import (
     CaFileOpt,
     ServiceOpt,
     TokenFileOpt,

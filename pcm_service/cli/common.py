@@ -11,8 +11,10 @@ import typer
 from rich.console import Console
 
 from pcm_service.client import ServiceClient, ServiceError, default_service_url
+from pcm_service.protocol import WorkloadStatus, WorkloadSubmission
 from pcm_service.tls import CA_FILE_ENV
 from pcm_service.tokens import API, Token, TokenError, client_token
+from pcm_service.workload import WorkloadError, load_workload
 
 console = Console(stderr=True)
 out = Console()
@@ -102,3 +104,40 @@ def eviction_settings(every: Optional[float], signal: str, count: Optional[int],
             fail("--evict-count needs --evict-every", code=2)
         return None
     return EvictionSettings(interval=every, signal=signal, count=count, seed=seed)  # type: ignore[arg-type]
+
+
+def load_workload_file(path: Path) -> WorkloadSubmission:
+    try:
+        return load_workload(path)
+    except WorkloadError as e:
+        fail(f"{path}: {e}", code=2)
+
+
+def progress_bar():  # type: ignore[no-untyped-def]
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]:.1f} rows/s"), TimeElapsedColumn(), console=console)
+
+
+def progress_until_done(fetch, total: int, label: str) -> WorkloadStatus:  # type: ignore[no-untyped-def]
+    with progress_bar() as bar:
+        task = bar.add_task(label, total=total, rate=0.0)
+        while True:
+            st = fetch()
+            bar.update(task, completed=st.rows_done, rate=st.rows_per_second)
+            if st.state.value == "completed":
+                return st
+
+
+def report_done(st: WorkloadStatus) -> None:
+    failed = f", [yellow]{st.rows_failed} failed[/yellow]" if st.rows_failed else ""
+    console.print(f"[green]done:[/green] {st.rows_done} rows{failed}; results in {st.output}",
+                  highlight=False)
+    out.print(st.output, highlight=False)

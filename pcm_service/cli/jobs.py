@@ -1,0 +1,78 @@
+"""`pcm submit` and `pcm status`: a user's work against a running service."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pcm_service.cli.common import (
+    CaFileOpt,
+    ServiceOpt,
+    TokenFileOpt,
+    client_for,
+    console,
+    fail,
+    load_workload_file,
+    out,
+    progress_until_done,
+    report_done,
+)
+from pcm_service.client import ServiceError
+from pcm_service.protocol import ServiceStatus, SubmitResponse, WorkloadStatus
+
+
+def submit(workload: Path = typer.Argument(..., help="Workload YAML file"),
+           service: Optional[str] = ServiceOpt, token_file: Optional[Path] = TokenFileOpt,
+           ca_file: Optional[Path] = CaFileOpt,
+           wait: bool = typer.Option(False, "--wait", help="Show progress until the output is written")) -> None:
+    """Submit a workload to a running service."""
+    sub = load_workload_file(workload)
+    client = client_for(service, token_file, ca_file)
+    try:
+        resp: SubmitResponse = client.request("POST", "/workloads", sub, SubmitResponse)
+    except ServiceError as e:
+        fail(e.detail, code=2 if 400 <= e.status < 500 else 1)
+    console.print(f"submitted {resp.workload_id}: {resp.rows} rows in {resp.batches} batches"
+                  f" (context {resp.context_id})", highlight=False)
+    out.print(resp.workload_id)
+    if wait:
+        def fetch() -> WorkloadStatus:
+            time.sleep(0.5)
+            return client.request("GET", f"/workloads/{resp.workload_id}", response=WorkloadStatus)
+        report_done(progress_until_done(fetch, resp.rows, sub.name))
+
+
+def status(service: Optional[str] = ServiceOpt, token_file: Optional[Path] = TokenFileOpt,
+           ca_file: Optional[Path] = CaFileOpt,
+           watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until interrupted"),
+           interval: float = typer.Option(2.0, help="Refresh interval for --watch"),
+           as_json: bool = typer.Option(False, "--json", help="Print the raw status as JSON"),
+           all_workers: bool = typer.Option(False, "--all", help="Include retired and lost workers")) -> None:
+    """Show workers (state, context) and workloads (rows done/total, rate)."""
+    from pcm_service.cli.status_view import render_status
+
+    client = client_for(service, token_file, ca_file)
+
+    def fetch() -> ServiceStatus:
+        try:
+            return client.request("GET", "/status", response=ServiceStatus, all=all_workers)
+        except ServiceError as e:
+            fail(e.detail)
+
+    if as_json:
+        out.print_json(fetch().model_dump_json())
+        return
+    if not watch:
+        out.print(render_status(fetch()))
+        return
+    from rich.live import Live
+
+    with Live(render_status(fetch()), console=out, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(render_status(fetch()), refresh=True)
+        except KeyboardInterrupt:
+            pass

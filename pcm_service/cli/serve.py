@@ -1,0 +1,100 @@
+"""`pcm serve`: the service (HTTP API, SQLite state, the origin of model weights)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pcm_service.cli.common import (
+    console,
+    fail,
+    setup_logging,
+)
+from pcm_service.tokens import Token
+
+log = logging.getLogger("pcm.service")
+
+
+def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLite state lives"),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on"),
+          port: int = typer.Option(8642, help="Port to listen on"),
+          heartbeat_interval: float = typer.Option(2.0, help="Seconds between worker heartbeats"),
+          worker_timeout: float = typer.Option(
+              10.0, help="A worker silent this long is lost: its leases expire, its rows are requeued"),
+          idle_timeout: float = typer.Option(60.0, help="An idle worker retires after this"),
+          pool_token_file: Optional[Path] = typer.Option(
+              None, help="Workers must present this file's token [env PCM_POOL_TOKEN_FILE; else env"
+                         " PCM_POOL_TOKEN, else STATE_DIR/pool.token, made on first start]",
+              envvar="PCM_POOL_TOKEN_FILE"),
+          api_token_file: Optional[Path] = typer.Option(
+              None, help="Users must present this file's token [env PCM_API_TOKEN_FILE; else env"
+                         " PCM_API_TOKEN, else STATE_DIR/api.token, made on first start]",
+              envvar="PCM_API_TOKEN_FILE"),
+          chunk_size: float = typer.Option(
+              64, min=0.001, help="Largest model chunk in MiB (a model gets >= 64 chunks, >= 1 MiB)"),
+          origin_rate: float = typer.Option(0, min=0, help="The origin's upload MB/s (0: unlimited)"),
+          origin_slots: int = typer.Option(4, min=1, help="Chunk transfers the origin serves at once"),
+          model_root: list[Path] = typer.Option(
+              [], "--model-root", help="A directory models may be read from (repeatable); a model"
+                                       " path outside every root is refused"),
+          tls_cert: Optional[Path] = typer.Option(None, help="Serve HTTPS with this certificate (PEM)"),
+          tls_key: Optional[Path] = typer.Option(None, help="The certificate's private key (PEM, mode 0600)"),
+          max_request_mb: float = typer.Option(64, min=0.001, help="Largest request body in MiB (else 413)"),
+          max_submission_mb: float = typer.Option(
+              1024, min=0.001, help="Largest workload submission in MiB (it holds every row)"),
+          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Run the PCM service (HTTP API + SQLite state; the origin copy of model weights)."""
+    import uvicorn
+
+    from pcm_service.api import create_app
+    from pcm_service.core import ServiceConfig, ServiceCore
+    from pcm_service.tls import TLSError, check_server_files
+    from pcm_service.tokens import API, POOL, TokenError, service_token
+    from pcm_service.weights.replicas import TransferPolicy
+
+    try:
+        pool_token = service_token(POOL, pool_token_file, state_dir)
+        api_token = service_token(API, api_token_file, state_dir)
+    except TokenError as e:
+        fail(str(e), code=2)
+    for root in model_root:
+        if not root.is_dir():
+            fail(f"--model-root {root}: not a directory", code=2)
+    if (tls_cert is None) != (tls_key is None):
+        fail("--tls-cert and --tls-key go together", code=2)
+    if tls_cert is not None and tls_key is not None:
+        try:
+            check_server_files(tls_cert, tls_key)
+        except TLSError as e:
+            fail(str(e), code=2)
+    setup_logging(verbose)
+    transfers = TransferPolicy(chunk_size=int(chunk_size * 2**20), origin_rate=origin_rate * 1e6,
+                               origin_slots=origin_slots)
+    secrets = tuple(p for p in (pool_token.path, api_token.path, tls_key) if p is not None)
+    core = ServiceCore(state_dir, ServiceConfig(
+        heartbeat_interval=heartbeat_interval, worker_timeout=worker_timeout, idle_timeout=idle_timeout,
+        transfers=transfers, model_roots=tuple(model_root), secret_paths=secrets,
+        max_request_bytes=int(max_request_mb * 2**20), max_submission_bytes=int(max_submission_mb * 2**20)))
+    scheme = "https" if tls_cert else "http"
+    console.print(f"PCM service on {scheme}://{host}:{port} (state in {state_dir.resolve()})", highlight=False)
+    roots = ", ".join(str(r.resolve()) for r in model_root) or "none: every model path is refused"
+    console.print(f"model roots: {roots}", highlight=False)
+    _print_token_use("pool token", pool_token, "workers: `pcm worker --token-file {file}`; factory:"
+                     " local.token_file or htcondor.token_file: {file}")
+    _print_token_use("API token", api_token, "clients (submit, status, factory):"
+                     " --token-file {file} or PCM_API_TOKEN_FILE={file}")
+    if scheme == "http" and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving plain HTTP on %s: bearer tokens cross the network in clear;"
+                    " use --tls-cert/--tls-key (see `pcm tls init`)", host)
+    uvicorn.run(create_app(core, pool_token.value, api_token.value), host=host, port=port,
+                log_level="warning", ssl_certfile=str(tls_cert) if tls_cert else None,
+                ssl_keyfile=str(tls_key) if tls_key else None)
+
+
+def _print_token_use(what: str, token: Token, how: str) -> None:
+    """Where a token is and who needs it; never the token itself."""
+    made = " (generated, mode 0600)" if token.generated else ""
+    file = str(token.path.resolve()) if token.path else "FILE (mode 0600, holding the same token)"
+    console.print(f"{what}: {token.source}{made}; {how.format(file=file)}", highlight=False)
