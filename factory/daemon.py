@@ -170,7 +170,7 @@ class Factory:
         self.reload_if_changed()
         status: ServiceStatus = self.client.request("GET", "/status", response=ServiceStatus)
         demand = status.demand
-        glideins = self.backend.list()
+        glideins = self.backend.glideins()
         now = self.clock()
         self._note(glideins)
         d = decide(demand.workers_wanted, glideins, status.workers, self.policy(demand.limits), now,

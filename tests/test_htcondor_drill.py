@@ -40,7 +40,7 @@ def test_evict_vacates_or_kills_a_running_glidein_and_it_runs_again(pool: PoolHa
             return log.read_text().split() if log.exists() else []
 
         def running() -> bool:
-            return any(g.glidein_id == gid and g.state == GlideinState.RUNNING for g in backend.list())
+            return any(g.glidein_id == gid and g.state == GlideinState.RUNNING for g in backend.glideins())
 
         wait_for(lambda: running() and runs() == ["start"], 120, "the glidein to run")
         backend.evict(gid, hard=False)  # Vacate: SIGTERM, back to the queue, runs again

@@ -19,12 +19,17 @@ class BackendError(RuntimeError):
 class GlideinBackend(ABC):
     name: str = "abstract"
 
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: "FactoryConfig") -> "GlideinBackend":
+        """The backend a factory config describes (``config.backend`` names it)."""
+
     @abstractmethod
     def submit(self, count: int) -> list[str]:
         """Start ``count`` glideins; return their ids."""
 
     @abstractmethod
-    def list(self) -> list[Glidein]:
+    def glideins(self) -> list[Glidein]:
         """This factory's glideins as the batch system sees them now. Ones that left since the
         last call are returned once more as EXITED (with why), then forgotten."""
 

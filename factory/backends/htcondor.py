@@ -17,10 +17,14 @@ from factory.config import FactoryConfig, HTCondorSettings
 
 log = logging.getLogger("pcm.factory.htcondor")
 
-# JobStatus codes (HTCondor manual, "Job ClassAd Attributes")
-_STATES = {1: GlideinState.IDLE, 2: GlideinState.RUNNING, 3: GlideinState.EXITED,
-           4: GlideinState.EXITED, 5: GlideinState.HELD, 6: GlideinState.RUNNING,
-           7: GlideinState.RUNNING}
+def _states(job_status: Any) -> dict[int, GlideinState]:
+    """htcondor2.JobStatus → what the factory cares about (the bindings are imported lazily)."""
+    return {job_status.IDLE: GlideinState.IDLE, job_status.RUNNING: GlideinState.RUNNING,
+            job_status.REMOVED: GlideinState.EXITED, job_status.COMPLETED: GlideinState.EXITED,
+            job_status.HELD: GlideinState.HELD, job_status.TRANSFERRING_OUTPUT: GlideinState.RUNNING,
+            job_status.SUSPENDED: GlideinState.RUNNING}
+
+
 _PROJECTION = ["ClusterId", "ProcId", "JobStatus", "RemoteHost", "LastRemoteHost", "AssignedGPUs",
                "HoldReason", "HoldReasonCode", "RemoveReason", "ExitCode", "EnteredCurrentStatus", "JobRunCount"]
 
@@ -101,6 +105,7 @@ class HTCondorBackend(GlideinBackend):
         except ImportError:
             raise BackendError("the htcondor bindings are not installed: pip install 'pcm[htcondor]'")
         self.htcondor = htcondor2
+        self._states = _states(htcondor2.JobStatus)
         self.settings = settings
         self.service_url = service_url
         self.factory_name = factory_name
@@ -110,6 +115,10 @@ class HTCondorBackend(GlideinBackend):
         self.schedd = self._locate()
         self._seen: dict[str, Glidein] = {}
         Path(settings.log_dir).mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_config(cls, config: FactoryConfig) -> "HTCondorBackend":
+        return cls(config.htcondor, config.service, config.name, config.ca_file)
 
     # ----- schedd -----------------------------------------------------------------
     def _locate(self) -> Any:
@@ -149,7 +158,7 @@ class HTCondorBackend(GlideinBackend):
     def _glidein(self, ad: Any, gone: bool = False) -> Glidein:
         gid = f"{ad['ClusterId']}.{ad['ProcId']}"
         status = int(ad.get("JobStatus", 0))
-        state = GlideinState.EXITED if gone else _STATES.get(status, GlideinState.IDLE)
+        state = GlideinState.EXITED if gone else self._states.get(status, GlideinState.IDLE)
         if status == 5:
             detail = f"held (HoldReasonCode {ad.get('HoldReasonCode', '?')}): {ad.get('HoldReason') or '-'}"
         elif status == 3:
@@ -163,7 +172,7 @@ class HTCondorBackend(GlideinBackend):
         return Glidein(glidein_id=gid, state=state, host=host, gpus=gpus, detail=detail,
                        since=float(ad.get("EnteredCurrentStatus", 0)) or None)
 
-    def list(self) -> list[Glidein]:
+    def glideins(self) -> list[Glidein]:
         ads = self._call("query", self.schedd.query, constraint=self.constraint, projection=_PROJECTION)
         now = {g.glidein_id: g for g in (self._glidein(ad) for ad in ads)}
         out = list(now.values())

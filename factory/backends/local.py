@@ -34,6 +34,11 @@ class LocalBackend(GlideinBackend):
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._seq = itertools.count(1)
 
+    @classmethod
+    def from_config(cls, config: FactoryConfig) -> "LocalBackend":
+        return cls(config.service, config.local.work_dir, worker_args=config.local.worker_args,
+                   token_file=config.local.token_file, ca_file=config.ca_file)
+
     def submit(self, count: int) -> list[str]:
         ids = []
         for _ in range(count):
@@ -53,7 +58,7 @@ class LocalBackend(GlideinBackend):
             ids.append(gid)
         return ids
 
-    def list(self) -> list[Glidein]:
+    def glideins(self) -> list[Glidein]:
         out = []
         for gid, proc in list(self._procs.items()):
             code = proc.poll()

@@ -62,7 +62,7 @@ def factory_run(config: Optional[Path] = typer.Option(
                 evict_count: Optional[int] = typer.Option(None, min=1, help="Eviction drill: stop after this many"),
                 verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run the factory daemon: glideins follow the service's demand within min/max."""
-    from factory.backends.base import BackendError
+    from factory.backends import BackendError, make_backend
     from factory.config import (
         FactoryConfig,
         FactoryConfigError,
@@ -86,7 +86,7 @@ def factory_run(config: Optional[Path] = typer.Option(
     setup_logging(verbose)
     client = client_for(cfg.service, token_file, Path(cfg.ca_file) if cfg.ca_file else None, retry_for=60.0)
     try:
-        be = _backend(cfg)
+        be = make_backend(cfg)
     except BackendError as e:
         fail(str(e), code=1)
     fac = Factory(client, be, cfg, config_path=config)
@@ -106,17 +106,6 @@ def factory_run(config: Optional[Path] = typer.Option(
         pass
     finally:
         be.close()
-
-
-def _backend(cfg):  # type: ignore[no-untyped-def]
-    if cfg.backend == "htcondor":
-        from factory.backends.htcondor import HTCondorBackend
-
-        return HTCondorBackend(cfg.htcondor, cfg.service, cfg.name, cfg.ca_file)
-    from factory.backends.local import LocalBackend
-
-    return LocalBackend(cfg.service, cfg.local.work_dir, worker_args=cfg.local.worker_args,
-                        token_file=cfg.local.token_file, ca_file=cfg.ca_file)
 
 
 @factory_app.command("set")
