@@ -7,7 +7,6 @@ them, reports rows as they finish, heartbeats, and retires when idle.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import signal
@@ -43,6 +42,7 @@ from pcm_service.protocol import (
 from worker_image.blobserver import BlobServer, outward_address
 from worker_image.chunkstore import ChunkStore
 from worker_image.fetcher import FetchFailed, ModelFetcher
+from worker_image.ledger import LeaseLedger
 from worker_image.library_handle import LibraryFailed, LibraryHandle
 
 log = logging.getLogger("pcm.worker")
@@ -100,10 +100,7 @@ class WorkerAgent:
         self.reg: Optional[RegisterResponse] = None
         self.library: Optional[LibraryHandle] = None
         self.context_state = ContextState.ABSENT
-        self.inflight: dict[int, set[int]] = {}  # batch_id → row idx not yet finished
-        self.unreported: Counter[int] = Counter()  # batch_id → reports queued, not yet delivered
-        self.lease_seq = 0  # the newest lease response taken in (heartbeats echo it)
-        self._lock = threading.Lock()
+        self.ledger = LeaseLedger()  # the batches held and the newest lease response taken in
         self._register_lock = threading.Lock()
         self._wake = threading.Event()
         self.stopping = threading.Event()
@@ -126,9 +123,8 @@ class WorkerAgent:
             resources=detect_resources(), blob_url=(self.peers.url or self.blobs.url) if self.blobs else None,
             upload_slots=self.peers.upload_slots if self.blobs else 0,
             chunks=self.store.held()), RegisterResponse)
-        with self._lock:  # a new worker id: its lease responses are numbered from 1 again
-            self.worker_id = self.reg.worker_id
-            self.lease_seq = 0
+        self.worker_id = self.reg.worker_id
+        self.ledger.registered()
         log.info("registered as %s with %s", self.worker_id, self.client.url)
 
     def _call(self, method: str, path: str, body=None, response=None):  # type: ignore[no-untyped-def]
@@ -168,16 +164,14 @@ class WorkerAgent:
             self._send_heartbeat()
 
     def _send_heartbeat(self) -> None:
-        with self._lock:  # batches held and lease_seq from one moment: the service reconciles them
-            n = len(self.inflight)
-            held = sorted(set(self.inflight) | {b for b, k in self.unreported.items() if k > 0})
-            seq = self.lease_seq
+        held = self.ledger.holding()  # batches held and lease_seq from one moment: the service reconciles them
+        n = held.inflight_batches
         try:
             ctx = self.context
             resp = self._call("POST", "/heartbeat", Heartbeat(
                 context_id=ctx.context_id if ctx else None, context_state=self.context_state,
-                inflight_batches=n, draining=self.draining or self.retiring, batches=held,
-                lease_seq=seq), HeartbeatResponse)
+                inflight_batches=n, draining=self.draining or self.retiring, batches=held.batches,
+                lease_seq=held.lease_seq), HeartbeatResponse)
         except ServiceError as e:
             log.warning("heartbeat failed: %s", e.detail)
             return
@@ -213,18 +207,9 @@ class WorkerAgent:
                     self._call("POST", "/report", rep)
                 except ServiceError as e:  # the service requeues it when our heartbeat omits it
                     log.error("report for batch %d not delivered: %s", rep.batch_id, e.detail)
-                with self._lock:
-                    self.unreported[rep.batch_id] -= queued[rep.batch_id]
-                    if self.unreported[rep.batch_id] <= 0:
-                        del self.unreported[rep.batch_id]
+                self.ledger.delivered(rep.batch_id, queued[rep.batch_id])
             if None in items:
                 return
-
-    def _queue_report(self, rep: BatchReport) -> None:
-        """Call with ``_lock`` held, in the same critical section that takes the rows out of
-        ``inflight``: a heartbeat must never see the batch in neither (it would be requeued)."""
-        self.unreported[rep.batch_id] += 1
-        self._reports.put(rep)
 
     def _receive_loop(self, lib: LibraryHandle) -> None:
         while True:
@@ -235,12 +220,7 @@ class WorkerAgent:
             if msg[0] != "rows":
                 continue
             batch_id, rows = msg[1], [RowResult.model_validate_json(r) for r in msg[2]]
-            with self._lock:
-                left = self.inflight.get(batch_id, set())
-                left.difference_update(r.idx for r in rows)
-                if not left:
-                    self.inflight.pop(batch_id, None)
-                self._queue_report(BatchReport(batch_id=batch_id, results=rows))
+            self._reports.put(self.ledger.finished(batch_id, rows))
             self._wake.set()
         self._wake.set()
 
@@ -291,12 +271,8 @@ class WorkerAgent:
         sends them at once); the caller stops the library, which can take seconds. After a
         library crash the rows are reported as ``crashed``: the service counts them."""
         lib, self.library = self.library, None
-        with self._lock:
-            returned, self.inflight = self.inflight, {}
-            for batch_id, idx in returned.items():
-                if idx:
-                    self._queue_report(BatchReport(batch_id=batch_id, **{
-                        "crashed" if crashed else "returned": sorted(idx)}))
+        for rep in self.ledger.release(crashed):
+            self._reports.put(rep)
         self.context_state = ContextState.ABSENT
         self.context = None
         return lib
@@ -305,17 +281,6 @@ class WorkerAgent:
         lib = self._release_rows(crashed)
         if lib is not None:
             lib.stop()
-
-    def _batches_wanted(self) -> int:
-        with self._lock:
-            batches = len(self.inflight)
-            rows = sum(len(v) for v in self.inflight.values())
-        if batches < 2:
-            return 2 - batches
-        if rows >= self.target_rows or batches >= self.max_batches:
-            return 0
-        per_batch = max(1, rows // batches)
-        return min(self.max_batches - batches, math.ceil((self.target_rows - rows) / per_batch))
 
     # ----- main loop ------------------------------------------------------------
     def join(self) -> RegisterResponse:
@@ -365,10 +330,9 @@ class WorkerAgent:
                 self._drop_library(crashed=True)
                 lib = None
             if self.retiring:
-                with self._lock:
-                    if not self.inflight:
-                        log.info("retiring at the service's request")
-                        return 0
+                if not self.ledger.busy:
+                    log.info("retiring at the service's request")
+                    return 0
             elif lib is None:
                 resp = self._call("POST", "/lease", LeaseRequest(max_batches=0), LeaseResponse)
                 if self.stopping.is_set():
@@ -382,28 +346,23 @@ class WorkerAgent:
                     last_work = time.monotonic()
                     continue
             else:
-                wanted = self._batches_wanted()
+                wanted = self.ledger.batches_wanted(self.target_rows, self.max_batches)
                 if wanted:
                     resp = self._call("POST", "/lease", LeaseRequest(
                         context_id=lib.context.context_id, context_state=ContextState.READY,
                         max_batches=wanted), LeaseResponse)
-                    with self._lock:
-                        for lease in resp.batches:
-                            self.inflight[lease.batch_id] = {r.idx for r in lease.rows}
-                        self.lease_seq = max(self.lease_seq, resp.lease_seq)
+                    self.ledger.leased(resp.batches, resp.lease_seq)
                     for lease in resp.batches:
                         lib.send_batch(lease)
                     if resp.batches:
                         last_work = time.monotonic()
                         if len(resp.batches) == wanted:
                             continue
-                    elif resp.assign_context is not None and not self.inflight:
+                    elif resp.assign_context is not None and not self.ledger.busy:
                         log.info("switching context to %s", resp.assign_context.context_id)
                         self._drop_library()
                         continue
-            with self._lock:
-                busy = bool(self.inflight)
-            if busy:
+            if self.ledger.busy:
                 last_work = time.monotonic()
             elif time.monotonic() - last_work > idle_timeout:
                 idle = time.monotonic() - last_work
@@ -426,7 +385,7 @@ class WorkerAgent:
     def _finish(self, reporter: threading.Thread) -> None:
         self.stopping.set()
         deadline = time.monotonic() + (self.drain_timeout if self.draining else 0)
-        while self.inflight and self.library is not None and self.library.alive() \
+        while self.ledger.busy and self.library is not None and self.library.alive() \
                 and time.monotonic() < deadline:
             self._wake.wait(max(0.0, min(0.2, deadline - time.monotonic())))
             self._wake.clear()
