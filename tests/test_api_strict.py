@@ -9,7 +9,8 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-from conftest import ServeProcess, fake_model
+from support.models import fake_model
+from support.serve import ServeProcess
 
 LIMIT_KIB = 4  # --max-request-mb, in KiB, for the 413 checks
 

@@ -11,9 +11,9 @@ from typing import Iterator
 
 import httpx
 import pytest
-from conftest import ServeProcess
 from fastapi.routing import APIRoute
-from htcondor_pool.fixtures import wait_for
+from support.serve import ServeProcess
+from support.waiting import wait_for
 from typer.testing import CliRunner
 
 from factory.backends.local import LocalBackend

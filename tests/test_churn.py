@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from churn import N_REFERENCE, assert_exactly_once_and_identical, db, expected, files_containing, write_workload
-from conftest import REPO
+from support import REPO
+from support.state import db, files_containing
+from support.workloads import N_REFERENCE, assert_exactly_once_and_identical, expected, write_engine_workload
 
 pytestmark = pytest.mark.engine
 N_ROWS = N_REFERENCE
@@ -21,7 +22,7 @@ KILLS = 2
 @pytest.fixture(scope="module")
 def drilled_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     tmp = tmp_path_factory.mktemp("churn")
-    wl = write_workload(tmp, tiny_model, N_ROWS)
+    wl = write_engine_workload(tmp, tiny_model, N_ROWS)
     proc = subprocess.run([sys.executable, "-m", "pcm_service.cli", "run", str(wl), "--workers", "2",
                            "--state-dir", str(tmp / "state"), "--evict-every", "6", "--evict-signal", "kill",
                            "--evict-count", str(KILLS), "--seed", "7"],

@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import fake_model
+from support.clock import FakeClock
+from support.models import fake_model
 
 from pcm_service.core import ServiceConfig, ServiceCore, UnknownWorker
 from pcm_service.protocol import (
@@ -23,14 +24,6 @@ from pcm_service.protocol import (
     WorkloadState,
     WorkloadSubmission,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def submission(tmp_path: Path, n: int = 7, batch_size: int = 3) -> WorkloadSubmission:
@@ -59,7 +52,7 @@ def ok(idx: int, text: str = "t") -> RowResult:
 
 @pytest.fixture
 def core(tmp_path: Path):  # type: ignore[no-untyped-def]
-    c = ServiceCore(tmp_path / "state", ServiceConfig(worker_timeout=10, model_roots=(tmp_path,)), clock=Clock())
+    c = ServiceCore(tmp_path / "state", ServiceConfig(worker_timeout=10, model_roots=(tmp_path,)), clock=FakeClock())
     yield c
     c.close()
 

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ENGINE, REPO, reference_texts
+from support import REPO
+from support.models import ENGINE, reference_texts
 
 pytestmark = pytest.mark.engine
 

@@ -15,17 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from churn import (
-    assert_exactly_once_and_identical,
-    db,
-    expected,
-    files_containing,
-    wait_for,
-    write_workload,
-)
-from conftest import REPO, ServeProcess
+from support import REPO
+from support.serve import ServeProcess
+from support.state import db, files_containing
+from support.waiting import wait_for
+from support.workloads import assert_exactly_once_and_identical, expected, write_engine_workload
 
-from pcm_service.protocol import ServiceStatus, SubmitResponse, WorkloadStatus
+from pcm_service.protocol import BatchState, ServiceStatus, SubmitResponse, WorkloadStatus
 from pcm_service.workload import load_workload
 
 pytestmark = pytest.mark.engine
@@ -57,7 +53,7 @@ class Scenario:
 @pytest.fixture(scope="module")
 def scenario(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     tmp = tmp_path_factory.mktemp("eviction")
-    sub = load_workload(write_workload(tmp, tiny_model, N_ROWS))
+    sub = load_workload(write_engine_workload(tmp, tiny_model, N_ROWS))
     serve = ServeProcess(tmp / "state", "--heartbeat-interval", "1").start()
     client = serve.client(retry_for=60.0)
     # 192 rows in flight: each row then takes several seconds, far more than the 1 s drain
@@ -70,21 +66,21 @@ def scenario(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # typ
             return client.request("GET", f"/workloads/{wl.workload_id}", response=WorkloadStatus).rows_done
 
         # 1. kill -9 the service mid-workload and start it again on the same state and port
-        wait_for("a fifth of the rows", lambda: done() >= N_ROWS // 5, 600, every=0.2)
+        wait_for(lambda: done() >= N_ROWS // 5, 600, "a fifth of the rows", every=0.2)
         sc.worker_a = client.request("GET", "/status", response=ServiceStatus).workers[0].worker_id
         serve.kill(signal.SIGKILL)
         serve.start()
         sc.restarted_at = time.time()
 
         # 2. SIGTERM worker A while it has rows in flight (HTCondor's vacate)
-        wait_for("half the rows", lambda: done() >= N_ROWS // 2, 600, every=0.2)
+        wait_for(lambda: done() >= N_ROWS // 2, 600, "half the rows", every=0.2)
         conn = db(serve.state_dir)
         sc.done_by_a_before_sigterm = {r[0] for r in conn.execute(
             "SELECT row_id FROM rows WHERE state='done' AND worker_id=?", (sc.worker_a,))}
         t0 = time.monotonic()
         procs[0].send_signal(signal.SIGTERM)
-        wait_for("A's rows back in the queue", lambda: conn.execute(
-            "SELECT COUNT(*) FROM batches WHERE state='leased'").fetchone()[0] == 0, 30, every=0.02)
+        wait_for(lambda: conn.execute("SELECT COUNT(*) FROM batches WHERE state=?", (BatchState.LEASED.value,))
+                 .fetchone()[0] == 0, 30, "A's rows back in the queue", every=0.02)
         sc.requeue_seconds = time.monotonic() - t0
         sc.handed_back = conn.execute(  # leased to A once, back in the queue with rows to run
             "SELECT COUNT(*) FROM batches WHERE state='queued' AND leased_at IS NOT NULL").fetchone()[0]
@@ -95,9 +91,8 @@ def scenario(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # typ
 
         # 3. worker B finishes the workload
         procs.append(start_worker(serve, tmp / "b"))
-        wait_for("the workload to complete", lambda: client.request(
-            "GET", f"/workloads/{wl.workload_id}", response=WorkloadStatus).state.value == "completed",
-            600, every=0.2)
+        wait_for(lambda: client.request("GET", f"/workloads/{wl.workload_id}", response=WorkloadStatus)
+                 .state.value == "completed", 600, "the workload to complete", every=0.2)
         yield sc
     finally:
         for p in procs:

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import ServeProcess
+from support.serve import ServeProcess
 
 from factory.backends.local import LocalBackend
 from factory.config import FactoryConfig, load_factory_config

@@ -14,7 +14,8 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from conftest import REPO, ServeProcess
+from support import REPO
+from support.serve import ServeProcess
 
 FUZZ = REPO / "tests" / "fuzz"
 

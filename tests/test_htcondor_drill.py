@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from htcondor_pool.fixtures import PoolHandle, wait_for
+from htcondor_pool.fixtures import PoolHandle
+from support.waiting import wait_for
 
 from factory.backends.htcondor import HTCondorBackend
 from factory.config import HTCondorSettings

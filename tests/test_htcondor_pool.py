@@ -15,13 +15,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import ENGINE, MODEL_ROOTS, ServeProcess, reference_texts
-from htcondor_pool.fixtures import (
-    FactoryProcess,
-    PoolHandle,
-    pool_factory_config,
-    wait_for,
-)
+from htcondor_pool.fixtures import FactoryProcess, PoolHandle, pool_factory_config
+from support.models import ENGINE, reference_texts
+from support.serve import MODEL_ROOTS, ServeProcess
+from support.waiting import wait_for
 
 from pcm_service.client import ServiceClient
 from pcm_service.protocol import (

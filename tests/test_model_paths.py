@@ -10,7 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ServeProcess, fake_model
+from support.models import fake_model
+from support.serve import ServeProcess
 
 from pcm_service.protocol import ModelManifest
 

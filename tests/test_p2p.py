@@ -18,7 +18,8 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-from conftest import REPO, ServeProcess, free_port
+from support import REPO
+from support.serve import ServeProcess, free_port
 
 from pcm_service.cli.status_view import context_cell
 from pcm_service.client import ServiceClient

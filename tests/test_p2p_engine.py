@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import ENGINE, REPO, ServeProcess, reference_texts
-from htcondor_pool.fixtures import wait_for
+from support import REPO
+from support.models import ENGINE, reference_texts
+from support.serve import ServeProcess
+from support.waiting import wait_for
+from support.workloads import write_claims
 from test_end_to_end import BAD_ROW, rows
 
 from pcm_service.protocol import ORIGIN, ServiceStatus, SubmitResponse, WorkloadState, WorkloadStatus
@@ -27,12 +29,8 @@ def good_rows() -> list[dict[str, str]]:
 
 
 def write_workload(tmp: Path, name: str, model: Path, batch: list[dict[str, str]]) -> Path:
-    (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in batch))
-    spec = {"name": name, "model": str(model), "engine": ENGINE, "sampling": SAMPLING,
-            "inputs": {"path": f"{name}.jsonl", "template": "Claim: {claim}\nVerdict:", "id_field": "id"},
-            "batch_size": 10, "output": f"out/{name}.jsonl"}
-    (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec))
-    return tmp / f"{name}.yaml"
+    return write_claims(tmp, rows=batch, model=model, name=f"{name}.yaml", inputs_file=f"{name}.jsonl",
+                        engine=ENGINE, sampling=SAMPLING, batch_size=10, output=f"out/{name}.jsonl")
 
 
 def test_second_worker_loads_weights_copied_from_the_first(tiny_model: Path, tmp_path: Path) -> None:

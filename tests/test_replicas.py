@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support.clock import FakeClock
 
 from pcm_service.core import ServiceConfig, ServiceCore
 from pcm_service.protocol import ORIGIN, FetchRequest, ModelManifest, TransferResult, WorkerRegistration
@@ -13,13 +14,6 @@ from pcm_service.weights.replicas import TransferPolicy
 CHUNK = 1024
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
 
 @pytest.fixture
 def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
@@ -28,7 +22,7 @@ def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
     (model / "config.json").write_bytes(bytes([9]) * CHUNK)
     for i in range(3):
         (model / f"w{i}.bin").write_bytes(bytes([i]) * CHUNK)  # four distinct one-chunk files
-    clock = Clock()
+    clock = FakeClock()
     core = ServiceCore(tmp_path / "state", ServiceConfig(transfers=TransferPolicy(
         chunk_size=CHUNK, origin_slots=2, avoid_seconds=30), model_roots=(tmp_path,)), clock=clock)
     m = core.replicas.register_model(model)

@@ -6,7 +6,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import ServeProcess
+from support.serve import ServeProcess
 
 from pcm_service.protocol import (
     BatchReport,

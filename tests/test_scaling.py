@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from churn import db, wait_for, write_workload
-from conftest import REPO, ServeProcess
+from support import REPO
+from support.serve import ServeProcess
+from support.state import db
+from support.waiting import wait_for
+from support.workloads import write_engine_workload
 
 from pcm_service.protocol import ServiceStatus, SubmitResponse, WorkloadStatus
 from pcm_service.workload import load_workload
@@ -25,7 +28,7 @@ N_ROWS = 2400
 @pytest.fixture(scope="module")
 def scaled(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     tmp = tmp_path_factory.mktemp("scaling")
-    sub = load_workload(write_workload(tmp, tiny_model, N_ROWS, batch_size=20))
+    sub = load_workload(write_engine_workload(tmp, tiny_model, N_ROWS, batch_size=20))
     serve = ServeProcess(tmp / "state", "--heartbeat-interval", "1", "--idle-timeout", "5").start()
     (tmp / "factory.yaml").write_text(yaml.safe_dump({
         "service": serve.url, "name": "scaling", "backend": "local", "interval": 1.0,
@@ -46,10 +49,10 @@ def scaled(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type:
 
     try:
         wl = client.request("POST", "/workloads", sub, SubmitResponse)
-        wait_for("the workload to complete", lambda: look().workloads[0].state.value == "completed", 900,
+        wait_for(lambda: look().workloads[0].state.value == "completed", 900, "the workload to complete",
                  every=0.2)
         done = client.request("GET", f"/workloads/{wl.workload_id}", response=WorkloadStatus)
-        wait_for("every worker and glidein to go", lambda: seen[-1] == (0, 0) if look() else False, 120,
+        wait_for(lambda: seen[-1] == (0, 0) if look() else False, 120, "every worker and glidein to go",
                  every=0.2)
         print(f"[scaling] peak (workers, glideins) {max(seen)}; {len(seen)} looks", file=sys.stderr)
         yield tmp, serve, seen, done

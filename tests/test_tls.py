@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from churn import write_workload
-from conftest import REPO, ServeProcess
+from support import REPO
+from support.serve import ServeProcess
+from support.workloads import write_engine_workload
 
 from pcm_service.protocol import ServiceStatus
 
@@ -35,7 +36,7 @@ def test_a_workload_completes_over_https_and_another_ca_is_refused(tiny_model: P
     serve = ServeProcess(tmp_path / "state", "--tls-cert", str(cert), "--tls-key", str(key),
                          "--heartbeat-interval", "1", "--idle-timeout", "3", ca_file=ca).start()
     assert serve.url.startswith("https://")
-    wl = write_workload(tmp_path, tiny_model, N_ROWS)
+    wl = write_engine_workload(tmp_path, tiny_model, N_ROWS)
     (tmp_path / "factory.yaml").write_text(yaml.safe_dump({
         "service": serve.url, "name": "tls", "backend": "local", "interval": 1.0, "ca_file": str(ca),
         "limits": {"min_workers": 0, "max_workers": 1, "per_cycle": 1},

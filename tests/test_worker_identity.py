@@ -12,7 +12,7 @@ from typing import Iterator
 
 import httpx
 import pytest
-from conftest import ServeProcess
+from support.serve import ServeProcess
 
 from pcm_service.client import ServiceClient, ServiceError
 from pcm_service.protocol import FactoryReport, Glidein, GlideinState, Heartbeat, IdleReport

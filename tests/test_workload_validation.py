@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import ServeProcess
+from support.serve import ServeProcess
 from typer.testing import CliRunner
 
 from pcm_service.cli import app

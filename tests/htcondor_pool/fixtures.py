@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import pytest
 import yaml
@@ -17,18 +17,6 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent.parent
 SCRIPT = REPO / "tests" / "htcondor_pool" / "testpool.sh"
 POOL_UID = 2000  # the job owner inside the pool (testpool.sh POOL_UID)
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, every: float = 0.5) -> Any:
-    """Poll an outside system (the schedd, the service) until ``pred`` holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
 
 
 @dataclass

@@ -1,14 +1,37 @@
-"""The workload the churn tests share (one vLLM reference run per session) and their checks."""
+"""Workload files for tests: claims against a stand-in model (``write_claims``), and the
+engine workload the churn, eviction, scaling and TLS tests share, with its checks."""
 from __future__ import annotations
 
 import json
-import sqlite3
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
-from conftest import ENGINE, reference_texts
+
+from support.models import ENGINE, fake_model, reference_texts
+
+
+def write_claims(tmp_path: Path, rows: list[dict[str, Any]] | None = None, model: str | Path = "model",
+                 raw: str | None = None, name: str = "wl.yaml", inputs_file: str = "inputs.jsonl",
+                 **fields: Any) -> Path:
+    """A workload YAML (+ its JSONL inputs) in ``tmp_path``: claims to verify, by default with a
+    model directory that passes validation (no engine starts from it); ``fields`` replace fields."""
+    if rows is None:
+        rows = [{"id": f"r{i}", "claim": f"Claim number {i} is true."} for i in range(20)]
+    (tmp_path / inputs_file).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if model == "model":  # a directory that passes validation (no engine is started from it)
+        fake_model(tmp_path / "model")
+    spec: dict[str, Any] = {
+        "name": "test", "model": str(model), "engine": dict(ENGINE),
+        "sampling": {"temperature": 0, "max_tokens": 8},
+        "inputs": {"path": inputs_file, "template": "Claim: {claim}\nVerdict:", "id_field": "id"},
+        "batch_size": 5, "output": "out/results.jsonl",
+    }
+    spec.update(fields)
+    path = tmp_path / name
+    path.write_text(raw if raw is not None else yaml.safe_dump(spec))
+    return path
+
 
 # every row generates exactly 128 tokens: at ~70 tokens/s per row (64 rows in flight on 2
 # cores) a row takes ~2 s, longer than a worker's drain timeout (1 s)
@@ -24,7 +47,7 @@ def prompts(n: int) -> list[str]:
     return [f"Claim: {r['claim']}\nVerdict:" for r in rows(n)]
 
 
-def write_workload(tmp: Path, model: Path, n: int, batch_size: int = 10, name: str = "churn") -> Path:
+def write_engine_workload(tmp: Path, model: Path, n: int, batch_size: int = 10, name: str = "churn") -> Path:
     (tmp / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(n)))
     spec: dict[str, Any] = {
         "name": name, "model": str(model), "engine": ENGINE, "sampling": SAMPLING,
@@ -50,31 +73,3 @@ def assert_exactly_once_and_identical(output: Path, texts: list[str]) -> list[di
     bad = [(x["id"], x["text"], e) for x, e in zip(lines, texts) if x["text"] != e]
     assert not bad, bad[:3]
     return lines
-
-
-def db(state_dir: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(state_dir / "pcm.sqlite3")
-    conn.row_factory = sqlite3.Row
-    return conn
-
-
-def wait_for(what: str, cond: Callable[[], Any], timeout: float, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
-        time.sleep(every)  # polling a condition with a deadline, not sleeping to synchronise
-
-
-def files_containing(root: Path, secrets: list[str]) -> list[str]:
-    """Every file under ``root`` (logs, state, outputs) that contains one of ``secrets``;
-    token files themselves excluded."""
-    hits = []
-    for p in root.rglob("*"):
-        if p.is_file() and not p.name.endswith(".token"):
-            data = p.read_bytes()
-            if any(s.encode() in data for s in secrets):
-                hits.append(str(p))
-    return hits
