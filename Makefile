@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pcm-installed
 TINY := build/models/tiny-llama
 
-.PHONY: venv demo test bench bench-p2p bench-churn clean
+.PHONY: venv demo lint test bench bench-p2p bench-churn clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,13 @@ demo: $(STAMP) $(TINY)/config.json
 
 # tests/test_htcondor_pool.py starts a real HTCondor pool (tests/htcondor_pool/testpool.sh,
 # needs root) and stops it afterwards; without root those tests are skipped with the reason.
-test: $(STAMP)
+# ruff, mypy and the import contracts (pyproject.toml): any finding fails `make test`
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q -ra --durations=8 tests
 
 bench: $(STAMP) $(TINY)/config.json

@@ -3,7 +3,7 @@ with one error type that names the offending field."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -20,11 +20,11 @@ class FieldError(ValueError):
         self.problem = problem
 
 
-def field_path(err: dict[str, Any]) -> str:
+def field_path(err: Mapping[str, Any]) -> str:
     return ".".join(str(p) for p in err["loc"]) or "(top level)"
 
 
-def problem(err: dict[str, Any]) -> str:
+def problem(err: Mapping[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown field"
     if err["type"] == "missing":

@@ -62,7 +62,7 @@ def test_every_route_refuses_a_missing_wrong_or_other_token(serve: ServeProcess,
         for method, path in routes:
             url, kind = concrete(path), expected_kind(method, path)
 
-            def call(headers: dict[str, str]) -> int:
+            def call(headers: dict[str, str], method: str = method, url: str = url) -> int:
                 return http.request(method, url, headers=headers).status_code
 
             if kind == "open":

@@ -10,25 +10,30 @@ from pcm_service.cli import app
 runner = CliRunner()
 
 
+def cli(serve, *args: str):  # type: ignore[no-untyped-def]
+    """`pcm ARGS --service URL --token-file API_TOKEN` against the test's service."""
+    return runner.invoke(app, [*args, "--service", serve.url, "--token-file", str(serve.api_token_file)])
+
+
 def test_factory_set_then_show_and_status(serve, write_workload) -> None:
-    r = runner.invoke(app, ["factory", "set", "--service", serve.url, "--token-file", str(serve.api_token_file), "--min", "1", "--max", "3"])
+    r = cli(serve, "factory", "set", "--min", "1", "--max", "3")
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["factory", "show", "--service", serve.url, "--token-file", str(serve.api_token_file)])
+    r = cli(serve, "factory", "show")
     assert "min 1, max 3" in r.output
-    assert runner.invoke(app, ["submit", str(write_workload()), "--service", serve.url, "--token-file", str(serve.api_token_file)]).exit_code == 0
-    r = runner.invoke(app, ["status", "--service", serve.url, "--token-file", str(serve.api_token_file), "--json"])
+    assert cli(serve, "submit", str(write_workload())).exit_code == 0
+    r = cli(serve, "status", "--json")
     st = json.loads(r.output)
     assert st["workloads"][0]["rows_total"] == 20
     assert st["demand"]["workers_wanted"] == 1  # 4 batches, 1 worker per 4
-    r = runner.invoke(app, ["status", "--service", serve.url, "--token-file", str(serve.api_token_file)])
+    r = cli(serve, "status")
     assert r.exit_code == 0 and "0/20 (0%)" in r.output and "Demand: 1 workers" in r.output
 
 
 def test_factory_set_max_below_min_is_refused_and_changes_nothing(serve) -> None:
-    assert runner.invoke(app, ["factory", "set", "--service", serve.url, "--token-file", str(serve.api_token_file), "--max", "4"]).exit_code == 0
-    r = runner.invoke(app, ["factory", "set", "--service", serve.url, "--token-file", str(serve.api_token_file), "--min", "5"])
+    assert cli(serve, "factory", "set", "--max", "4").exit_code == 0
+    r = cli(serve, "factory", "set", "--min", "5")
     assert r.exit_code == 2 and "max_workers (4) is below min_workers (5)" in r.output
-    r = runner.invoke(app, ["factory", "show", "--service", serve.url, "--token-file", str(serve.api_token_file)])
+    r = cli(serve, "factory", "show")
     assert "min 0, max 4" in r.output
 
 
@@ -38,4 +43,4 @@ def test_api_rejects_bad_submission_with_422(serve) -> None:
     resp = httpx.post(f"{serve.url}/v1/workloads", json={"name": "x", "batch_size": 0},
                       headers={"Authorization": f"Bearer {serve.api_token}"})
     assert resp.status_code == 422
-    assert runner.invoke(app, ["status", "--service", serve.url, "--token-file", str(serve.api_token_file), "--json"]).output.count('"workload_id"') == 0
+    assert cli(serve, "status", "--json").output.count('"workload_id"') == 0

@@ -65,7 +65,7 @@ def test_greedy_text_equals_vllm_llm_generate(pcm_run, tiny_model: Path) -> None
     lines = [json.loads(x) for x in (tmp / "out" / "results.jsonl").read_text().splitlines()]
     got = [x["text"] for i, x in enumerate(lines) if i != BAD_ROW]
     assert len(got) == len(expected) == N_ROWS - 1
-    mismatches = [(i, g, e) for i, (g, e) in enumerate(zip(got, expected)) if g != e]
+    mismatches = [(i, g, e) for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e]
     assert not mismatches, mismatches[:3]
 
 

@@ -121,7 +121,7 @@ def check_output(path: Path, rows: list[dict[str, str]], expected: list[str]) ->
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert [x["id"] for x in lines] == [r["id"] for r in rows]  # every row exactly once, in order
     assert [x["error"] for x in lines if x["error"]] == []
-    bad = [(x["id"], x["text"], e) for x, e in zip(lines, expected) if x["text"] != e]
+    bad = [(x["id"], x["text"], e) for x, e in zip(lines, expected, strict=True) if x["text"] != e]
     assert not bad, bad[:3]
 
 

@@ -57,7 +57,7 @@ def test_a_heartbeat_never_sees_a_finishing_batch_in_neither_place() -> None:
         ledger.leased([lease(batch_id, 1)], lease_seq=batch_id + 1)
         finished = threading.Event()
 
-        def finish(b: int = batch_id) -> None:
+        def finish(b: int = batch_id, finished: threading.Event = finished) -> None:
             ledger.finished(b, done(0))
             finished.set()
 

@@ -52,7 +52,8 @@ def same_files(a: Path, b: Path) -> bool:
 
 
 class Pool:
-    """`pcm serve` with a given pool token (its API token generated) plus helpers to start seeders and agents against it."""
+    """`pcm serve` with a given pool token (its API token generated) plus helpers to start seeders
+    and agents against it."""
 
     def __init__(self, tmp: Path, chunk_kib: int) -> None:
         self.tmp = tmp

@@ -88,11 +88,11 @@ def test_second_worker_loads_weights_copied_from_the_first(tiny_model: Path, tmp
         assert [json.loads(f.read_text())["model"] for f in ctx_files] == [str(copy)]  # loaded from it
 
         prompts = [f"Claim: {r['claim']}\nVerdict:" for r in good_rows()]
-        expected = dict(zip(prompts, reference_texts(tiny_model, prompts, ENGINE, SAMPLING, tmp_path)))
+        expected = dict(zip(prompts, reference_texts(tiny_model, prompts, ENGINE, SAMPLING, tmp_path), strict=True))
         for name, batch in (("first", good_rows()[:20]), ("second", again)):
             out = [json.loads(x) for x in (tmp_path / "out" / f"{name}.jsonl").read_text().splitlines()]
             assert [o["id"] for o in out] == [r["id"] for r in batch]
-            wrong = [(o["id"], o["text"]) for o, r in zip(out, batch)
+            wrong = [(o["id"], o["text"]) for o, r in zip(out, batch, strict=True)
                      if o["text"] != expected[f"Claim: {r['claim']}\nVerdict:"]]
             assert not wrong, wrong[:3]
     finally:

@@ -54,7 +54,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         blob = self.server.blob
         refused = check_peer_signature(self.headers.get("Authorization"), blob.key, "GET", self.path)
         if refused is not None:

@@ -24,6 +24,10 @@ class Completion:
 
 class Engine(ABC):
     @abstractmethod
+    def __init__(self, context: ContextSpec) -> None:
+        """Start the engine for ``context`` (the context's start cost is paid here, once)."""
+
+    @abstractmethod
     def add_request(self, request_id: str, prompt: str, sampling: SamplingSettings) -> None:
         """Queue one row; raises if the engine rejects that row."""
 
@@ -66,7 +70,7 @@ class VllmEngine(Engine):
         for out in self._engine.step():
             if not out.finished:
                 continue
-            c = out.outputs[0]
+            c = out.outputs[0]  # type: ignore[index]  # a generation's outputs: a list of completions
             done.append(Completion(request_id=out.request_id, text=c.text,
                                    finish_reason=c.finish_reason,
                                    prompt_tokens=len(out.prompt_token_ids or []),

@@ -57,8 +57,8 @@ class LeaseLedger:
         """Every unfinished row, handed back (or, after a library crash, reported as crashed)."""
         with self._lock:
             held, self._inflight = self._inflight, {}
-            reports = [BatchReport(batch_id=b, **{"crashed" if crashed else "returned": sorted(idx)})
-                       for b, idx in held.items() if idx]
+            reports = [BatchReport(batch_id=b, crashed=sorted(idx)) if crashed
+                       else BatchReport(batch_id=b, returned=sorted(idx)) for b, idx in held.items() if idx]
             for rep in reports:
                 self._undelivered[rep.batch_id] += 1
         return reports

@@ -70,7 +70,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         emit("failed", worker_id=agent.worker_id, error=str(e))
         rc = 1
     if args.hold and rc == 0:
-        threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+        def hold() -> None:  # until stdin closes
+            sys.stdin.read()
+            stop.set()
+
+        threading.Thread(target=hold, daemon=True).start()
         stop.wait()
     agent.leave()
     if agent.blobs is not None:

@@ -103,7 +103,7 @@ class HTCondorBackend(GlideinBackend):
             import classad2
             import htcondor2
         except ImportError:
-            raise BackendError("the htcondor bindings are not installed: pip install 'pcm[htcondor]'")
+            raise BackendError("the htcondor bindings are not installed: pip install 'pcm[htcondor]'") from None
         self.htcondor = htcondor2
         self._states = _states(htcondor2.JobStatus)
         self.settings = settings

@@ -19,7 +19,7 @@ class BearerToken(HTTPBearer):
         super().__init__(auto_error=False, scheme_name=scheme_name, description=description)
         self.token, self.what = token, what
 
-    async def __call__(self, request: Request) -> None:  # type: ignore[override]
+    async def __call__(self, request: Request) -> None:
         refused = check_bearer(request.headers.get("authorization"), self.token, self.what)
         if refused is not None:
             status, why = refused

@@ -34,7 +34,7 @@ from pcm_service.weights.chunks import CHUNK_RE, read_pieces
 from pcm_service.weights.ranges import RangeNotSatisfiable, byte_range
 
 T = TypeVar("T")
-BYTES = {"content": {"application/octet-stream": {}}}
+BYTES: dict[str, Any] = {"content": {"application/octet-stream": {}}}
 
 
 def call(fn: Callable[..., T], *args: Any) -> T:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from pcm_service.protocol import WorkloadStatus, WorkloadSubmission
 from pcm_service.tls import CA_FILE_ENV
 from pcm_service.tokens import API, Token, TokenError, client_token
 from pcm_service.workload import WorkloadError, load_workload
+
+if TYPE_CHECKING:
+    from factory.drill import EvictionSettings
 
 console = Console(stderr=True)
 out = Console()
@@ -92,8 +95,13 @@ def setup_logging(verbose: bool) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
 
 
+EvictEveryOpt = typer.Option(None, min=0.1, help="Eviction drill: evict a random warm worker every this many seconds")
+EvictSignalOpt = typer.Option("kill", help="Eviction drill: kill (SIGKILL) or term (vacate)")
+EvictCountOpt = typer.Option(None, min=1, help="Eviction drill: stop after this many")
+
+
 def eviction_settings(every: Optional[float], signal: str, count: Optional[int],
-                      seed: Optional[int]):  # type: ignore[no-untyped-def]
+                      seed: Optional[int]) -> Optional["EvictionSettings"]:
     """The eviction drill from --evict-every/--evict-signal/--evict-count/--seed (None: off)."""
     from factory.drill import EvictionSettings
 
@@ -103,7 +111,7 @@ def eviction_settings(every: Optional[float], signal: str, count: Optional[int],
         if count is not None:
             fail("--evict-count needs --evict-every", code=2)
         return None
-    return EvictionSettings(interval=every, signal=signal, count=count, seed=seed)  # type: ignore[arg-type]
+    return EvictionSettings(interval=every, signal="kill" if signal == "kill" else "term", count=count, seed=seed)
 
 
 def load_workload_file(path: Path) -> WorkloadSubmission:

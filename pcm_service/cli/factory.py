@@ -13,6 +13,9 @@ from rich.table import Table
 
 from pcm_service.cli.common import (
     CaFileOpt,
+    EvictCountOpt,
+    EvictEveryOpt,
+    EvictSignalOpt,
     ServiceOpt,
     TokenFileOpt,
     client_for,
@@ -56,10 +59,9 @@ def factory_run(config: Optional[Path] = typer.Option(
                 min_workers: Optional[int] = MinOpt, max_workers: Optional[int] = MaxOpt,
                 per_cycle: Optional[int] = PerCycleOpt,
                 interval: Optional[float] = typer.Option(None, help="Seconds between cycles"),
-                evict_every: Optional[float] = typer.Option(
-                    None, min=0.1, help="Eviction drill: evict a random warm worker every this many seconds"),
-                evict_signal: str = typer.Option("kill", help="Eviction drill: kill (SIGKILL) or term (vacate)"),
-                evict_count: Optional[int] = typer.Option(None, min=1, help="Eviction drill: stop after this many"),
+                evict_every: Optional[float] = EvictEveryOpt,
+                evict_signal: str = EvictSignalOpt,
+                evict_count: Optional[int] = EvictCountOpt,
                 verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run the factory daemon: glideins follow the service's demand within min/max."""
     from factory.backends import BackendError, make_backend

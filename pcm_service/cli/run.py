@@ -9,6 +9,9 @@ from typing import Optional
 import typer
 
 from pcm_service.cli.common import (
+    EvictCountOpt,
+    EvictEveryOpt,
+    EvictSignalOpt,
     console,
     eviction_settings,
     fail,
@@ -22,10 +25,9 @@ def run(workload: Path = typer.Argument(..., help="Workload YAML file"),
         workers: int = typer.Option(1, min=1, help="Most local workers to start"),
         state_dir: Optional[Path] = typer.Option(None, help="Service state and logs (default: a temp dir)"),
         idle_timeout: float = typer.Option(30.0, help="Seconds an idle worker waits before retiring"),
-        evict_every: Optional[float] = typer.Option(
-            None, min=0.1, help="Eviction drill: evict a random warm worker every this many seconds"),
-        evict_signal: str = typer.Option("kill", help="Eviction drill: kill (SIGKILL) or term (vacate)"),
-        evict_count: Optional[int] = typer.Option(None, min=1, help="Eviction drill: stop after this many"),
+        evict_every: Optional[float] = EvictEveryOpt,
+        evict_signal: str = EvictSignalOpt,
+        evict_count: Optional[int] = EvictCountOpt,
         seed: Optional[int] = typer.Option(None, help="Eviction drill: random seed")) -> None:
     """Run a workload on this machine: embedded service, local factory, local workers."""
     from pcm_service.cli.embedded import run_workload

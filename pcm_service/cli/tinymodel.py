@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 # Head size 64: the vLLM CPU attention backend refuses head sizes below 32.
-TINY_CONFIG = dict(
+TINY_CONFIG: dict[str, Any] = dict(
     hidden_size=128,
     intermediate_size=256,
     num_hidden_layers=2,
@@ -68,8 +69,7 @@ def make_tiny_model(out_dir: str | Path, vocab_size: int = 1024, seed: int = 0) 
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         initializer_range=INIT_STD,
-        torch_dtype="float32",
-        **TINY_CONFIG,
+        **{**TINY_CONFIG, "torch_dtype": "float32"},  # the older name the tests' model was made with
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)

@@ -1,6 +1,7 @@
 """What every part of the service core shares: its state and its errors."""
 from __future__ import annotations
 
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Callable, Optional
@@ -8,7 +9,7 @@ from typing import Callable, Optional
 from pcm_service.core.config import ServiceConfig
 from pcm_service.core.demand import Ramp, ThroughputMeter
 from pcm_service.core.factories import FactoryRegistry
-from pcm_service.protocol import WorkerState
+from pcm_service.protocol import Demand, FactoryLimits, Heartbeat, WorkerState
 from pcm_service.store import Store
 from pcm_service.weights.replicas import ReplicaMap
 
@@ -39,3 +40,22 @@ class CoreBase:
     throughput: ThroughputMeter
     ramp: Ramp
     _progress: threading.Condition
+
+    # what one part of the core calls on another (each defined in the part named)
+    def _live_worker(self, db: sqlite3.Connection, worker_id: str) -> sqlite3.Row:  # workers
+        raise NotImplementedError
+
+    def retire(self, worker_id: str, state: WorkerState = WorkerState.RETIRED) -> int:  # workers
+        raise NotImplementedError
+
+    def library_starts(self, worker_id: Optional[str] = None) -> dict[str, int]:  # workers
+        raise NotImplementedError
+
+    def _reconcile(self, db: sqlite3.Connection, worker_id: str, hb: Heartbeat) -> None:  # leasing
+        raise NotImplementedError
+
+    def factory_limits(self) -> FactoryLimits:  # pool_ops
+        raise NotImplementedError
+
+    def demand(self) -> Demand:  # pool_ops
+        raise NotImplementedError

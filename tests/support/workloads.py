@@ -70,6 +70,6 @@ def assert_exactly_once_and_identical(output: Path, texts: list[str]) -> list[di
     lines = [json.loads(x) for x in output.read_text().splitlines()]
     assert [x["id"] for x in lines] == [r["id"] for r in rows(len(texts))]  # each row once, in order
     assert all(x["error"] is None for x in lines), [x for x in lines if x["error"]][:3]
-    bad = [(x["id"], x["text"], e) for x, e in zip(lines, texts) if x["text"] != e]
+    bad = [(x["id"], x["text"], e) for x, e in zip(lines, texts, strict=True) if x["text"] != e]
     assert not bad, bad[:3]
     return lines
