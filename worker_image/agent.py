@@ -73,11 +73,25 @@ class PeerSettings:
     fetch_parallel: int = 4  # downloads at once
 
 
+@dataclass(frozen=True)
+class AgentDefaults:
+    """The agent's defaults, in one place (`pcm worker` takes its option defaults from here)."""
+
+    target_rows: int = 64  # rows kept in flight in the engine
+    max_batches: int = 16  # batches in flight at most
+    start_timeout: float = 900.0  # seconds allowed for the engine to start
+    drain_timeout: float = 1.0  # on SIGTERM: seconds for in-flight rows before handing the rest back
+
+
+DEFAULTS = AgentDefaults()
+
+
 class WorkerAgent:
     def __init__(self, client: ServiceClient, work_dir: Optional[Path] = None,
                  glidein_id: Optional[str] = None, idle_timeout: Optional[float] = None,
-                 target_rows: int = 64, max_batches: int = 16, start_timeout: float = 900.0,
-                 drain_timeout: float = 1.0, engine: str = "vllm",
+                 target_rows: int = DEFAULTS.target_rows, max_batches: int = DEFAULTS.max_batches,
+                 start_timeout: float = DEFAULTS.start_timeout, drain_timeout: float = DEFAULTS.drain_timeout,
+                 engine: str = "vllm",
                  peers: Optional[PeerSettings] = None, token: Optional[str] = None) -> None:
         self.client = client
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="pcm-worker-"))

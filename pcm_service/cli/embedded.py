@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import uvicorn
 
@@ -61,6 +61,11 @@ class EmbeddedService:
         self.core.close()
 
 
+# `pcm run` on one machine: a short factory cycle, idle workers removed soon, no scale-down delay
+# (a pool's factory waits longer: FactoryConfig's defaults)
+ONE_MACHINE: dict[str, Any] = {"interval": 0.5, "idle_grace": 5.0, "scale_down_delay": 0.0}
+
+
 @dataclass
 class RunResult:
     status: WorkloadStatus
@@ -82,8 +87,7 @@ def run_workload(sub: WorkloadSubmission, state_dir: Path, workers: int = 1,
     backend = LocalBackend(service.url, state_dir / "glideins", worker_args=worker_args,
                            token_file=service.pool_token.path)
     factory = Factory(ServiceClient(service.url, token=service.api_token.value), backend,
-                      FactoryConfig(service=service.url, name="embedded", interval=0.5, idle_grace=5.0,
-                                    scale_down_delay=0.0, eviction=eviction))
+                      FactoryConfig(service=service.url, name="embedded", eviction=eviction, **ONE_MACHINE))
     try:
         service.core.set_factory_limits(FactoryLimits(min_workers=0, max_workers=workers,
                                                       per_cycle=workers))

@@ -19,12 +19,13 @@ from pcm_service.cli.common import (
     progress_bar,
     report_done,
 )
+from pcm_service.core.config import RUN_IDLE_TIMEOUT
 
 
 def run(workload: Path = typer.Argument(..., help="Workload YAML file"),
         workers: int = typer.Option(1, min=1, help="Most local workers to start"),
         state_dir: Optional[Path] = typer.Option(None, help="Service state and logs (default: a temp dir)"),
-        idle_timeout: float = typer.Option(30.0, help="Seconds an idle worker waits before retiring"),
+        idle_timeout: float = typer.Option(RUN_IDLE_TIMEOUT, help="Seconds an idle worker waits before retiring"),
         evict_every: Optional[float] = EvictEveryOpt,
         evict_signal: str = EvictSignalOpt,
         evict_count: Optional[int] = EvictCountOpt,

@@ -12,18 +12,24 @@ from pcm_service.cli.common import (
     fail,
     setup_logging,
 )
+from pcm_service.core.config import ServiceConfig
 from pcm_service.tokens import Token
+from pcm_service.weights.chunks import DEFAULT_CHUNK_SIZE
+from pcm_service.weights.replicas import TransferPolicy
 
 log = logging.getLogger("pcm.service")
+MIB = 2**20
 
 
 def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLite state lives"),
           host: str = typer.Option("127.0.0.1", help="Address to listen on"),
           port: int = typer.Option(8642, help="Port to listen on"),
-          heartbeat_interval: float = typer.Option(2.0, help="Seconds between worker heartbeats"),
+          heartbeat_interval: float = typer.Option(
+              ServiceConfig.heartbeat_interval, help="Seconds between worker heartbeats"),
           worker_timeout: float = typer.Option(
-              10.0, help="A worker silent this long is lost: its leases expire, its rows are requeued"),
-          idle_timeout: float = typer.Option(60.0, help="An idle worker retires after this"),
+              ServiceConfig.worker_timeout,
+              help="A worker silent this long is lost: its leases expire, its rows are requeued"),
+          idle_timeout: float = typer.Option(ServiceConfig.idle_timeout, help="An idle worker retires after this"),
           pool_token_file: Optional[Path] = typer.Option(
               None, help="Workers must present this file's token [env PCM_POOL_TOKEN_FILE; else env"
                          " PCM_POOL_TOKEN, else STATE_DIR/pool.token, made on first start]",
@@ -33,26 +39,30 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
                          " PCM_API_TOKEN, else STATE_DIR/api.token, made on first start]",
               envvar="PCM_API_TOKEN_FILE"),
           chunk_size: float = typer.Option(
-              64, min=0.001, help="Largest model chunk in MiB (a model gets >= 64 chunks, >= 1 MiB)"),
-          origin_rate: float = typer.Option(0, min=0, help="The origin's upload MB/s (0: unlimited)"),
-          origin_slots: int = typer.Option(4, min=1, help="Chunk transfers the origin serves at once"),
+              DEFAULT_CHUNK_SIZE / MIB, min=0.001,
+              help="Largest model chunk in MiB (a model gets >= 64 chunks, >= 1 MiB)"),
+          origin_rate: float = typer.Option(
+              TransferPolicy.origin_rate / 1e6, min=0, help="The origin's upload MB/s (0: unlimited)"),
+          origin_slots: int = typer.Option(
+              TransferPolicy.origin_slots, min=1, help="Chunk transfers the origin serves at once"),
           model_root: list[Path] = typer.Option(
               [], "--model-root", help="A directory models may be read from (repeatable); a model"
                                        " path outside every root is refused"),
           tls_cert: Optional[Path] = typer.Option(None, help="Serve HTTPS with this certificate (PEM)"),
           tls_key: Optional[Path] = typer.Option(None, help="The certificate's private key (PEM, mode 0600)"),
-          max_request_mb: float = typer.Option(64, min=0.001, help="Largest request body in MiB (else 413)"),
+          max_request_mb: float = typer.Option(
+              ServiceConfig.max_request_bytes / MIB, min=0.001, help="Largest request body in MiB (else 413)"),
           max_submission_mb: float = typer.Option(
-              1024, min=0.001, help="Largest workload submission in MiB (it holds every row)"),
+              ServiceConfig.max_submission_bytes / MIB, min=0.001,
+              help="Largest workload submission in MiB (it holds every row)"),
           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run the PCM service (HTTP API + SQLite state; the origin copy of model weights)."""
     import uvicorn
 
     from pcm_service.api import create_app
-    from pcm_service.core import ServiceConfig, ServiceCore
+    from pcm_service.core import ServiceCore
     from pcm_service.tls import TLSError, check_server_files
     from pcm_service.tokens import API, POOL, TokenError, service_token
-    from pcm_service.weights.replicas import TransferPolicy
 
     try:
         pool_token = service_token(POOL, pool_token_file, state_dir)

@@ -14,17 +14,20 @@ from pcm_service.cli.common import (
     token_from,
 )
 from pcm_service.client import ServiceError, default_service_url
+from worker_image.agent import DEFAULTS, PeerSettings
 
 
 def worker(service: Optional[str] = ServiceOpt,
            glidein_id: Optional[str] = typer.Option(None, help="Batch-system id of this glidein"),
            work_dir: Optional[Path] = typer.Option(None, help="Scratch directory (logs, context files)"),
            idle_timeout: Optional[float] = typer.Option(None, help="Override the service's idle timeout"),
-           target_rows: int = typer.Option(64, min=1, help="Rows to keep in flight in the engine"),
-           start_timeout: float = typer.Option(900.0, help="Seconds allowed for the engine to start"),
+           target_rows: int = typer.Option(DEFAULTS.target_rows, min=1, help="Rows to keep in flight in the engine"),
+           start_timeout: float = typer.Option(
+               DEFAULTS.start_timeout, help="Seconds allowed for the engine to start"),
            drain_timeout: float = typer.Option(
-               1.0, help="On SIGTERM, seconds to let in-flight rows finish before handing the rest back"
-                         " (keep it well under HTCondor's MachineMaxVacateTime, 10 s by default)"),
+               DEFAULTS.drain_timeout,
+               help="On SIGTERM, seconds to let in-flight rows finish before handing the rest back"
+                    " (keep it well under HTCondor's MachineMaxVacateTime, 10 s by default)"),
            token_file: Optional[Path] = typer.Option(
                None, help="File holding the pool token [env PCM_TOKEN_FILE]", envvar="PCM_TOKEN_FILE"),
            ca_file: Optional[Path] = CaFileOpt,
@@ -32,16 +35,17 @@ def worker(service: Optional[str] = ServiceOpt,
                                             help="Serve verified model chunks to peers"),
            blob_host: Optional[str] = typer.Option(
                None, help="Address peers reach this worker on (default: the one facing the service)"),
-           blob_port: int = typer.Option(0, min=0, help="Blob server port (0: any free one)"),
+           blob_port: int = typer.Option(PeerSettings.port, min=0, help="Blob server port (0: any free one)"),
            blob_url: Optional[str] = typer.Option(
                None, help="The URL peers use for this worker's blob server when it differs from where"
                           " it listens (NAT, port forwarding)"),
-           upload_rate: float = typer.Option(0, min=0, help="Upload MB/s to peers (0: unlimited)"),
-           upload_slots: int = typer.Option(2, min=1, help="Chunk uploads to peers at once"),
-           fetch_parallel: int = typer.Option(4, min=1, help="Chunk downloads at once"),
+           upload_rate: float = typer.Option(
+               PeerSettings.upload_rate / 1e6, min=0, help="Upload MB/s to peers (0: unlimited)"),
+           upload_slots: int = typer.Option(PeerSettings.upload_slots, min=1, help="Chunk uploads to peers at once"),
+           fetch_parallel: int = typer.Option(PeerSettings.fetch_parallel, min=1, help="Chunk downloads at once"),
            verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run a worker agent (what a glidein runs)."""
-    from worker_image.agent import PeerSettings, run_worker
+    from worker_image.agent import run_worker
 
     token = token_from(token_file, "--token-file")
     if token is None:

@@ -7,6 +7,8 @@ from pathlib import Path
 from pcm_service.core.demand import DemandPolicy
 from pcm_service.weights.replicas import TransferPolicy
 
+RUN_IDLE_TIMEOUT = 30.0  # `pcm run`: an idle worker on this machine retires sooner than in a pool
+
 
 @dataclass
 class ServiceConfig:
