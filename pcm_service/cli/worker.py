@@ -14,7 +14,7 @@ from pcm_service.cli.common import (
     token_from,
 )
 from pcm_service.client import ServiceError, default_service_url
-from worker_image.agent import DEFAULTS, PeerSettings
+from worker_image.settings import DEFAULTS, PeerSettings
 
 
 def worker(service: Optional[str] = ServiceOpt,
