@@ -14,6 +14,8 @@ import ssl
 from pathlib import Path
 from typing import Iterable, Optional
 
+from pcm_service.tokens import open_to_others
+
 CA_FILE_ENV = "PCM_CA_FILE"
 
 
@@ -35,8 +37,9 @@ def check_server_files(cert: Path, key: Path) -> None:
         mode = key.stat().st_mode
     except OSError as e:
         raise TLSError(f"cannot read the TLS key {key}: {e.strerror}") from None
-    if mode & 0o077:
-        raise TLSError(f"the TLS key {key} is open to group or others: run `chmod 600 {key}`")
+    problem = open_to_others(key, mode, "TLS key")
+    if problem:
+        raise TLSError(problem)
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
     except (OSError, ssl.SSLError) as e:

@@ -47,6 +47,13 @@ class Token:
     generated: bool = False
 
 
+def open_to_others(path: Path, mode: int, what: str) -> Optional[str]:
+    """Why a secret file (a token, a TLS key) may not be used: group or others can reach it."""
+    if mode & 0o077:
+        return f"the {what} {path} is open to group or others (mode {stat.filemode(mode)}): run `chmod 600 {path}`"
+    return None
+
+
 def read_token(path: str | Path) -> str:
     """The token in ``path``; a file others may read or write is refused, like ssh refuses keys."""
     p = Path(path)
@@ -55,9 +62,9 @@ def read_token(path: str | Path) -> str:
         token = p.read_text(encoding="utf-8").strip()
     except OSError as e:
         raise TokenError(f"cannot read the token file {p}: {e.strerror}") from None
-    if mode & 0o077:
-        raise TokenError(f"the token file {p} is open to group or others (mode {stat.filemode(mode)}):"
-                         f" run `chmod 600 {p}`")
+    problem = open_to_others(p, mode, "token file")
+    if problem:
+        raise TokenError(problem)
     if not token:
         raise TokenError(f"the token file {p} is empty")
     return token

@@ -17,17 +17,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Optional
 
-from pcm_service.protocol import API_PREFIX, ErrorBody, ErrorCode
+from pcm_service.protocol import API_PREFIX, CODE_OF_STATUS, ErrorBody, ErrorCode
 from pcm_service.tokens import PEER_AUTH_SCHEME, check_peer_signature, peer_key
 from pcm_service.weights.chunks import CHUNK_RE, RateLimiter, Slots
 from pcm_service.weights.ranges import RangeNotSatisfiable, Span, byte_range
 
 log = logging.getLogger("pcm.blobs")
 Locate = Callable[[str], Optional[tuple[Path, int, int]]]
-
-
-_CODES = {401: ErrorCode.MISSING_TOKEN, 403: ErrorCode.WRONG_TOKEN, 404: ErrorCode.NOT_FOUND,
-          416: ErrorCode.RANGE_NOT_SATISFIABLE, 503: ErrorCode.BUSY}
 
 
 class _Server(ThreadingHTTPServer):
@@ -44,7 +40,7 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + fmt, self.address_string(), *args)
 
     def _refuse(self, code: int, detail: str, headers: Optional[dict[str, str]] = None) -> None:
-        error = _CODES.get(code, ErrorCode.NOT_FOUND)
+        error = CODE_OF_STATUS.get(code, ErrorCode.NOT_FOUND)
         body = json.dumps(ErrorBody(code=error, detail=detail).model_dump(mode="json")).encode()
         self.send_response(code)
         for k, v in (headers or {}).items():

@@ -15,7 +15,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pcm_service.core import UnknownWorker
-from pcm_service.protocol import ErrorBody, ErrorCode, ErrorItem, WorkerState
+from pcm_service.protocol import CODE_OF_STATUS, ErrorBody, ErrorCode, ErrorItem, WorkerState
 
 _DESCRIPTIONS = {
     400: "The request is well formed but cannot be carried out (e.g. a refused model path)",
@@ -29,9 +29,6 @@ _DESCRIPTIONS = {
     422: "The request does not match the schema (every field at fault is listed)",
     503: "Busy: try again or elsewhere",
 }
-_CODES = {401: ErrorCode.MISSING_TOKEN, 403: ErrorCode.WRONG_TOKEN, 404: ErrorCode.NOT_FOUND,
-          405: ErrorCode.METHOD_NOT_ALLOWED, 413: ErrorCode.REQUEST_TOO_LARGE,
-          416: ErrorCode.RANGE_NOT_SATISFIABLE}
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -121,7 +118,8 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(422, ErrorBody(code=ErrorCode.INVALID_REQUEST, detail=f"body: {exc.detail}",
                                                  field="body"))
         else:
-            body = ErrorBody(code=_CODES.get(exc.status_code, ErrorCode.INVALID_REQUEST), detail=str(exc.detail))
+            code = CODE_OF_STATUS.get(exc.status_code, ErrorCode.INVALID_REQUEST)
+            body = ErrorBody(code=code, detail=str(exc.detail))
         return error_response(exc.status_code, body, headers=dict(exc.headers) if exc.headers else None)
 
     @app.exception_handler(RequestValidationError)

@@ -80,13 +80,13 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
         except TLSError as e:
             fail(str(e), code=2)
     setup_logging(verbose)
-    transfers = TransferPolicy(chunk_size=int(chunk_size * 2**20), origin_rate=origin_rate * 1e6,
+    transfers = TransferPolicy(chunk_size=int(chunk_size * MIB), origin_rate=origin_rate * 1e6,
                                origin_slots=origin_slots)
     secrets = tuple(p for p in (pool_token.path, api_token.path, tls_key) if p is not None)
     core = ServiceCore(state_dir, ServiceConfig(
         heartbeat_interval=heartbeat_interval, worker_timeout=worker_timeout, idle_timeout=idle_timeout,
         transfers=transfers, model_roots=tuple(model_root), secret_paths=secrets,
-        max_request_bytes=int(max_request_mb * 2**20), max_submission_bytes=int(max_submission_mb * 2**20)))
+        max_request_bytes=int(max_request_mb * MIB), max_submission_bytes=int(max_submission_mb * MIB)))
     scheme = "https" if tls_cert else "http"
     console.print(f"PCM service on {scheme}://{host}:{port} (state in {state_dir.resolve()})", highlight=False)
     roots = ", ".join(str(r.resolve()) for r in model_root) or "none: every model path is refused"

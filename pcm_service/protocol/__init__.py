@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pcm_service.protocol.base import (
     API_PREFIX,
+    CODE_OF_STATUS,
     INT_MAX,
     Count,
     ErrorBody,
@@ -81,6 +82,7 @@ from pcm_service.protocol.workloads import (
 )
 
 __all__ = [
+    "CODE_OF_STATUS",
     "API_PREFIX",
     "BatchLease",
     "BatchReport",

@@ -56,6 +56,12 @@ class ErrorCode(str, enum.Enum):
     BUSY = "busy"  # 503: every upload slot is taken; ask another source
 
 
+# the code an error answer gets from its status alone, where the answer says no more
+CODE_OF_STATUS = {401: ErrorCode.MISSING_TOKEN, 403: ErrorCode.WRONG_TOKEN, 404: ErrorCode.NOT_FOUND,
+                  405: ErrorCode.METHOD_NOT_ALLOWED, 413: ErrorCode.REQUEST_TOO_LARGE,
+                  416: ErrorCode.RANGE_NOT_SATISFIABLE, 503: ErrorCode.BUSY}
+
+
 class ErrorItem(Strict):
     field: str
     message: str
