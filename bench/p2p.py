@@ -80,7 +80,7 @@ def one_run(model: Path, k: int, p2p: bool, args: argparse.Namespace, tmp: Path)
     client = ServiceClient(url, token=api_token, timeout=600)
     seeders: list[subprocess.Popen] = []
     try:
-        r = httpx.post(f"{url}/v1/models", json={"path": str(model.resolve())}, timeout=600,
+        r = httpx.post(f"{url}/v1/pcm/models", json={"path": str(model.resolve())}, timeout=600,
                        headers={"Authorization": f"Bearer {api_token}"})
         r.raise_for_status()
         m = ModelManifest.model_validate(r.json())

@@ -35,7 +35,9 @@ CREATE TABLE IF NOT EXISTS workloads (
     rows_failed INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL,
     created_at REAL NOT NULL,
-    finished_at REAL
+    finished_at REAL,
+    model_name TEXT,  -- the registered model it was submitted with, if any
+    openai TEXT  -- OpenAIOutput (json) of an OpenAI-format workload
 );
 CREATE TABLE IF NOT EXISTS rows (
     workload_id TEXT NOT NULL,
@@ -52,6 +54,9 @@ CREATE TABLE IF NOT EXISTS rows (
     worker_id TEXT,
     finished_at REAL,
     crashes INTEGER NOT NULL DEFAULT 0,  -- library crashes while this row was in flight
+    request TEXT,  -- json: the row's chat messages and own sampling settings, when it has them
+    choices TEXT,  -- json: every choice, when there are several or they carry logprobs
+    error_code TEXT,  -- RowErrorCode of a row that ended with an error
     PRIMARY KEY (workload_id, idx)
 );
 CREATE INDEX IF NOT EXISTS rows_by_batch ON rows (batch_id, state);
@@ -125,11 +130,47 @@ CREATE TABLE IF NOT EXISTS transfers (
     error TEXT,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS named_models (
+    name TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    engine TEXT NOT NULL,  -- EngineSettings (json)
+    added_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS files (  -- OpenAI Files: uploaded inputs and batch results
+    file_id TEXT PRIMARY KEY,
+    filename TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL
+);
+CREATE TABLE IF NOT EXISTS openai_batches (
+    batch_id TEXT PRIMARY KEY,
+    input_file_id TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    completion_window TEXT NOT NULL,
+    metadata TEXT,  -- json
+    status TEXT NOT NULL,  -- OpenAIBatchStatus until a workload exists, then from the workload
+    errors TEXT,  -- json: OpenAI's errors list (code, message, param, line)
+    workload_id TEXT,
+    model TEXT,
+    output_file_id TEXT,
+    error_file_id TEXT,
+    created_at REAL NOT NULL,
+    in_progress_at REAL,
+    failed_at REAL,
+    cancelling_at REAL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
 """
+
+ADDED_COLUMNS = [("workloads", "model_name"), ("workloads", "openai"), ("rows", "request"),
+                 ("rows", "choices"), ("rows", "error_code")]
 
 
 class Store:
@@ -144,7 +185,15 @@ class Store:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(SCHEMA)
+        self._add_columns()
         self._lock = threading.RLock()
+
+    def _add_columns(self) -> None:
+        """A state directory from an older PCM gets the columns added since (all nullable)."""
+        for table, column in ADDED_COLUMNS:
+            have = {r["name"] for r in self._conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

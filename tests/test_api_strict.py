@@ -45,28 +45,28 @@ def test_wrong_types_are_refused_naming_the_field(serve: ServeProcess, tmp_path:
                             ({"batch_size": "2"}, "batch_size"), ({"batch_size": 1.5}, "batch_size"),
                             ({"batch_size": True}, "batch_size"), ({"batch_size": 2**60}, "batch_size"),
                             ({"name": 7}, "name")):
-            r = http.post("/v1/workloads", json=submission(model, **over))
+            r = http.post("/v1/pcm/workloads", json=submission(model, **over))
             assert r.status_code == 422, (over, r.text)
             assert r.json()["code"] == "invalid_request" and r.json()["field"] == field, (over, r.json())
         as_json = {"content-type": "application/json"}
         raw = json.dumps(submission(model, sampling={"temperature": 12345})).replace("12345", "1e999")
-        r = http.post("/v1/workloads", content=raw, headers=as_json)  # Infinity is no number here
+        r = http.post("/v1/pcm/workloads", content=raw, headers=as_json)  # Infinity is no number here
         assert r.status_code == 422 and r.json()["field"] == "sampling.temperature", r.text
-        r = http.post("/v1/workloads", content=b'{"name": "\\ud800"}', headers=as_json)
+        r = http.post("/v1/pcm/workloads", content=b'{"name": "\\ud800"}', headers=as_json)
         assert r.status_code == 422 and r.json()["code"] == "invalid_request", r.text  # a lone surrogate
         dup = submission(model, rows=[{"row_id": "a", "prompt": "p"}, {"row_id": "a", "prompt": "q"}])
-        r = http.post("/v1/workloads", json=dup)  # fits the schema, breaks a rule: 400
+        r = http.post("/v1/pcm/workloads", json=dup)  # fits the schema, breaks a rule: 400
         assert r.status_code == 400 and r.json()["code"] == "invalid_value" and "duplicate" in r.json()["detail"]
-        r = http.put("/v1/factory/limits", json={"min_workers": 3, "max_workers": 1})
+        r = http.put("/v1/pcm/factory/limits", json={"min_workers": 3, "max_workers": 1})
         assert r.status_code == 400 and "below min_workers" in r.json()["detail"]
         report = {"factory": "f", "backend": "local", "at": 1.0,
                   "decisions": [{"at": 1.0, "wanted": 1, "submit": False}]}
-        r = http.post("/v1/factory/report", json=report)
+        r = http.post("/v1/pcm/factory/report", json=report)
         assert r.status_code == 422 and r.json()["field"] == "decisions.0.submit", r.text
         assert workloads(serve) == 0
-        r = http.post("/v1/workloads", json=submission(model, batch_size=2.0))  # JSON Schema's integer
+        r = http.post("/v1/pcm/workloads", json=submission(model, batch_size=2.0))  # JSON Schema's integer
         assert r.status_code == 201, r.text
-        r = http.get("/v1/workloads/wl-nobody")
+        r = http.get("/v1/pcm/workloads/wl-nobody")
         assert r.status_code == 404 and r.json() == {"code": "not_found", "detail": "unknown workload wl-nobody",
                                                      "field": None, "errors": []}
     assert workloads(serve) == 1
@@ -84,24 +84,24 @@ def test_bodies_over_the_limit_get_413_and_change_nothing(serve: ServeProcess, t
             yield body[i:i + 512]
 
     with httpx.Client(base_url=serve.url, headers=api) as http:
-        for route, body in (("/v1/workloads", submission(model, rows=big_rows)), ("/v1/factory/report", report)):
+        for route, body in (("/v1/pcm/workloads", submission(model, rows=big_rows)), ("/v1/pcm/factory/report", report)):
             raw = json.dumps(body).encode()
             for content in (raw, chunks(raw)):
                 r = http.post(route, content=content, headers={"content-type": "application/json"})
                 assert r.status_code == 413, (route, r.text[:300])
                 assert r.json()["code"] == "request_too_large"
-        assert http.get("/v1/factory").json()["reports"] == []
-        assert http.post("/v1/workloads", json=submission(model)).status_code == 201  # under the limit
+        assert http.get("/v1/pcm/factory").json()["reports"] == []
+        assert http.post("/v1/pcm/workloads", json=submission(model)).status_code == 201  # under the limit
     assert workloads(serve) == 1
 
 
 def test_options_and_unsupported_methods_answer_with_allow(serve: ServeProcess) -> None:
     with httpx.Client(base_url=serve.url) as http:
-        r = http.options("/v1/factory/limits")
+        r = http.options("/v1/pcm/factory/limits")
         assert r.status_code == 204 and set(r.headers["allow"].split(", ")) >= {"GET", "PUT", "OPTIONS"}
-        r = http.patch("/v1/factory/limits", json={})
+        r = http.patch("/v1/pcm/factory/limits", json={})
         assert r.status_code == 405 and {"GET", "PUT"} <= set(r.headers["allow"].split(", "))
         assert r.json()["code"] == "method_not_allowed"
-        r = http.delete("/v1/workloads")
+        r = http.delete("/v1/pcm/workloads")
         assert r.status_code == 405 and "POST" in r.headers["allow"]
         assert http.options("/v1/nothing-here").status_code == 404

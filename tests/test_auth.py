@@ -25,13 +25,13 @@ from pcm_service.tokens import API, TokenError, client_token, create_token_file,
 
 runner = CliRunner()
 OPEN = {("GET", "/healthz")}
-POOL_ROUTES = {("GET", "/v1/blobs/{chunk}"), ("GET", "/v1/models/{digest}")}  # and all of /v1/workers
+POOL_ROUTES = {("GET", "/v1/pcm/blobs/{chunk}"), ("GET", "/v1/pcm/models/{digest}")}  # and all of /v1/pcm/workers
 
 
 def expected_kind(method: str, path: str) -> str:
     if (method, path) in OPEN:
         return "open"
-    return "pool" if path.startswith("/v1/workers") or (method, path) in POOL_ROUTES else "api"
+    return "pool" if path.startswith("/v1/pcm/workers") or (method, path) in POOL_ROUTES else "api"
 
 
 def every_route(tmp_path: Path) -> list[tuple[str, str]]:
@@ -55,7 +55,7 @@ def bearer(token: str) -> dict[str, str]:
 
 def test_every_route_refuses_a_missing_wrong_or_other_token(serve: ServeProcess, tmp_path: Path) -> None:
     routes = every_route(tmp_path)
-    assert len(routes) >= 20 and ("POST", "/v1/workers") in routes
+    assert len(routes) >= 20 and ("POST", "/v1/pcm/workers") in routes
     tokens = {"pool": serve.pool_token, "api": serve.api_token}
     seen = []
     with httpx.Client(base_url=serve.url, timeout=30) as http:
@@ -87,7 +87,7 @@ def test_generated_token_files_are_0600_distinct_and_reused_after_a_restart(tmp_
         serve.stop()
         serve.start()
         assert {f: f.read_text() for f in first} == first
-        assert httpx.get(f"{serve.url}/v1/status", headers=bearer(serve.api_token)).status_code == 200
+        assert httpx.get(f"{serve.url}/v1/pcm/status", headers=bearer(serve.api_token)).status_code == 200
     finally:
         serve.stop()
     log = serve.log_path.read_text()
@@ -129,9 +129,9 @@ def test_tokens_from_environment_and_options(tmp_path: Path) -> None:
                                                   "PCM_POOL_TOKEN_FILE": str(pool_file)}).start()
     try:
         assert not serve.api_token_file.exists() and not serve.pool_token_file.exists()
-        assert httpx.get(f"{serve.url}/v1/status", headers=bearer("api-from-env")).status_code == 200
+        assert httpx.get(f"{serve.url}/v1/pcm/status", headers=bearer("api-from-env")).status_code == 200
         reg = {"host": "h", "pid": 1}
-        r = httpx.post(f"{serve.url}/v1/workers", json=reg, headers=bearer("pool-from-a-file"))
+        r = httpx.post(f"{serve.url}/v1/pcm/workers", json=reg, headers=bearer("pool-from-a-file"))
         assert r.status_code == 201
     finally:
         serve.stop()
@@ -208,7 +208,7 @@ def test_cli_finds_the_token_in_env_or_in_pcm_state_here(tmp_path: Path, write_w
 
 
 def test_status_views_and_logs_never_show_a_token(serve: ServeProcess, write_workload) -> None:
-    r = httpx.post(f"{serve.url}/v1/workers", json={"host": "h", "pid": 1, "glidein_id": "1.0"},
+    r = httpx.post(f"{serve.url}/v1/pcm/workers", json={"host": "h", "pid": 1, "glidein_id": "1.0"},
                    headers=bearer(serve.pool_token))
     assert r.status_code == 201
     serve.client().request("POST", "/factory/report", FactoryReport(factory="f", backend="local", at=1.0))

@@ -40,7 +40,7 @@ def test_factory_set_max_below_min_is_refused_and_changes_nothing(serve) -> None
 def test_api_rejects_bad_submission_with_422(serve) -> None:
     import httpx
 
-    resp = httpx.post(f"{serve.url}/v1/workloads", json={"name": "x", "batch_size": 0},
+    resp = httpx.post(f"{serve.url}/v1/pcm/workloads", json={"name": "x", "batch_size": 0},
                       headers={"Authorization": f"Bearer {serve.api_token}"})
     assert resp.status_code == 422
     assert cli(serve, "status", "--json").output.count('"workload_id"') == 0

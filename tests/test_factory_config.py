@@ -111,15 +111,15 @@ def test_pool_token_file_option_replaces_the_generated_one(tmp_path: Path) -> No
     serve = ServeProcess(tmp_path / "state", "--pool-token-file", str(token)).start()
     reg = {"host": "h", "pid": 1}
     try:
-        r = httpx.post(f"{serve.url}/v1/workers", json=reg)
+        r = httpx.post(f"{serve.url}/v1/pcm/workers", json=reg)
         assert r.status_code == 401 and "missing pool token" in r.text
-        r = httpx.post(f"{serve.url}/v1/workers", json=reg, headers={"Authorization": "Bearer nope"})
+        r = httpx.post(f"{serve.url}/v1/pcm/workers", json=reg, headers={"Authorization": "Bearer nope"})
         assert r.status_code == 403
-        r = httpx.post(f"{serve.url}/v1/workers", json=reg,
+        r = httpx.post(f"{serve.url}/v1/pcm/workers", json=reg,
                        headers={"Authorization": "Bearer s3cret-pool-token"})
         assert r.status_code == 201
         assert not serve.pool_token_file.exists()  # given a file, none is generated
-        assert httpx.get(f"{serve.url}/v1/status").status_code == 401  # the user API needs its token
+        assert httpx.get(f"{serve.url}/v1/pcm/status").status_code == 401  # the user API needs its token
     finally:
         serve.stop()
     assert "s3cret-pool-token" not in serve.log_path.read_text()

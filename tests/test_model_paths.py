@@ -67,15 +67,15 @@ def test_paths_outside_the_policy_are_400_and_register_nothing(serve: ServeProce
     api = {"Authorization": f"Bearer {serve.api_token}"}
     with httpx.Client(base_url=serve.url, headers=api, timeout=30) as http:
         for path, why in refused.items():
-            for route, body, field in (("/v1/workloads", submission(path), "context.model"),
-                                       ("/v1/models", {"path": path}, "path")):
+            for route, body, field in (("/v1/pcm/workloads", submission(path), "context.model"),
+                                       ("/v1/pcm/models", {"path": path}, "path")):
                 r = http.post(route, json=body)
                 assert r.status_code == 400, (path, route, r.text)
                 err = r.json()
                 assert err["code"] == "model_unavailable" and err["field"] == field, (path, err)
                 assert err["detail"].startswith(f"{field}: ") and why in err["detail"], (path, err["detail"])
         assert (count(serve, "models"), count(serve, "workloads"), count(serve, "rows")) == (0, 0, 0)
-        r = http.post("/v1/workloads", json=submission(str(root / "good")))
+        r = http.post("/v1/pcm/workloads", json=submission(str(root / "good")))
         assert r.status_code == 201, r.text
     assert count(serve, "models") == 1
     assert_no_secret_in_any_manifest(serve)
@@ -96,11 +96,11 @@ def assert_no_secret_in_any_manifest(serve: ServeProcess) -> None:
             assert state not in real.parents and real != state, real
             assert real.read_bytes().strip() not in tokens, real
         for chunk in m.chunk_lengths:
-            r = httpx.get(f"{serve.url}/v1/blobs/{chunk}", headers=pool)
+            r = httpx.get(f"{serve.url}/v1/pcm/blobs/{chunk}", headers=pool)
             assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == chunk
             assert not any(t in r.content for t in tokens)
         for token_hash in (hashlib.sha256(t + b"\n").hexdigest() for t in tokens):
-            assert httpx.get(f"{serve.url}/v1/blobs/{token_hash}", headers=pool).status_code == 404
+            assert httpx.get(f"{serve.url}/v1/pcm/blobs/{token_hash}", headers=pool).status_code == 404
 
 
 def test_stored_manifests_that_break_the_rules_are_dropped_at_start(serve: ServeProcess, root: Path) -> None:
@@ -109,15 +109,15 @@ def test_stored_manifests_that_break_the_rules_are_dropped_at_start(serve: Serve
     (fake_model(root / "later") / "model.safetensors").write_bytes(b"other weights")  # another digest
     digests = {}
     for name in ("good", "later"):
-        r = httpx.post(f"{serve.url}/v1/models", json={"path": str(root / name)}, headers=api)
+        r = httpx.post(f"{serve.url}/v1/pcm/models", json={"path": str(root / name)}, headers=api)
         assert r.status_code == 201, r.text
         digests[name] = ModelManifest.model_validate(r.json()).digest
     serve.stop()
     (root / "later" / "model.safetensors").unlink()  # now a link to the service's API token
     (root / "later" / "model.safetensors").symlink_to(serve.api_token_file)
     serve.start()
-    assert httpx.get(f"{serve.url}/v1/models/{digests['later']}", headers=pool).status_code == 404
-    assert httpx.get(f"{serve.url}/v1/models/{digests['good']}", headers=pool).status_code == 200
+    assert httpx.get(f"{serve.url}/v1/pcm/models/{digests['later']}", headers=pool).status_code == 404
+    assert httpx.get(f"{serve.url}/v1/pcm/models/{digests['good']}", headers=pool).status_code == 200
     assert count(serve, "models") == 1
     log = serve.log_path.read_text()
     assert f"dropping the manifest of model {(root / 'later').resolve()}" in log
@@ -128,7 +128,7 @@ def test_stored_manifests_that_break_the_rules_are_dropped_at_start(serve: Serve
 def test_serve_without_a_model_root_refuses_every_path(tmp_path: Path) -> None:
     serve = ServeProcess(tmp_path / "state", model_roots=[]).start()
     try:
-        r = httpx.post(f"{serve.url}/v1/models", json={"path": str(fake_model(tmp_path / "m"))},
+        r = httpx.post(f"{serve.url}/v1/pcm/models", json={"path": str(fake_model(tmp_path / "m"))},
                        headers={"Authorization": f"Bearer {serve.api_token}"})
         assert r.status_code == 400 and "--model-root" in r.json()["detail"]
     finally:

@@ -69,7 +69,7 @@ class Pool:
         self.agents: list[WorkerAgent] = []
 
     def register(self, model: Path) -> ModelManifest:
-        r = httpx.post(f"{self.url}/v1/models", json={"path": str(model)}, headers=self.user_auth)
+        r = httpx.post(f"{self.url}/v1/pcm/models", json={"path": str(model)}, headers=self.user_auth)
         assert r.status_code == 201, r.text
         return ModelManifest.model_validate(r.json())
 
@@ -145,7 +145,7 @@ def test_blob_server_takes_only_requests_signed_with_the_pool_key(tmp_path: Path
     (tmp_path / "f").write_bytes(data)
     chunk = hashlib.sha256(data).hexdigest()
     srv = BlobServer(lambda c: (tmp_path / "f", 0, len(data)) if c == chunk else None, TOKEN).start()
-    key, path = peer_key(TOKEN), f"/v1/blobs/{chunk}"
+    key, path = peer_key(TOKEN), f"/v1/pcm/blobs/{chunk}"
     try:
         url = f"{srv.url}{path}"
 
@@ -156,7 +156,7 @@ def test_blob_server_takes_only_requests_signed_with_the_pool_key(tmp_path: Path
         r = get(f"Bearer {TOKEN}")  # the token itself is never what a peer takes
         assert r.status_code == 401 and r.json()["code"] == "missing_token"
         assert get(sign_peer_request(peer_key("another pool"), "GET", path)).status_code == 403
-        assert get(sign_peer_request(key, "GET", f"/v1/blobs/{'0' * 64}")).status_code == 403  # other chunk
+        assert get(sign_peer_request(key, "GET", f"/v1/pcm/blobs/{'0' * 64}")).status_code == 403  # other chunk
         expired = get(sign_peer_request(key, "GET", path, now=time.time() - 3600))
         assert expired.status_code == 403 and "expired" in expired.json()["detail"]
         assert get(f"PCM-Sig 12:{'0' * 64}").status_code == 403
@@ -165,7 +165,7 @@ def test_blob_server_takes_only_requests_signed_with_the_pool_key(tmp_path: Path
         r = get(sign_peer_request(key, "GET", path), Range="bytes=100-199")
         assert r.status_code == 206 and r.content == data[100:200]
         assert get(sign_peer_request(key, "GET", path), Range="bytes=5000-").status_code == 416
-        other = f"/v1/blobs/{'0' * 64}"
+        other = f"/v1/pcm/blobs/{'0' * 64}"
         r = httpx.get(f"{srv.url}{other}", headers={"Authorization": sign_peer_request(key, "GET", other)})
         assert r.status_code == 404 and r.json()["code"] == "not_found"
     finally:
@@ -175,14 +175,14 @@ def test_blob_server_takes_only_requests_signed_with_the_pool_key(tmp_path: Path
 def test_origin_and_plans_need_the_pool_token(pool: Pool, tmp_path: Path) -> None:
     m = pool.register(make_model(tmp_path / "model", {"w.bin": 300 * KIB, "config.json": 10}))
     chunk = m.files[0].chunks[0]
-    assert httpx.get(f"{pool.url}/v1/blobs/{chunk}").status_code == 401
-    assert httpx.get(f"{pool.url}/v1/models/{m.digest}",
+    assert httpx.get(f"{pool.url}/v1/pcm/blobs/{chunk}").status_code == 401
+    assert httpx.get(f"{pool.url}/v1/pcm/models/{m.digest}",
                      headers={"Authorization": "Bearer wrong"}).status_code == 403
-    r = httpx.get(f"{pool.url}/v1/blobs/{chunk}", headers={"Authorization": f"Bearer {TOKEN}"})
+    r = httpx.get(f"{pool.url}/v1/pcm/blobs/{chunk}", headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == chunk
-    assert httpx.post(f"{pool.url}/v1/models", json={"path": str(tmp_path / "missing")},
+    assert httpx.post(f"{pool.url}/v1/pcm/models", json={"path": str(tmp_path / "missing")},
                       headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 403  # a worker's token
-    r = httpx.post(f"{pool.url}/v1/models", json={"path": str(tmp_path / "missing")}, headers=pool.user_auth)
+    r = httpx.post(f"{pool.url}/v1/pcm/models", json={"path": str(tmp_path / "missing")}, headers=pool.user_auth)
     assert r.status_code == 400 and r.json()["detail"].startswith("path: model directory")
 
 

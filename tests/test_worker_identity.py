@@ -46,7 +46,7 @@ def test_a_heartbeat_after_deregistering_never_registers_a_second_worker(serve: 
     agent.leave()  # deregistered: the service retires it
     agent._send_heartbeat()  # the heartbeat that was in flight arrives after that
     assert workers(serve) == [(first, "retired")]
-    r = httpx.post(f"{serve.url}/v1/workers/{first}/heartbeat", json={},
+    r = httpx.post(f"{serve.url}/v1/pcm/workers/{first}/heartbeat", json={},
                    headers={"Authorization": f"Bearer {serve.pool_token}"})
     assert r.status_code == 410 and r.json()["code"] == "worker_retired"
 

@@ -7,9 +7,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
-from pcm_service.protocol import ContextSpec, SamplingSettings
+from pcm_service.protocol import (
+    ChatMessage,
+    Choice,
+    ContextSpec,
+    SamplingSettings,
+    TokenLogprob,
+    TopLogprob,
+)
 
 
 @dataclass
@@ -20,6 +27,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     error: Optional[str] = None
+    choices: Optional[list[Choice]] = None  # set when there are several or they carry logprobs
 
 
 class Engine(ABC):
@@ -28,8 +36,10 @@ class Engine(ABC):
         """Start the engine for ``context`` (the context's start cost is paid here, once)."""
 
     @abstractmethod
-    def add_request(self, request_id: str, prompt: str, sampling: SamplingSettings) -> None:
-        """Queue one row; raises if the engine rejects that row."""
+    def add_request(self, request_id: str, prompt: Optional[str], messages: Optional[list[ChatMessage]],
+                    sampling: SamplingSettings) -> None:
+        """Queue one row (a prompt, or messages for the model's chat template); raises if the
+        engine rejects that row."""
 
     @abstractmethod
     def step(self) -> list[Completion]:
@@ -51,30 +61,77 @@ class VllmEngine(Engine):
 
         args = {"disable_log_stats": True, **context.engine.engine_args()}
         self._engine = LLMEngine.from_engine_args(EngineArgs(model=context.model, **args))
+        self._max_model_len = self._engine.model_config.max_model_len
 
     @staticmethod
-    def sampling_params(s: SamplingSettings):  # type: ignore[no-untyped-def]
+    def sampling_params(s: SamplingSettings, max_tokens: int):  # type: ignore[no-untyped-def]
         from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
 
+        structured = None
+        if s.structured is not None:
+            c = s.structured
+            structured = StructuredOutputsParams(json=c.json_schema, json_object=c.json_object or None,
+                                                 regex=c.regex, choice=c.choice, grammar=c.grammar)
         return SamplingParams(
-            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
+            n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=max_tokens,
             min_tokens=s.min_tokens, seed=s.seed, stop=s.stop or None,
             presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-            repetition_penalty=s.repetition_penalty)
+            repetition_penalty=s.repetition_penalty, logprobs=s.logprobs,
+            structured_outputs=structured)
 
-    def add_request(self, request_id: str, prompt: str, sampling: SamplingSettings) -> None:
-        self._engine.add_request(request_id, prompt, self.sampling_params(sampling))
+    def render_chat(self, messages: list[ChatMessage]) -> list[int]:
+        """The conversation as the model's chat template renders it, with the generation prompt,
+        tokenized without extra special tokens: what ``LLM.chat`` feeds the engine."""
+        tok = self._engine.get_tokenizer()
+        if not getattr(tok, "chat_template", None):
+            raise ValueError("the model has no chat template: send a prompt, not messages")
+        convo: Any = [m.model_dump(exclude_none=True, mode="json") for m in messages]
+        text = tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+        return list(tok.encode(str(text), add_special_tokens=False))
+
+    def add_request(self, request_id: str, prompt: Optional[str], messages: Optional[list[ChatMessage]],
+                    sampling: SamplingSettings) -> None:
+        engine_input: Any
+        if messages is not None:
+            ids = self.render_chat(messages)
+            engine_input = {"prompt_token_ids": ids}
+            # OpenAI's chat default: generate until the context is full
+            max_tokens = sampling.max_tokens or max(1, self._max_model_len - len(ids))
+        else:
+            engine_input = prompt
+            max_tokens = sampling.max_tokens or 16
+        self._engine.add_request(request_id, engine_input, self.sampling_params(sampling, max_tokens))
+
+    @staticmethod
+    def _logprobs(c: Any) -> Optional[list[TokenLogprob]]:
+        if c.logprobs is None:
+            return None
+        out = []
+        for tok_id, position in zip(c.token_ids, c.logprobs, strict=False):
+            chosen = position[tok_id]
+            top = sorted(position.values(), key=lambda lp: lp.rank or 0)
+            out.append(TokenLogprob(token=chosen.decoded_token or "", logprob=chosen.logprob,
+                                    top=[TopLogprob(token=lp.decoded_token or "", logprob=lp.logprob)
+                                         for lp in top if lp.rank is not None and lp.rank > 0]))
+        return out
 
     def step(self) -> list[Completion]:
         done = []
         for out in self._engine.step():
             if not out.finished:
                 continue
-            c = out.outputs[0]  # type: ignore[index]  # a generation's outputs: a list of completions
-            done.append(Completion(request_id=out.request_id, text=c.text,
-                                   finish_reason=c.finish_reason,
+            outs: list[Any] = list(out.outputs)  # type: ignore[arg-type]  # one output per choice
+            first = outs[0]
+            choices = None
+            if len(outs) > 1 or first.logprobs is not None:
+                choices = [Choice(text=c.text, finish_reason=c.finish_reason, completion_tokens=len(c.token_ids),
+                                  logprobs=self._logprobs(c)) for c in outs]
+            done.append(Completion(request_id=out.request_id, text=first.text,
+                                   finish_reason=first.finish_reason,
                                    prompt_tokens=len(out.prompt_token_ids or []),
-                                   completion_tokens=len(c.token_ids)))
+                                   completion_tokens=sum(len(c.token_ids) for c in outs),
+                                   choices=choices))
         return done
 
     def has_unfinished(self) -> bool:

@@ -35,7 +35,7 @@ def _send_completions(conn: Connection, done: list[Completion]) -> None:
         batch_id, idx = _split(c.request_id)
         by_batch[batch_id].append(RowResult(
             idx=idx, text=c.text, finish_reason=c.finish_reason, prompt_tokens=c.prompt_tokens,
-            completion_tokens=c.completion_tokens, error=c.error).model_dump_json())
+            completion_tokens=c.completion_tokens, error=c.error, choices=c.choices).model_dump_json())
     for batch_id, rows in by_batch.items():
         conn.send(("rows", batch_id, rows))
 
@@ -46,7 +46,7 @@ def _add_batch(engine: Engine, lease: BatchLease) -> list[Completion]:
     for row in lease.rows:
         rid = _request_id(lease.batch_id, row.idx)
         try:
-            engine.add_request(rid, row.prompt, lease.sampling)
+            engine.add_request(rid, row.prompt, row.messages, row.sampling or lease.sampling)
         except Exception as e:  # the engine refused this row only; keep the context alive
             rejected.append(Completion(request_id=rid, text=None, finish_reason=None,
                                        prompt_tokens=0, completion_tokens=0,

@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 from pcm_service.api.auth import BearerToken, api_token, pool_token
 from pcm_service.api.changes import Changes
 from pcm_service.api.errors import BodyLimit, StrictJSONRoute, install_error_handlers
+from pcm_service.api.openai_routes import FILES_PATH, openai_router, validate_batch
 from pcm_service.api.user_routes import SUBMIT_PATH, user_router
 from pcm_service.api.worker_routes import worker_router
 from pcm_service.core import ServiceCore
@@ -23,11 +24,14 @@ OPEN = {"/healthz"}  # the one route without a token (besides the API's own desc
 
 
 def _reaper(core: ServiceCore, stop: threading.Event) -> None:
+    for batch_id in core.validating_batches():  # created before a restart: check them now
+        validate_batch(core, batch_id)
     while not stop.wait(core.config.heartbeat_interval):
         try:
             for worker_id in core.reap():
                 log.warning("worker %s missed heartbeats for %.0fs: lost, its batches requeued",
                             worker_id, core.config.worker_timeout)
+            core.settle_workloads()
         except Exception:  # the reaper must outlive any one bad cycle
             log.exception("reaper cycle failed")
 
@@ -55,8 +59,8 @@ def create_app(core: ServiceCore, pool: str, api: str) -> FastAPI:
     app.router.route_class = StrictJSONRoute
     install_error_handlers(app)
     cfg = core.config
-    app.add_middleware(BodyLimit, limit_for=lambda path: cfg.max_submission_bytes if path == SUBMIT_PATH
-                       else cfg.max_request_bytes)
+    app.add_middleware(BodyLimit, limit_for=lambda path: cfg.max_submission_bytes
+                       if path in (SUBMIT_PATH, FILES_PATH) else cfg.max_request_bytes)
     app.state.core = core
 
     @app.get("/healthz")
@@ -65,6 +69,7 @@ def create_app(core: ServiceCore, pool: str, api: str) -> FastAPI:
 
     app.include_router(worker_router(core, changes), dependencies=[Depends(pool_token(pool))])
     app.include_router(user_router(core), dependencies=[Depends(api_token(api))])
+    app.include_router(openai_router(core), dependencies=[Depends(api_token(api))])
     _check_every_route_has_a_token(app)
     return app
 

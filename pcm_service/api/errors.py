@@ -15,7 +15,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pcm_service.core import UnknownWorker
-from pcm_service.protocol import CODE_OF_STATUS, ErrorBody, ErrorCode, ErrorItem, WorkerState
+from pcm_service.protocol import API_PREFIX, CODE_OF_STATUS, ErrorBody, ErrorCode, ErrorItem, WorkerState
 
 _DESCRIPTIONS = {
     400: "The request is well formed but cannot be carried out (e.g. a refused model path)",
@@ -60,7 +60,14 @@ def unknown_worker(e: UnknownWorker) -> ApiError:
     return ApiError(404, ErrorCode.WORKER_UNKNOWN, f"unknown worker {e.worker_id}; register again")
 
 
-def error_response(status: int, body: ErrorBody, headers: Optional[dict[str, str]] = None) -> JSONResponse:
+def error_response(status: int, body: ErrorBody, headers: Optional[dict[str, str]] = None,
+                   path: str = "") -> JSONResponse:
+    """PCM's ErrorBody; on OpenAI's routes (``/v1/…`` outside ``/v1/pcm``) OpenAI's error shape."""
+    if path.startswith("/v1/") and not path.startswith(API_PREFIX + "/"):
+        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                409: "conflict_error", 413: "invalid_request_error"}.get(status, "invalid_request_error")
+        return JSONResponse({"error": {"message": body.detail, "type": kind, "param": body.field,
+                                       "code": body.code.value}}, status_code=status, headers=headers)
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
@@ -111,19 +118,20 @@ def install_error_handlers(app: FastAPI) -> None:
                 return Response(status_code=204, headers={"Allow": allow})
             return error_response(405, ErrorBody(code=ErrorCode.METHOD_NOT_ALLOWED,
                                                  detail=f"{request.method} is not allowed here; use {allow}"),
-                                  headers={"Allow": allow})
+                                  headers={"Allow": allow}, path=request.url.path)
         if isinstance(exc, ApiError):
             body = ErrorBody(code=exc.code, detail=str(exc.detail), field=exc.field)
         elif exc.status_code == 400:  # FastAPI could not read the body: it is not what the schema says
             return error_response(422, ErrorBody(code=ErrorCode.INVALID_REQUEST, detail=f"body: {exc.detail}",
-                                                 field="body"))
+                                                 field="body"), path=request.url.path)
         else:
             code = CODE_OF_STATUS.get(exc.status_code, ErrorCode.INVALID_REQUEST)
             body = ErrorBody(code=code, detail=str(exc.detail))
-        return error_response(exc.status_code, body, headers=dict(exc.headers) if exc.headers else None)
+        return error_response(exc.status_code, body, headers=dict(exc.headers) if exc.headers else None,
+                              path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> Response:
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
         """422 when the request breaks the schema; 400 when only our own validators (rules the
         schema cannot state: duplicate ids, max below min) refuse it."""
         errs = exc.errors()
@@ -133,7 +141,8 @@ def install_error_handlers(app: FastAPI) -> None:
         rule = bool(errs) and all(e.get("type") == "value_error" for e in errs)
         return error_response(400 if rule else 422,
                               ErrorBody(code=ErrorCode.INVALID_VALUE if rule else ErrorCode.INVALID_REQUEST,
-                                        detail=detail, field=items[0].field if items else None, errors=items))
+                                        detail=detail, field=items[0].field if items else None, errors=items),
+                              path=request.url.path)
 
 
 class BodyLimit:
@@ -154,7 +163,7 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             body = ErrorBody(code=too_large.code, detail=str(too_large.detail))
-            await error_response(413, body, {"Connection": "close"})(scope, receive, send)
+            await error_response(413, body, {"Connection": "close"}, scope["path"])(scope, receive, send)
             return
         received = 0
 

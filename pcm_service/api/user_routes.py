@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
 from pcm_service.api.errors import AUTH, BODY, ApiError, StrictJSONRoute, errors
-from pcm_service.core import ServiceCore, UnknownWorkload
+from pcm_service.core import NoChatTemplate, ServiceCore, UnknownModel, UnknownWorkload
 from pcm_service.protocol import (
     API_PREFIX,
     Demand,
@@ -16,6 +16,7 @@ from pcm_service.protocol import (
     FactoryView,
     ModelManifest,
     ModelRegistration,
+    NamedModel,
     ServiceStatus,
     SubmitResponse,
     WorkloadStatus,
@@ -24,6 +25,7 @@ from pcm_service.protocol import (
 from pcm_service.weights.modelpaths import ModelUnavailable
 
 SUBMIT_PATH = f"{API_PREFIX}/workloads"
+SERVED_MODELS_PATH = f"{API_PREFIX}/served-models"  # models by name (OpenAI's view: GET /v1/models)
 
 
 def user_router(core: ServiceCore) -> APIRouter:
@@ -31,10 +33,27 @@ def user_router(core: ServiceCore) -> APIRouter:
 
     @router.post(SUBMIT_PATH, status_code=201, responses={**BODY, **errors(400)})
     async def submit(sub: WorkloadSubmission) -> SubmitResponse:
+        field = "model" if sub.model is not None else "context.model"
         try:
             return await run_in_threadpool(core.submit, sub)
         except ModelUnavailable as e:
-            raise ApiError(400, ErrorCode.MODEL_UNAVAILABLE, f"context.model: {e}", "context.model") from None
+            raise ApiError(400, ErrorCode.MODEL_UNAVAILABLE, f"{field}: {e}", field) from None
+        except UnknownModel as e:
+            raise ApiError(400, ErrorCode.MODEL_NOT_FOUND, f"model: no model named {e} is registered"
+                           " (pcm model list)", "model") from None
+        except NoChatTemplate as e:
+            raise ApiError(400, ErrorCode.NO_CHAT_TEMPLATE, str(e), "rows.messages") from None
+
+    @router.post(SERVED_MODELS_PATH, status_code=201, responses={**BODY, **errors(400)})
+    async def add_served_model(model: NamedModel) -> NamedModel:
+        try:
+            return await run_in_threadpool(core.add_model, model)
+        except ModelUnavailable as e:
+            raise ApiError(400, ErrorCode.MODEL_UNAVAILABLE, f"path: {e}", "path") from None
+
+    @router.get(SERVED_MODELS_PATH, responses=AUTH)
+    def served_models() -> list[NamedModel]:
+        return core.list_models()
 
     @router.post(f"{API_PREFIX}/models", status_code=201, responses={**BODY, **errors(400)})
     async def register_model(reg: ModelRegistration) -> ModelManifest:

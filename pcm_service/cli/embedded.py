@@ -81,7 +81,7 @@ def run_workload(sub: WorkloadSubmission, state_dir: Path, workers: int = 1,
     """Submit one workload to a fresh embedded pool and wait for its output file. Without model
     roots in ``config``, the workload's own model directory is the only one."""
     config = config or ServiceConfig()
-    if not config.model_roots:
+    if not config.model_roots and sub.context is not None:
         config = dataclasses.replace(config, model_roots=(Path(sub.context.model),))
     service = EmbeddedService(state_dir / "service", config).start()
     backend = LocalBackend(service.url, state_dir / "glideins", worker_args=worker_args,

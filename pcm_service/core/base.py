@@ -4,12 +4,23 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from pcm_service.core.config import ServiceConfig
 from pcm_service.core.demand import Ramp, ThroughputMeter
 from pcm_service.core.factories import FactoryRegistry
-from pcm_service.protocol import Demand, FactoryLimits, Heartbeat, WorkerState
+from pcm_service.protocol import (
+    ContextSpec,
+    Demand,
+    FactoryLimits,
+    Heartbeat,
+    NamedModel,
+    OpenAIOutput,
+    RowIn,
+    SamplingSettings,
+    SubmitResponse,
+    WorkerState,
+)
 from pcm_service.store import Store
 from pcm_service.weights.replicas import ReplicaMap
 
@@ -26,6 +37,18 @@ class UnknownWorker(LookupError):
 
 class UnknownWorkload(LookupError):
     pass
+
+
+class UnknownModel(LookupError):
+    """No model registered by that name (``pcm model add``)."""
+
+
+class NoChatTemplate(ValueError):
+    """Chat rows for a model whose tokenizer has no chat template."""
+
+
+class Conflict(ValueError):
+    """The request does not fit the object's state (e.g. cancelling a completed batch)."""
 
 
 class CoreBase:
@@ -52,6 +75,26 @@ class CoreBase:
         raise NotImplementedError
 
     def _reconcile(self, db: sqlite3.Connection, worker_id: str, hb: Heartbeat) -> None:  # leasing
+        raise NotImplementedError
+
+    def named_model(self, name: str) -> NamedModel:  # models
+        raise NotImplementedError
+
+    def has_model(self, name: str) -> bool:  # models
+        raise NotImplementedError
+
+    def context_of(self, model: Optional[str], context: Optional[ContextSpec]) -> ContextSpec:  # workloads
+        raise NotImplementedError
+
+    def check_chat(self, context: ContextSpec, model: Optional[str]) -> None:  # workloads
+        raise NotImplementedError
+
+    def insert_workload(self, name: str, context: ContextSpec, model: Optional[str], sampling: SamplingSettings,
+                        batch_size: int, output: str, openai: Optional[OpenAIOutput],
+                        rows: Iterable[RowIn]) -> SubmitResponse:  # workloads
+        raise NotImplementedError
+
+    def _settle_cancelling(self, db: sqlite3.Connection, now: float) -> None:  # batches
         raise NotImplementedError
 
     def factory_limits(self) -> FactoryLimits:  # pool_ops

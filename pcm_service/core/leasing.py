@@ -1,6 +1,7 @@
 """Leases: which batches a worker runs, and what comes back from them."""
 from __future__ import annotations
 
+import json
 import sqlite3
 from typing import Optional
 
@@ -10,18 +11,31 @@ from pcm_service.protocol import (
     BatchLease,
     BatchReport,
     BatchState,
+    ChatMessage,
     ContextSpec,
     ContextState,
     Heartbeat,
     LeaseRequest,
     LeaseResponse,
     ReportResponse,
+    RowErrorCode,
     RowState,
     RowTask,
     SamplingSettings,
     WorkerState,
 )
 from pcm_service.store import in_list
+
+
+def row_task(r: sqlite3.Row) -> RowTask:
+    if r["request"] is None:
+        return RowTask(idx=r["idx"], row_id=r["row_id"], prompt=r["prompt"])
+    extra = json.loads(r["request"])
+    messages = extra.get("messages")
+    sampling = extra.get("sampling")
+    return RowTask(idx=r["idx"], row_id=r["row_id"], prompt=None if messages else r["prompt"],
+                   messages=[ChatMessage.model_validate(m, strict=False) for m in messages] if messages else None,
+                   sampling=SamplingSettings.model_validate(sampling, strict=False) if sampling else None)
 
 
 class LeaseOps(CoreBase):
@@ -57,8 +71,8 @@ class LeaseOps(CoreBase):
                                 (BatchState.QUEUED.value, req.context_id, req.max_batches)).fetchall():
                 db.execute("UPDATE batches SET state=?, worker_id=?, lease_seq=?, leased_at=? WHERE batch_id=?",
                            (BatchState.LEASED.value, worker_id, seq, now, b["batch_id"]))
-                rows = [RowTask(idx=r["idx"], row_id=r["row_id"], prompt=r["prompt"]) for r in db.execute(
-                    "SELECT idx, row_id, prompt FROM rows WHERE batch_id=? AND state=? ORDER BY idx",
+                rows = [row_task(r) for r in db.execute(
+                    "SELECT idx, row_id, prompt, request FROM rows WHERE batch_id=? AND state=? ORDER BY idx",
                     (b["batch_id"], RowState.PENDING.value))]
                 leases.append(BatchLease(batch_id=b["batch_id"], workload_id=b["workload_id"],
                                          context_id=b["context_id"],
@@ -85,10 +99,12 @@ class LeaseOps(CoreBase):
             for r in rep.results:
                 cur = db.execute(
                     "UPDATE rows SET state=?, text=?, finish_reason=?, prompt_tokens=?,"
-                    " completion_tokens=?, error=?, worker_id=?, finished_at=?"
+                    " completion_tokens=?, error=?, error_code=?, choices=?, worker_id=?, finished_at=?"
                     " WHERE batch_id=? AND idx=? AND state=?",
                     (RowState.DONE.value, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens,
-                     r.error, worker_id, now, rep.batch_id, r.idx, RowState.PENDING.value))
+                     r.error, RowErrorCode.REJECTED.value if r.error else None,
+                     json.dumps([c.model_dump(mode="json") for c in r.choices]) if r.choices else None,
+                     worker_id, now, rep.batch_id, r.idx, RowState.PENDING.value))
                 accepted += cur.rowcount
                 failed += cur.rowcount if r.error else 0
             db.execute("UPDATE workers SET rows_done=rows_done+?, last_busy=? WHERE worker_id=?",
@@ -99,6 +115,7 @@ class LeaseOps(CoreBase):
             if not settle_batch(db, rep.batch_id) and (rep.returned or rep.crashed) \
                     and b["worker_id"] == worker_id:
                 requeue(db, "batch_id=?", (rep.batch_id,))
+            self._settle_cancelling(db, now)
         self.throughput.rows(worker_id, accepted, now)
         with self._progress:
             self._progress.notify_all()
@@ -112,7 +129,7 @@ class LeaseOps(CoreBase):
             "SELECT idx FROM rows WHERE batch_id=? AND state=? AND crashes>=?",
             (b["batch_id"], RowState.PENDING.value, self.config.poison_after))]
         if poisoned:
-            fail_rows(db, now, b["batch_id"], b["workload_id"],
+            fail_rows(db, now, b["batch_id"], b["workload_id"], RowErrorCode.FAILED,
                       f"poisoned: the library process died {self.config.poison_after} times while"
                       " running this row; not retried", poisoned)
 

@@ -1,31 +1,42 @@
-"""Row results inside a service transaction: final results, requeues, the output file.
+"""Row results inside a service transaction: final results, requeues, the output files.
 
 Every row ends with exactly one final result: the first one recorded wins (a row is only
-updated while ``pending``), and the output is written once, atomically, in input order.
+updated while ``pending``), and the output is written once, atomically, in input order:
+PCM's own lines, or OpenAI Batch output and error lines for an OpenAI-format workload.
 """
 from __future__ import annotations
 
 import json
 import os
 import sqlite3
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Iterator, Optional, Sequence
 
-from pcm_service.protocol import BatchState, RowState, WorkloadState
+from pcm_service.batchapi.outputs import error_line, output_line
+from pcm_service.protocol import (
+    BatchState,
+    Choice,
+    OpenAIOutput,
+    RowErrorCode,
+    RowState,
+    WorkloadState,
+)
 
 DONE, PENDING = RowState.DONE.value, RowState.PENDING.value
 
 
-def fail_rows(db: sqlite3.Connection, now: float, batch_id: int, wl_id: str, error: str,
+def fail_rows(db: sqlite3.Connection, now: float, batch_id: int, wl_id: str, code: RowErrorCode, error: str,
               idx: list[int] | None = None) -> int:
     """End pending rows of a batch (all, or those in ``idx``) with ``error``; returns how many."""
     if idx is None:
-        n = db.execute("UPDATE rows SET state=?, error=?, finished_at=? WHERE batch_id=? AND state=?",
-                       (DONE, error, now, batch_id, PENDING)).rowcount
+        n = db.execute("UPDATE rows SET state=?, error=?, error_code=?, finished_at=? WHERE batch_id=? AND state=?",
+                       (DONE, error, code.value, now, batch_id, PENDING)).rowcount
         db.execute("UPDATE batches SET state=? WHERE batch_id=?", (BatchState.DONE.value, batch_id))
     else:
-        n = sum(db.execute("UPDATE rows SET state=?, error=?, finished_at=? WHERE batch_id=? AND idx=?"
-                           " AND state=?", (DONE, error, now, batch_id, i, PENDING)).rowcount
+        n = sum(db.execute("UPDATE rows SET state=?, error=?, error_code=?, finished_at=? WHERE batch_id=?"
+                           " AND idx=? AND state=?", (DONE, error, code.value, now, batch_id, i, PENDING)).rowcount
                 for i in idx)
     count_done(db, now, wl_id, n, n)
     return n
@@ -53,27 +64,96 @@ def settle_batch(db: sqlite3.Connection, batch_id: int) -> bool:
 
 def requeue(db: sqlite3.Connection, where: str, params: Sequence[Any], lost: int = 0) -> int:
     """Leased batches matching ``where`` go back to the queue: their worker left or was lost,
-    forgot them, or handed their rows back. ``lost`` counts a worker loss against each."""
-    return db.execute(f"UPDATE batches SET state=?, worker_id=NULL, losses=losses+? WHERE state=? AND {where}",
-                      (BatchState.QUEUED.value, lost, BatchState.LEASED.value, *params)).rowcount
+    forgot them, or handed their rows back. ``lost`` counts a worker loss against each.
+    A batch of a cancelled workload is not queued again: it is cancelled."""
+    n = db.execute(f"UPDATE batches SET state=?, worker_id=NULL, losses=losses+? WHERE state=? AND {where}",
+                   (BatchState.QUEUED.value, lost, BatchState.LEASED.value, *params)).rowcount
+    if n:
+        db.execute("UPDATE batches SET state=? WHERE state=? AND workload_id IN"
+                   " (SELECT workload_id FROM workloads WHERE state=?)",
+                   (BatchState.CANCELLED.value, BatchState.QUEUED.value, WorkloadState.CANCELLING.value))
+    return n
 
 
-def complete(db: sqlite3.Connection, now: float, wl_id: str) -> None:
-    """Write the output file (atomically, in input order), then mark the workload done."""
-    wl = db.execute("SELECT output FROM workloads WHERE workload_id=?", (wl_id,)).fetchone()
-    out = Path(wl["output"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+def end_workload(db: sqlite3.Connection, now: float, wl_id: str, state: WorkloadState, code: RowErrorCode) -> None:
+    """Cancel or expire: every row still pending ends with ``code``, then the output is written."""
+    message = {RowErrorCode.EXPIRED: "the completion window expired first",
+               RowErrorCode.CANCELLED: "the batch was cancelled first"}[code]
+    n = db.execute("UPDATE rows SET state=?, error=?, error_code=?, finished_at=? WHERE workload_id=? AND state=?",
+                   (DONE, message, code.value, now, wl_id, PENDING)).rowcount
+    db.execute("UPDATE workloads SET rows_done=rows_done+?, rows_failed=rows_failed+? WHERE workload_id=?",
+               (n, n, wl_id))
+    open_, states = "(?,?)", [BatchState.QUEUED.value, BatchState.LEASED.value]
+    db.execute(f"UPDATE batches SET state=? WHERE workload_id=? AND state IN {open_}",
+               (BatchState.CANCELLED.value, wl_id, *states))
+    complete(db, now, wl_id, state)
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[IO[str]]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", encoding="utf-8") as fh:
-        for r in db.execute(
-                "SELECT row_id, text, finish_reason, prompt_tokens, completion_tokens,"
-                " worker_id, error FROM rows WHERE workload_id=? ORDER BY idx", (wl_id,)):
-            fh.write(json.dumps({
-                "id": r["row_id"], "text": r["text"], "finish_reason": r["finish_reason"],
-                "prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
-                "worker_id": r["worker_id"], "error": r["error"]}) + "\n")
+        yield fh
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, out)
-    db.execute("UPDATE workloads SET state=?, finished_at=? WHERE workload_id=?",
-               (WorkloadState.COMPLETED.value, now, wl_id))
+    os.replace(tmp, path)
+
+
+def _choices(r: sqlite3.Row) -> list[Choice]:
+    if r["choices"]:
+        return [Choice.model_validate(c, strict=False) for c in json.loads(r["choices"])]
+    return [Choice(text=r["text"] or "", finish_reason=r["finish_reason"],
+                   completion_tokens=r["completion_tokens"] or 0)]
+
+
+def _register_file(db: sqlite3.Connection, now: float, path: Path) -> str:
+    file_id = "file-" + uuid.uuid4().hex[:24]
+    db.execute("INSERT INTO files (file_id, filename, purpose, bytes, path, created_at) VALUES (?,?,?,?,?,?)",
+               (file_id, path.name, "batch_output", path.stat().st_size, str(path), now))
+    return file_id
+
+
+def _write_openai(db: sqlite3.Connection, now: float, wl: sqlite3.Row, spec: OpenAIOutput) -> None:
+    created = int(now)
+    model = wl["model_name"] or ""
+    oks = errs = 0
+    with _atomic(Path(wl["output"])) as out, _atomic(Path(spec.error_output)) as err:
+        for r in db.execute("SELECT * FROM rows WHERE workload_id=? ORDER BY idx", (wl["workload_id"],)):
+            if r["error"] is None:
+                line = output_line(wl["workload_id"], r["row_id"], spec.endpoint, model, created,
+                                   _choices(r), r["prompt_tokens"] or 0)
+                out.write(json.dumps(line) + "\n")
+                oks += 1
+            else:
+                code = RowErrorCode(r["error_code"]) if r["error_code"] else None
+                err.write(json.dumps(error_line(wl["workload_id"], r["row_id"], code, r["error"])) + "\n")
+                errs += 1
+    if spec.batch_id is not None:  # the results become Files of the OpenAI batch
+        out_id = _register_file(db, now, Path(wl["output"])) if oks else None
+        err_id = _register_file(db, now, Path(spec.error_output)) if errs else None
+        db.execute("UPDATE openai_batches SET output_file_id=?, error_file_id=? WHERE batch_id=?",
+                   (out_id, err_id, spec.batch_id))
+
+
+def _write_pcm(db: sqlite3.Connection, wl: sqlite3.Row) -> None:
+    with _atomic(Path(wl["output"])) as fh:
+        for r in db.execute("SELECT * FROM rows WHERE workload_id=? ORDER BY idx", (wl["workload_id"],)):
+            line: dict[str, Optional[object]] = {
+                "id": r["row_id"], "text": r["text"], "finish_reason": r["finish_reason"],
+                "prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
+                "worker_id": r["worker_id"], "error": r["error"]}
+            if r["choices"]:
+                line["choices"] = json.loads(r["choices"])
+            fh.write(json.dumps(line) + "\n")
+
+
+def complete(db: sqlite3.Connection, now: float, wl_id: str,
+             state: WorkloadState = WorkloadState.COMPLETED) -> None:
+    """Write the output (atomically, in input order), then give the workload its final state."""
+    wl = db.execute("SELECT * FROM workloads WHERE workload_id=?", (wl_id,)).fetchone()
+    if wl["openai"]:
+        _write_openai(db, now, wl, OpenAIOutput.model_validate_json(wl["openai"]))
+    else:
+        _write_pcm(db, wl)
+    db.execute("UPDATE workloads SET state=?, finished_at=? WHERE workload_id=?", (state.value, now, wl_id))

@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from pcm_service.core.batches import BatchOps
 from pcm_service.core.config import ServiceConfig
 from pcm_service.core.demand import Ramp, ThroughputMeter
 from pcm_service.core.factories import FactoryRegistry
 from pcm_service.core.leasing import LeaseOps
+from pcm_service.core.models import ModelOps
 from pcm_service.core.pool_ops import FactoryOps
 from pcm_service.core.results import complete
 from pcm_service.core.workers import WorkerOps
@@ -31,7 +33,7 @@ def _now() -> float:
     return time.time()
 
 
-class ServiceCore(WorkloadOps, WorkerOps, LeaseOps, FactoryOps):
+class ServiceCore(WorkloadOps, ModelOps, BatchOps, WorkerOps, LeaseOps, FactoryOps):
     def __init__(self, state_dir: str | Path, config: Optional[ServiceConfig] = None,
                  clock: Callable[[], float] = _now) -> None:
         self.state_dir = Path(state_dir)

@@ -23,7 +23,7 @@ def workload_status(r: sqlite3.Row, now: float) -> WorkloadStatus:
     elapsed = (r["finished_at"] or now) - r["created_at"]
     return WorkloadStatus(
         workload_id=r["workload_id"], name=r["name"], state=WorkloadState(r["state"]),
-        context_id=r["context_id"], rows_total=r["rows_total"], rows_done=r["rows_done"],
+        context_id=r["context_id"], model=r["model_name"], rows_total=r["rows_total"], rows_done=r["rows_done"],
         rows_failed=r["rows_failed"], rows_per_second=r["rows_done"] / elapsed if elapsed > 0 else 0.0,
         output=r["output"], created_at=r["created_at"], finished_at=r["finished_at"])
 
@@ -44,7 +44,8 @@ def demand_inputs(db: sqlite3.Connection, last: int = 8) -> tuple[WorkLeft, int,
     the last workers that got there (None before any did)."""
     rows = db.execute("SELECT COALESCE(SUM(rows_total - rows_done), 0) FROM workloads WHERE state=?",
                       (WorkloadState.RUNNING.value,)).fetchone()[0]
-    batches = db.execute("SELECT COUNT(*) FROM batches WHERE state!=?", (BatchState.DONE.value,)).fetchone()[0]
+    waiting, waiting_states = in_list((BatchState.QUEUED, BatchState.LEASED))
+    batches = db.execute(f"SELECT COUNT(*) FROM batches WHERE state IN {waiting}", waiting_states).fetchone()[0]
     marks, states = in_list(READY_WORKER_STATES)
     ready = db.execute(f"SELECT COUNT(*) FROM workers WHERE state IN {marks}", states).fetchone()[0]
     spans = db.execute("SELECT MIN(e.at) - w.registered_at AS t FROM library_events e"

@@ -20,6 +20,7 @@ from pcm_service.protocol import (
     LibraryEvent,
     RegisterResponse,
     RetireDecision,
+    RowErrorCode,
     WorkerRegistration,
     WorkerState,
 )
@@ -114,9 +115,10 @@ class WorkerOps(CoreBase):
                        (ev.context_id, ContextState.FAILED.value)).fetchone()[0]
         if n < self.config.max_attempts:
             return
-        for b in db.execute("SELECT batch_id, workload_id FROM batches WHERE context_id=? AND state!=?",
-                            (ev.context_id, BatchState.DONE.value)).fetchall():
-            fail_rows(db, self.clock(), b["batch_id"], b["workload_id"],
+        open_, states = in_list((BatchState.QUEUED, BatchState.LEASED))
+        for b in db.execute(f"SELECT batch_id, workload_id FROM batches WHERE context_id=? AND state IN {open_}",
+                            (ev.context_id, *states)).fetchall():
+            fail_rows(db, self.clock(), b["batch_id"], b["workload_id"], RowErrorCode.FAILED,
                       f"engine failed to start {n} times; last error: {ev.error}")
 
     def library_starts(self, worker_id: Optional[str] = None) -> dict[str, int]:
@@ -140,7 +142,7 @@ class WorkerOps(CoreBase):
             requeue(db, "worker_id=?", (worker_id,), lost)
             for b in held:
                 if b["losses"] + lost >= self.config.max_losses:
-                    fail_rows(db, now, b["batch_id"], b["workload_id"],
+                    fail_rows(db, now, b["batch_id"], b["workload_id"], RowErrorCode.FAILED,
                               f"abandoned: its worker was lost {b['losses'] + lost} times while running it")
         self.replicas.drop_worker(worker_id)
         self.throughput.forget(worker_id)

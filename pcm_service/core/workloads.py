@@ -1,14 +1,20 @@
 """Workloads: submitted in one transaction, then watched until their output is written."""
 from __future__ import annotations
 
-import math
+import json
+import sqlite3
 import uuid
+from typing import Iterable, Optional
 
-from pcm_service.core.base import CoreBase, UnknownWorkload
+from pcm_service.core.base import CoreBase, NoChatTemplate, UnknownWorkload
 from pcm_service.core.views import worker_status, workload_status
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
+    ContextSpec,
     ContextState,
+    OpenAIOutput,
+    RowIn,
+    SamplingSettings,
     ServiceStatus,
     SubmitResponse,
     WorkloadState,
@@ -16,36 +22,84 @@ from pcm_service.protocol import (
     WorkloadSubmission,
 )
 from pcm_service.store import in_list
+from pcm_service.weights.modelpaths import has_chat_template
+
+INSERT_CHUNK = 1000  # rows per executemany: a million-row submission never sits in memory twice
+
+
+def row_request(row: RowIn, default: SamplingSettings) -> Optional[str]:
+    """What a row carries beyond its prompt (json), or None: its messages, and its sampling
+    settings where they differ from the workload's."""
+    extra: dict[str, object] = {}
+    if row.messages is not None:
+        extra["messages"] = [m.model_dump(mode="json", exclude_none=True) for m in row.messages]
+    if row.sampling is not None and row.sampling != default:
+        extra["sampling"] = row.sampling.model_dump(mode="json")
+    return json.dumps(extra) if extra else None
 
 
 class WorkloadOps(CoreBase):
     """Submit workloads and report how they and the pool stand."""
 
+    def context_of(self, model: Optional[str], context: Optional[ContextSpec]) -> ContextSpec:
+        """The context a submission names: a model directory, or a registered model's name.
+        Raises UnknownModel or ModelUnavailable."""
+        spec = self.named_model(model).context() if model is not None else context
+        assert spec is not None
+        spec = spec.model_copy(deep=True)
+        spec.model_digest = self.replicas.register_model(spec.model).digest
+        return spec
+
+    def check_chat(self, context: ContextSpec, model: Optional[str]) -> None:
+        if not has_chat_template(context.model):
+            raise NoChatTemplate(f"model {model or context.model} has no chat template (no chat_template"
+                                 " in its tokenizer_config.json): send prompts, not messages")
+
     def submit(self, sub: WorkloadSubmission) -> SubmitResponse:
-        """Raises ModelUnavailable when the model policy refuses the model or it cannot be read."""
-        sub.context.model_digest = self.replicas.register_model(sub.context.model).digest
-        ctx_id = sub.context.context_id
+        """Raises ModelUnavailable, UnknownModel or NoChatTemplate; then nothing is stored."""
+        context = self.context_of(sub.model, sub.context)
+        if any(r.messages is not None for r in sub.rows):
+            self.check_chat(context, sub.model)
+        return self.insert_workload(sub.name, context, sub.model, sub.sampling, sub.batch_size,
+                                    sub.output, sub.openai, sub.rows)
+
+    def insert_workload(self, name: str, context: ContextSpec, model: Optional[str],
+                        sampling: SamplingSettings, batch_size: int, output: str,
+                        openai: Optional[OpenAIOutput], rows: Iterable[RowIn]) -> SubmitResponse:
+        """Store a workload and its rows in one transaction, streaming ``rows`` in chunks."""
+        ctx_id = context.context_id
         wl_id = "wl-" + uuid.uuid4().hex[:12]
-        n_batches = math.ceil(len(sub.rows) / sub.batch_size)
+        n_rows = n_batches = 0
         with self.store.transaction() as db:
-            db.execute("INSERT OR IGNORE INTO contexts VALUES (?, ?)",
-                       (ctx_id, sub.context.model_dump_json()))
+            db.execute("INSERT OR IGNORE INTO contexts VALUES (?, ?)", (ctx_id, context.model_dump_json()))
             db.execute(
                 "INSERT INTO workloads (workload_id, name, context_id, sampling, batch_size, output,"
-                " rows_total, state, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                (wl_id, sub.name, ctx_id, sub.sampling.model_dump_json(), sub.batch_size,
-                 sub.output, len(sub.rows), WorkloadState.RUNNING.value, self.clock()))
-            batch_ids = []
-            for _ in range(n_batches):
-                cur = db.execute("INSERT INTO batches (workload_id, context_id) VALUES (?, ?)",
-                                 (wl_id, ctx_id))
-                batch_ids.append(cur.lastrowid)
-            db.executemany(
-                "INSERT INTO rows (workload_id, idx, row_id, prompt, batch_id) VALUES (?,?,?,?,?)",
-                ((wl_id, i, r.row_id, r.prompt, batch_ids[i // sub.batch_size])
-                 for i, r in enumerate(sub.rows)))
-        return SubmitResponse(workload_id=wl_id, context_id=ctx_id, rows=len(sub.rows),
-                              batches=n_batches)
+                " rows_total, state, created_at, model_name, openai) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (wl_id, name, ctx_id, sampling.model_dump_json(), batch_size, output, 0,
+                 WorkloadState.RUNNING.value, self.clock(), model,
+                 openai.model_dump_json() if openai else None))
+            chunk: list[tuple[object, ...]] = []
+            batch_id = 0
+            for row in rows:
+                if n_rows % batch_size == 0:
+                    batch_id = db.execute("INSERT INTO batches (workload_id, context_id) VALUES (?, ?)",
+                                          (wl_id, ctx_id)).lastrowid or 0
+                    n_batches += 1
+                chunk.append((wl_id, n_rows, row.row_id, row.prompt or "", batch_id, row_request(row, sampling)))
+                n_rows += 1
+                if len(chunk) >= INSERT_CHUNK:
+                    self._insert_rows(db, chunk)
+            self._insert_rows(db, chunk)
+            if n_rows == 0:
+                raise ValueError("a workload needs at least one row")
+            db.execute("UPDATE workloads SET rows_total=? WHERE workload_id=?", (n_rows, wl_id))
+        return SubmitResponse(workload_id=wl_id, context_id=ctx_id, rows=n_rows, batches=n_batches)
+
+    @staticmethod
+    def _insert_rows(db: sqlite3.Connection, chunk: list[tuple[object, ...]]) -> None:
+        db.executemany(
+            "INSERT INTO rows (workload_id, idx, row_id, prompt, batch_id, request) VALUES (?,?,?,?,?,?)", chunk)
+        chunk.clear()
 
     def workload_status(self, wl_id: str) -> WorkloadStatus:
         with self.store.read() as db:

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 from annotated_types import Ge, Gt, Le
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-API_PREFIX = "/v1"
+API_PREFIX = "/v1/pcm"  # PCM's own routes; OpenAI's (/v1/files, /v1/batches, /v1/models) sit beside them
 
 
 # integers stay within what JSON carries exactly (and SQLite stores): larger ones are refused
@@ -54,6 +54,11 @@ class ErrorCode(str, enum.Enum):
     REQUEST_TOO_LARGE = "request_too_large"  # 413
     RANGE_NOT_SATISFIABLE = "range_not_satisfiable"  # 416
     BUSY = "busy"  # 503: every upload slot is taken; ask another source
+    MODEL_NOT_FOUND = "model_not_found"  # 400/404: no model registered by that name
+    NO_CHAT_TEMPLATE = "no_chat_template"  # 400: chat rows for a model without a chat template
+    CONFLICT = "conflict"  # 409: not in this state (e.g. cancelling a completed batch)
+    INVALID_TYPE = "invalid_type"  # 400: OpenAI's code for a value of the wrong type
+    INVALID_FILE_FORMAT = "invalid_file_format"  # 400: an upload that is not JSONL
 
 
 # the code an error answer gets from its status alone, where the answer says no more

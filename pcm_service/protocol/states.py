@@ -29,18 +29,59 @@ class WorkerState(str, enum.Enum):
 
 class WorkloadState(str, enum.Enum):
     RUNNING = "running"
+    CANCELLING = "cancelling"  # nothing more is leased; waits for the batches in flight
     COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"  # its completion window passed; unfinished rows failed as expired
+
+
+FINAL_WORKLOAD_STATES = (WorkloadState.COMPLETED, WorkloadState.CANCELLED, WorkloadState.EXPIRED)
 
 
 class BatchState(str, enum.Enum):
     QUEUED = "queued"  # waiting for a worker with its context
     LEASED = "leased"  # held by a worker
     DONE = "done"  # every row has its final result
+    CANCELLED = "cancelled"  # its workload was cancelled before it was leased
 
 
 class RowState(str, enum.Enum):
     PENDING = "pending"
     DONE = "done"  # its one final result (text or error) is recorded
+
+
+class RowErrorCode(str, enum.Enum):
+    """Why a row ended with an error (its OpenAI error line follows from it)."""
+
+    REJECTED = "engine_rejected"  # the engine refused the request (HTTP 400 in OpenAI's terms)
+    FAILED = "failed"  # PCM gave up on it: poisoned, or its batch lost too often (500)
+    EXPIRED = "batch_expired"  # the completion window passed first
+    CANCELLED = "batch_cancelled"  # its batch was cancelled first
+
+
+class ChatRole(str, enum.Enum):
+    SYSTEM = "system"
+    DEVELOPER = "developer"  # OpenAI's newer name for system
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class BatchEndpoint(str, enum.Enum):
+    """The OpenAI endpoints a batch may target (the others are refused with ``invalid_value``)."""
+
+    CHAT = "/v1/chat/completions"
+    COMPLETIONS = "/v1/completions"
+
+
+class OpenAIBatchStatus(str, enum.Enum):
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
 
 
 class GlideinState(str, enum.Enum):

@@ -7,7 +7,7 @@ from pydantic import Field
 
 from pcm_service.protocol.base import Count, Strict
 from pcm_service.protocol.states import ContextState
-from pcm_service.protocol.workloads import ContextSpec, SamplingSettings
+from pcm_service.protocol.workloads import ChatMessage, ContextSpec, SamplingSettings
 
 
 class Resources(Strict):
@@ -67,7 +67,9 @@ class LeaseRequest(Strict):
 class RowTask(Strict):
     idx: Count
     row_id: str
-    prompt: str
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None  # a chat row: rendered by the model's template
+    sampling: Optional[SamplingSettings] = None  # the row's own; else the batch's
 
 
 class BatchLease(Strict):
@@ -85,13 +87,37 @@ class LeaseResponse(Strict):
     assign_context: Optional[ContextSpec] = None
 
 
+class TopLogprob(Strict):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(Strict):
+    token: str
+    logprob: float
+    top: list[TopLogprob] = Field(default_factory=list)  # the most likely alternatives
+
+
+class Choice(Strict):
+    """One of a row's ``n`` completions."""
+
+    text: str
+    finish_reason: Optional[str] = None
+    completion_tokens: Count = 0
+    logprobs: Optional[list[TokenLogprob]] = None
+
+
 class RowResult(Strict):
+    """A row's result: the first choice in ``text``/``finish_reason``; every choice in
+    ``choices`` when there are several or they carry logprobs."""
+
     idx: Count
     text: Optional[str] = None
     finish_reason: Optional[str] = None
     prompt_tokens: Count = 0
-    completion_tokens: Count = 0
+    completion_tokens: Count = 0  # over all choices
     error: Optional[str] = None
+    choices: Optional[list[Choice]] = None
 
 
 class BatchReport(Strict):

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
-from pydantic import Field, field_validator
+from annotated_types import Le
+from pydantic import Field, field_validator, model_validator
 
 from pcm_service.protocol.base import Count, Int, Positive, Strict
-from pcm_service.protocol.states import WorkloadState
+from pcm_service.protocol.states import BatchEndpoint, ChatRole, WorkloadState
+
+MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
 
 
 class EngineSettings(Strict):
@@ -30,19 +33,49 @@ class EngineSettings(Strict):
         return args
 
 
-class SamplingSettings(Strict):
-    """Arguments for ``vllm.SamplingParams``; ``temperature: 0`` is greedy."""
+class StructuredOutput(Strict):
+    """vLLM's structured outputs (``StructuredOutputsParams``): exactly one constraint."""
 
-    temperature: float = Field(default=0.0, ge=0)
+    json_schema: Optional[dict[str, Any]] = None  # OpenAI's response_format json_schema.schema
+    json_object: bool = False  # OpenAI's response_format {"type": "json_object"}
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "StructuredOutput":
+        given = [k for k, v in self.model_dump().items() if v not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json_schema, json_object, regex, choice, grammar")
+        return self
+
+
+class SamplingSettings(Strict):
+    """Arguments for ``vllm.SamplingParams``; ``temperature: 0`` is greedy. A workload's
+    ``sampling`` is the default of its rows; a row may carry its own (an OpenAI line's body)."""
+
+    temperature: float = Field(default=0.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: Int = -1
-    max_tokens: Positive = 16
+    # None: until the context is full (OpenAI's chat default when a line sets no limit)
+    max_tokens: Optional[Positive] = 16
     min_tokens: Count = 0
     seed: Optional[Int] = None
     stop: list[str] = Field(default_factory=list)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     repetition_penalty: float = Field(default=1.0, gt=0)
+    n: Positive = Field(default=1, le=128)  # choices per row
+    logprobs: Optional[Annotated[Count, Le(MAX_LOGPROBS)]] = None  # top alternatives per token
+    structured: Optional[StructuredOutput] = None
+
+
+class ChatMessage(Strict):
+    """One message of a chat row; the model's own chat template renders the conversation."""
+
+    role: ChatRole = Field(strict=False)
+    content: str
+    name: Optional[str] = None
 
 
 class ContextSpec(Strict):
@@ -60,18 +93,60 @@ class ContextSpec(Strict):
         return "ctx-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+class NamedModel(Strict):
+    """A model served by name (``pcm model add``, or ``models:`` in the service config): what an
+    OpenAI line's ``body.model`` or a submission's ``model`` selects."""
+
+    name: str = Field(min_length=1, max_length=256)
+    path: str = Field(min_length=1)  # a model directory under one of the service's model roots
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    created: Optional[float] = None  # set by the service
+
+    def context(self) -> ContextSpec:
+        return ContextSpec(model=self.path, engine=self.engine)
+
+
 class RowIn(Strict):
+    """One row: a prompt or a chat conversation, and optionally its own sampling settings."""
+
     row_id: str
-    prompt: str
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = Field(default=None, min_length=1)
+    sampling: Optional[SamplingSettings] = None
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> "RowIn":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class OpenAIOutput(Strict):
+    """An OpenAI-format workload: results written as OpenAI Batch output and error lines."""
+
+    endpoint: BatchEndpoint = Field(strict=False)
+    error_output: str = Field(min_length=1)  # the error file (failed and expired requests)
+    batch_id: Optional[str] = None  # the OpenAI batch it runs for, if any
+    expires_at: Optional[float] = None  # end of the completion window (rows left: batch_expired)
 
 
 class WorkloadSubmission(Strict):
+    """``context`` names a model directory; ``model`` instead names a registered model."""
+
     name: str = Field(min_length=1)
-    context: ContextSpec
+    context: Optional[ContextSpec] = None
+    model: Optional[str] = Field(default=None, min_length=1)
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     batch_size: Positive
     output: str = Field(min_length=1)
+    openai: Optional[OpenAIOutput] = None
     rows: list[RowIn] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _context_or_model(self) -> "WorkloadSubmission":
+        if (self.context is None) == (self.model is None):
+            raise ValueError("give exactly one of context (a model directory) or model (a registered name)")
+        return self
 
     @field_validator("rows")
     @classmethod
@@ -96,6 +171,7 @@ class WorkloadStatus(Strict):
     name: str
     state: WorkloadState = Field(strict=False)
     context_id: str
+    model: Optional[str] = None  # the registered name it was submitted with
     rows_total: Count
     rows_done: Count
     rows_failed: Count

@@ -8,6 +8,7 @@ token or key file. Anything else is refused before a single byte is read.
 """
 from __future__ import annotations
 
+import json
 import os
 import stat
 from dataclasses import dataclass
@@ -21,6 +22,18 @@ MAX_MODEL_FILES = 10_000  # a model has a few dozen files; more is not a model (
 
 class ModelUnavailable(ValueError):
     """The service will not (or cannot) use this directory as a model's origin copy."""
+
+
+def has_chat_template(model_dir: str | Path) -> bool:
+    """Whether the tokenizer in ``model_dir`` carries a chat template (where transformers looks)."""
+    d = Path(model_dir)
+    if (d / "chat_template.jinja").is_file() or (d / "chat_template.json").is_file():
+        return True
+    try:
+        cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(cfg, dict) and cfg.get("chat_template"))
 
 
 def _kind(mode: int) -> str:
