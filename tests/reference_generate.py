@@ -17,6 +17,6 @@ if __name__ == "__main__":
     engine = EngineSettings.model_validate_json(open(engine_file).read())
     sampling = SamplingSettings.model_validate_json(open(sampling_file).read())
     llm = LLM(model=model, **engine.engine_args())
-    outs = llm.generate(prompts, VllmEngine.sampling_params(sampling), use_tqdm=False)
+    outs = llm.generate(prompts, VllmEngine.sampling_params(sampling, sampling.max_tokens or 16), use_tqdm=False)
     with open(out_file, "w") as fh:  # vLLM logs to stdout, so not there
         json.dump([o.outputs[0].text for o in outs], fh)

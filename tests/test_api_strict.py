@@ -84,7 +84,8 @@ def test_bodies_over_the_limit_get_413_and_change_nothing(serve: ServeProcess, t
             yield body[i:i + 512]
 
     with httpx.Client(base_url=serve.url, headers=api) as http:
-        for route, body in (("/v1/pcm/workloads", submission(model, rows=big_rows)), ("/v1/pcm/factory/report", report)):
+        for route, body in (("/v1/pcm/workloads", submission(model, rows=big_rows)),
+                            ("/v1/pcm/factory/report", report)):
             raw = json.dumps(body).encode()
             for content in (raw, chunks(raw)):
                 r = http.post(route, content=content, headers={"content-type": "application/json"})

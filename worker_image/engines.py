@@ -62,11 +62,12 @@ class VllmEngine(Engine):
         args = {"disable_log_stats": True, **context.engine.engine_args()}
         self._engine = LLMEngine.from_engine_args(EngineArgs(model=context.model, **args))
         self._max_model_len = self._engine.model_config.max_model_len
+        self._top_logprobs: dict[str, int] = {}  # request → how many alternatives per token
 
     @staticmethod
     def sampling_params(s: SamplingSettings, max_tokens: int):  # type: ignore[no-untyped-def]
         from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         structured = None
         if s.structured is not None:
@@ -74,6 +75,7 @@ class VllmEngine(Engine):
             structured = StructuredOutputsParams(json=c.json_schema, json_object=c.json_object or None,
                                                  regex=c.regex, choice=c.choice, grammar=c.grammar)
         return SamplingParams(
+            output_kind=RequestOutputKind.FINAL_ONLY,  # as LLM.generate: one output per request, all n choices
             n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=max_tokens,
             min_tokens=s.min_tokens, seed=s.seed, stop=s.stop or None,
             presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
@@ -102,18 +104,22 @@ class VllmEngine(Engine):
             engine_input = prompt
             max_tokens = sampling.max_tokens or 16
         self._engine.add_request(request_id, engine_input, self.sampling_params(sampling, max_tokens))
+        if sampling.logprobs is not None:
+            self._top_logprobs[request_id] = sampling.logprobs
 
     @staticmethod
-    def _logprobs(c: Any) -> Optional[list[TokenLogprob]]:
+    def _logprobs(c: Any, k: int) -> Optional[list[TokenLogprob]]:
+        """vLLM gives, per position, the top ``k`` and the sampled token (whatever its rank)."""
         if c.logprobs is None:
             return None
         out = []
         for tok_id, position in zip(c.token_ids, c.logprobs, strict=False):
             chosen = position[tok_id]
-            top = sorted(position.values(), key=lambda lp: lp.rank or 0)
+            top = sorted((lp for lp in position.values() if lp.rank is not None and lp.rank <= k),
+                         key=lambda lp: lp.rank)
             out.append(TokenLogprob(token=chosen.decoded_token or "", logprob=chosen.logprob,
                                     top=[TopLogprob(token=lp.decoded_token or "", logprob=lp.logprob)
-                                         for lp in top if lp.rank is not None and lp.rank > 0]))
+                                         for lp in top]))
         return out
 
     def step(self) -> list[Completion]:
@@ -124,9 +130,10 @@ class VllmEngine(Engine):
             outs: list[Any] = list(out.outputs)  # type: ignore[arg-type]  # one output per choice
             first = outs[0]
             choices = None
+            k = self._top_logprobs.pop(out.request_id, 0)
             if len(outs) > 1 or first.logprobs is not None:
                 choices = [Choice(text=c.text, finish_reason=c.finish_reason, completion_tokens=len(c.token_ids),
-                                  logprobs=self._logprobs(c)) for c in outs]
+                                  logprobs=self._logprobs(c, k)) for c in sorted(outs, key=lambda c: c.index)]
             done.append(Completion(request_id=out.request_id, text=first.text,
                                    finish_reason=first.finish_reason,
                                    prompt_tokens=len(out.prompt_token_ids or []),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from pcm_service.cli import jobs, run, serve, setup, worker
+from pcm_service.cli import jobs, models, run, serve, setup, worker
 from pcm_service.cli.factory import factory_app
 
 app = typer.Typer(help="PCM: throughput LLM inference on opportunistic HTCondor GPU slots.",
@@ -19,9 +19,12 @@ app.command()(jobs.status)
 app.command()(run.run)
 app.command()(worker.worker)
 app.add_typer(factory_app, name="factory")
-model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
+model_app = typer.Typer(help="Models: served by name (add, list), and local test/demo models.",
+                        no_args_is_help=True)
 model_app.command("make-tiny")(setup.make_tiny)
 model_app.command("fetch-demo")(setup.fetch_demo)
+model_app.command("add")(models.add)
+model_app.command("list")(models.list_models)
 app.add_typer(model_app, name="model")
 tls_app = typer.Typer(help="TLS for the service's API.", no_args_is_help=True)
 tls_app.command("init")(setup.tls_init)

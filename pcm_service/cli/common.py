@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from pcm_service.client import ServiceClient, ServiceError, default_service_url
-from pcm_service.protocol import WorkloadStatus, WorkloadSubmission
+from pcm_service.protocol import EngineSettings, WorkloadStatus, WorkloadSubmission
 from pcm_service.tls import CA_FILE_ENV
 from pcm_service.tokens import API, Token, TokenError, client_token
-from pcm_service.workload import WorkloadError, load_workload
+from pcm_service.workload import WorkloadError, load_batch_file, load_workload
 
 if TYPE_CHECKING:
     from factory.drill import EvictionSettings
@@ -114,8 +115,43 @@ def eviction_settings(every: Optional[float], signal: str, count: Optional[int],
     return EvictionSettings(interval=every, signal="kill" if signal == "kill" else "term", count=count, seed=seed)
 
 
-def load_workload_file(path: Path) -> WorkloadSubmission:
+ModelOpt = typer.Option(None, "--model", help="For an OpenAI batch file (.jsonl): a registered model's"
+                        " name, or a model directory (default: the lines' body.model)")
+EngineArgOpt = typer.Option([], "--engine-arg", help="vLLM engine argument KEY=VALUE (repeatable)")
+BatchSizeOpt = typer.Option(16, min=1, help="For an OpenAI batch file: rows per leased batch")
+OutputOpt = typer.Option(None, "--output", help="For an OpenAI batch file: the output file (default:"
+                         " <name>.output.jsonl beside it; failed requests go to <name>.errors.jsonl)")
+
+
+def engine_settings(args: list[str]) -> EngineSettings:
+    """``--engine-arg KEY=VALUE`` → EngineSettings; values read as YAML scalars (1, 0.5, true)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for a in args:
+        key, eq, raw = a.partition("=")
+        if not eq or not key:
+            fail(f"--engine-arg {a!r}: expected KEY=VALUE, e.g. --engine-arg dtype=float32", code=2)
+        values[key.replace("-", "_")] = yaml.safe_load(raw)
+    known = set(EngineSettings.model_fields) - {"extra"}
     try:
+        return EngineSettings.model_validate({**{k: v for k, v in values.items() if k in known},
+                                              "extra": {k: v for k, v in values.items() if k not in known}})
+    except ValidationError as e:
+        err = e.errors()[0]
+        fail(f"--engine-arg {err['loc'][0]}: {err['msg']}", code=2)
+
+
+def load_workload_file(path: Path, model: Optional[str] = None, engine_args: Optional[list[str]] = None,
+                       batch_size: int = 16, output: Optional[Path] = None) -> WorkloadSubmission:
+    """A workload YAML file, or an OpenAI Batch input file (``.jsonl``); exit 2 naming the
+    field (and line) of the first problem, before anything is submitted."""
+    try:
+        if path.suffix == ".jsonl":
+            return load_batch_file(path, model, engine_settings(engine_args or []), batch_size, output)
+        if model is not None or engine_args:
+            fail(f"{path}: --model and --engine-arg are for OpenAI batch files (.jsonl); a workload"
+                 " file names its model and engine itself", code=2)
         return load_workload(path)
     except WorkloadError as e:
         fail(f"{path}: {e}", code=2)

@@ -8,7 +8,11 @@ from typing import Optional
 import typer
 
 from pcm_service.cli.common import (
+    BatchSizeOpt,
     CaFileOpt,
+    EngineArgOpt,
+    ModelOpt,
+    OutputOpt,
     ServiceOpt,
     TokenFileOpt,
     client_for,
@@ -23,12 +27,14 @@ from pcm_service.client import ServiceError
 from pcm_service.protocol import ServiceStatus, SubmitResponse, WorkloadStatus
 
 
-def submit(workload: Path = typer.Argument(..., help="Workload YAML file"),
+def submit(workload: Path = typer.Argument(..., help="Workload YAML file, or an OpenAI Batch input file (.jsonl)"),
+           model: Optional[str] = ModelOpt, engine_arg: list[str] = EngineArgOpt,
+           batch_size: int = BatchSizeOpt, output: Optional[Path] = OutputOpt,
            service: Optional[str] = ServiceOpt, token_file: Optional[Path] = TokenFileOpt,
            ca_file: Optional[Path] = CaFileOpt,
            wait: bool = typer.Option(False, "--wait", help="Show progress until the output is written")) -> None:
     """Submit a workload to a running service."""
-    sub = load_workload_file(workload)
+    sub = load_workload_file(workload, model, engine_arg, batch_size, output)
     client = client_for(service, token_file, ca_file)
     try:
         resp: SubmitResponse = client.request("POST", "/workloads", sub, SubmitResponse)

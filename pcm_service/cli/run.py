@@ -9,9 +9,12 @@ from typing import Optional
 import typer
 
 from pcm_service.cli.common import (
+    BatchSizeOpt,
+    EngineArgOpt,
     EvictCountOpt,
     EvictEveryOpt,
     EvictSignalOpt,
+    OutputOpt,
     console,
     eviction_settings,
     fail,
@@ -22,7 +25,11 @@ from pcm_service.cli.common import (
 from pcm_service.core.config import RUN_IDLE_TIMEOUT
 
 
-def run(workload: Path = typer.Argument(..., help="Workload YAML file"),
+def run(workload: Path = typer.Argument(..., help="Workload YAML file, or an OpenAI Batch input file (.jsonl)"),
+        model: Optional[str] = typer.Option(None, "--model", help="For an OpenAI batch file (.jsonl): the"
+                                            " model directory to run it on"),
+        engine_arg: list[str] = EngineArgOpt, batch_size: int = BatchSizeOpt,
+        output: Optional[Path] = OutputOpt,
         workers: int = typer.Option(1, min=1, help="Most local workers to start"),
         state_dir: Optional[Path] = typer.Option(None, help="Service state and logs (default: a temp dir)"),
         idle_timeout: float = typer.Option(RUN_IDLE_TIMEOUT, help="Seconds an idle worker waits before retiring"),
@@ -34,7 +41,10 @@ def run(workload: Path = typer.Argument(..., help="Workload YAML file"),
     from pcm_service.cli.embedded import run_workload
     from pcm_service.core import ServiceConfig
 
-    sub = load_workload_file(workload)
+    if workload.suffix == ".jsonl" and (model is None or not Path(model).is_dir()):
+        fail(f"{workload}: pcm run needs --model DIR, the model directory to run an OpenAI batch file on"
+             " (pcm run starts its own service; it has no registered models)", code=2)
+    sub = load_workload_file(workload, model, engine_arg, batch_size, output)
     eviction = eviction_settings(evict_every, evict_signal, evict_count, seed)
     sdir = state_dir or Path(tempfile.mkdtemp(prefix="pcm-run-"))
     console.print(f"running {sub.name}: {len(sub.rows)} rows, batch size {sub.batch_size},"
@@ -50,4 +60,10 @@ def run(workload: Path = typer.Argument(..., help="Workload YAML file"),
             fail(f"interrupted; state and logs kept in {sdir}", code=130)
     console.print(f"makespan {res.makespan:.1f}s; engine starts per worker: "
                   f"{json.dumps(res.library_starts)}", highlight=False)
+    if sub.openai is None:
+        from pcm_service.cli.summary import print_summary
+
+        print_summary(Path(res.status.output), console)
+    else:
+        console.print(f"failed requests (if any) in {sub.openai.error_output}", highlight=False)
     report_done(res.status)

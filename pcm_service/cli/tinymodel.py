@@ -23,6 +23,15 @@ TINY_CONFIG: dict[str, Any] = dict(
 # Large initial weights give well separated logits, so greedy decoding does not
 # flip between near-tied tokens when the batch composition changes.
 INIT_STD = 0.5
+# ChatML, like SmolLM2's (without its default system message), so chat workloads run on
+# the tiny model too. The markers stay plain text here: no new special tokens, so the
+# vocabulary and weights made for a seed do not change.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 _CORPUS = [
     "Claim: The Eiffel Tower is in Paris.\nVerdict: SUPPORTED",
@@ -61,6 +70,7 @@ def make_tiny_model(out_dir: str | Path, vocab_size: int = 1024, seed: int = 0) 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
 
     torch.manual_seed(seed)

@@ -116,7 +116,7 @@ def _register_file(db: sqlite3.Connection, now: float, path: Path) -> str:
 
 def _write_openai(db: sqlite3.Connection, now: float, wl: sqlite3.Row, spec: OpenAIOutput) -> None:
     created = int(now)
-    model = wl["model_name"] or ""
+    model = spec.model or wl["model_name"] or ""
     oks = errs = 0
     with _atomic(Path(wl["output"])) as out, _atomic(Path(spec.error_output)) as err:
         for r in db.execute("SELECT * FROM rows WHERE workload_id=? ORDER BY idx", (wl["workload_id"],)):

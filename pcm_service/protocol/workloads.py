@@ -126,6 +126,7 @@ class OpenAIOutput(Strict):
 
     endpoint: BatchEndpoint = Field(strict=False)
     error_output: str = Field(min_length=1)  # the error file (failed and expired requests)
+    model: Optional[str] = None  # the name responses carry (default: the registered model's)
     batch_id: Optional[str] = None  # the OpenAI batch it runs for, if any
     expires_at: Optional[float] = None  # end of the completion window (rows left: batch_expired)
 
