@@ -154,7 +154,7 @@ def openai_rows(path: Path, field: str, defaults: Optional[SamplingSettings] = N
     if summary.errors:
         shown = "; ".join(str(e) for e in summary.errors[:5])
         more = f" (and {summary.error_count - 5} more)" if summary.error_count > 5 else ""
-        raise WorkloadError(field, f"{path.name}: {shown}{more}")
+        raise WorkloadError(field, f"{shown}{more}" if field == "file" else f"{path.name} {shown}{more}")
     assert summary.endpoint is not None
     return summary, list(read_batch_rows(path, summary.endpoint, defaults))
 

@@ -59,7 +59,13 @@ class VllmEngine(Engine):
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
+        from vllm.platforms import current_platform
+
         args = {"disable_log_stats": True, **context.engine.engine_args()}
+        if current_platform.is_cpu():
+            # vLLM 0.32's CPU build kills the engine when a seeded request's prefill is chunked
+            # ("CPU Generator does not use offset"): without chunking no prefill is ever partial
+            args.setdefault("enable_chunked_prefill", False)
         self._engine = LLMEngine.from_engine_args(EngineArgs(model=context.model, **args))
         self._max_model_len = self._engine.model_config.max_model_len
         self._top_logprobs: dict[str, int] = {}  # request → how many alternatives per token

@@ -45,7 +45,7 @@ class LineError:
 
     def __str__(self) -> str:
         where = f"line {self.line}: " if self.line is not None else ""
-        param = f" [{self.param}]" if self.param else ""
+        param = f" ({self.param})" if self.param else ""
         return f"{where}{self.code}{param}: {self.message}"
 
 

@@ -15,7 +15,6 @@ from pcm_service.cli.common import (
     console,
     engine_settings,
     fail,
-    out,
 )
 from pcm_service.client import ServiceError
 from pcm_service.protocol import NamedModel
@@ -39,13 +38,12 @@ def add(name: str = typer.Argument(..., help="The name OpenAI lines select it by
 
 def list_models(service: Optional[str] = ServiceOpt, token_file: Optional[Path] = TokenFileOpt,
                 ca_file: Optional[Path] = CaFileOpt) -> None:
-    """The models the service serves by name, with their directories and engine settings."""
+    """The models the service serves by name: name, directory and engine settings (JSON), tab-separated."""
     from pydantic import TypeAdapter
 
     try:
         raw = client_for(service, token_file, ca_file).request("GET", SERVED)
     except ServiceError as e:
         fail(e.detail)
-    for m in TypeAdapter(list[NamedModel]).validate_python(raw):
-        engine = m.engine.model_dump(exclude_defaults=True)
-        out.print(f"{m.name}\t{m.path}\t{engine or ''}", highlight=False)
+    for m in TypeAdapter(list[NamedModel]).validate_python(raw):  # one tab-separated line each
+        typer.echo(f"{m.name}\t{m.path}\t{m.engine.model_dump_json(exclude_defaults=True)}")

@@ -143,9 +143,12 @@ class BatchOps(CoreBase):
             context = self.context_of(summary.model, None)
             if summary.has_chat:
                 self.check_chat(context, summary.model)
-        except (UnknownModel, ModelUnavailable, NoChatTemplate) as e:
+        except (UnknownModel, ModelUnavailable) as e:
             code = "model_not_found" if isinstance(e, UnknownModel) else "invalid_request"
             return self._fail_batch(batch_id, [BatchErrorItem(code=code, message=str(e), param="body.model")])
+        except NoChatTemplate as e:  # every line is a chat line: the first one is at fault
+            return self._fail_batch(batch_id, [BatchErrorItem(code="invalid_request", message=str(e), line=1,
+                                                              param="body.messages")])
         out_dir = self.files_dir
         spec = OpenAIOutput(endpoint=endpoint, error_output=str(out_dir / f"{batch_id}.errors.jsonl"),
                             batch_id=batch_id, expires_at=b["expires_at"])
