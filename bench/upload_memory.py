@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import openai  # noqa: E402
-from support.serve import ServeProcess  # noqa: E402
+import openai
+from support.serve import ServeProcess
 
-from pcm_service.protocol import NamedModel  # noqa: E402
+from pcm_service.protocol import NamedModel
 
 
 def rss_mb(pid: int) -> float:

@@ -57,9 +57,8 @@ class VllmEngine(Engine):
 
     def __init__(self, context: ContextSpec) -> None:
         from vllm.engine.arg_utils import EngineArgs
-        from vllm.v1.engine.llm_engine import LLMEngine
-
         from vllm.platforms import current_platform
+        from vllm.v1.engine.llm_engine import LLMEngine
 
         args = {"disable_log_stats": True, **context.engine.engine_args()}
         if current_platform.is_cpu():
