@@ -85,7 +85,8 @@ def test_cancel_waits_for_the_batches_in_flight(tmp_path: Path) -> None:
                                  returned=[r.idx for r in second.rows[3:]]))
     b = core.batch(batch_id)
     assert b.status == OpenAIBatchStatus.CANCELLED and b.cancelled_at is not None
-    assert b.request_counts.completed == len(first.rows) + 3 and b.request_counts.failed == 40 - b.request_counts.completed
+    done = b.request_counts.completed
+    assert done == len(first.rows) + 3 and b.request_counts.failed == 40 - done
     errors = lines_of(core, b.error_file_id)
     assert all(x["error"]["code"] == "batch_cancelled" and x["response"] is None for x in errors)
     assert len(lines_of(core, b.output_file_id)) + len(errors) == 40
