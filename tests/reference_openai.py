@@ -8,6 +8,16 @@ import json
 import sys
 
 
+def structured(rf):  # type: ignore[no-untyped-def]
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if rf is None:
+        return None
+    if rf["type"] == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=rf["json_schema"]["schema"])
+
+
 def sampling_params(body):  # type: ignore[no-untyped-def]
     from vllm import SamplingParams
 
@@ -18,14 +28,16 @@ def sampling_params(body):  # type: ignore[no-untyped-def]
                           top_p=body.get("top_p", 1.0), seed=body.get("seed"), max_tokens=limit,
                           stop=[stop] if isinstance(stop, str) else stop,
                           presence_penalty=body.get("presence_penalty", 0.0),
-                          frequency_penalty=body.get("frequency_penalty", 0.0))
+                          frequency_penalty=body.get("frequency_penalty", 0.0),
+                          structured_outputs=structured(body.get("response_format")))
 
 
 if __name__ == "__main__":
     from vllm import LLM
 
     model, engine_file, batch_file, out_file = sys.argv[1:5]
-    llm = LLM(model=model, **json.load(open(engine_file)))
+    # chunked prefill off, as PCM runs the CPU build (a seeded request's chunked prefill kills it)
+    llm = LLM(model=model, enable_chunked_prefill=False, **json.load(open(engine_file)))
     texts = {}
     for raw in open(batch_file):
         line = json.loads(raw)

@@ -91,8 +91,9 @@ def texts(body: dict[str, Any]) -> list[str]:
 
 
 def test_each_line_gets_what_vllm_gives_that_line_alone(pool: Pool, tiny_model: Path, tmp_path: Path) -> None:
-    """Lines differ in max_tokens, temperature/seed, stop and n; one is too long for the
-    engine; every other one equals `LLM.chat` for that line alone."""
+    """Lines differ in max_tokens, temperature/seed, stop, n and response_format (vLLM's
+    structured outputs); one is too long for the engine; every other one equals `LLM.chat`
+    for that line alone."""
     lines = []
     for i in range(24):
         sampling: dict[str, Any] = {"max_tokens": 3 + i % 8, "temperature": 0}
@@ -103,18 +104,25 @@ def test_each_line_gets_what_vllm_gives_that_line_alone(pool: Pool, tiny_model: 
         if i % 6 == 3:
             sampling.update(n=3, temperature=0.8, seed=7 * i)
         lines.append(line(f"req-{i}", chat_body(MODEL, f"Claim {i}: the river flows north.", **sampling)))
+    schema = {"type": "object", "properties": {"verdict": {"enum": ["True", "False"]}}, "required": ["verdict"]}
+    lines.append(line("json-schema", chat_body(MODEL, "Claim: x.", max_tokens=12, temperature=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}})))
+    lines.append(line("json-object", chat_body(MODEL, "Claim: y.", max_tokens=12, temperature=0,
+                                               response_format={"type": "json_object"})))
     lines.append(line("too-long", chat_body(MODEL, "word " * 400, max_tokens=4)))
     batch_file = write_lines(tmp_path / "chat.jsonl", lines)
 
     batch = run_batch(pool, batch_file)
     assert batch.status == "completed", batch
     assert batch.request_counts is not None
-    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (25, 24, 1)
+    counts = batch.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (27, 26, 1)
     assert batch.output_file_id and batch.error_file_id and batch.completed_at and batch.in_progress_at
 
     out = read_jsonl(pool.client.files.content(batch.output_file_id).text)
     errors = read_jsonl(pool.client.files.content(batch.error_file_id).text)
-    assert sorted(x["custom_id"] for x in out) == sorted(f"req-{i}" for i in range(24))
+    assert sorted(x["custom_id"] for x in out) == sorted([f"req-{i}" for i in range(24)] + ["json-schema",
+                                                                                          "json-object"])
     assert [x["custom_id"] for x in errors] == ["too-long"]
     assert errors[0]["response"]["status_code"] == 400 and "maximum context length" in \
         errors[0]["response"]["body"]["error"]["message"]
@@ -126,6 +134,7 @@ def test_each_line_gets_what_vllm_gives_that_line_alone(pool: Pool, tiny_model: 
     assert got == reference
     assert len(got["req-3"]) == 3 and all(len(v) == 1 for k, v in got.items() if k not in ("req-3", "req-9",
                                                                                           "req-15", "req-21"))
+    assert got["json-schema"][0].startswith("{")  # constrained from the first token on
     usage = {x["custom_id"]: x["response"]["body"]["usage"] for x in out}
     assert usage["req-0"]["completion_tokens"] <= 3 and usage["req-0"]["prompt_tokens"] > 10
 

@@ -34,7 +34,7 @@ BAD_CASES = {
     "batch_size negative": (dict(batch_size=-3), "batch_size: Input should be greater than 0"),
     "missing batch_size": (dict(batch_size=None), "batch_size"),
     "both prompt sources": (dict(inputs={"path": "inputs.jsonl", "template": "{claim}", "prompt_field": "claim"}),
-                            "inputs: give exactly one of prompt_field or template"),
+                            "inputs: give exactly one of prompt_field, template or messages"),
 }
 
 

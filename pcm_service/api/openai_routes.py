@@ -6,14 +6,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Optional
+from typing import Literal, Optional
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
-from pcm_service.api.errors import AUTH, BODY, ApiError, StrictJSONRoute, errors
+from pcm_service.api.errors import ApiError, StrictJSONRoute, errors
 from pcm_service.batchapi.objects import (
     BatchCreate,
     BatchErrorItem,
@@ -22,6 +22,7 @@ from pcm_service.batchapi.objects import (
     FileObject,
     ListPage,
     ModelObject,
+    OpenAIErrorBody,
 )
 from pcm_service.core import Conflict, ServiceCore, UnknownModel, UnknownObject
 from pcm_service.protocol import ErrorCode
@@ -30,6 +31,15 @@ log = logging.getLogger("pcm.service")
 OPENAI_PREFIX = "/v1"
 FILES_PATH = f"{OPENAI_PREFIX}/files"
 COPY_CHUNK = 1 << 20
+
+
+def oa_errors(*statuses: int) -> dict[int | str, dict[str, object]]:
+    """These routes answer errors in OpenAI's shape; so says their OpenAPI document."""
+    return errors(*statuses, shape=OpenAIErrorBody)
+
+
+AUTH = oa_errors(401, 403)
+BODY = oa_errors(401, 403, 413, 422)
 
 
 def validate_batch(core: ServiceCore, batch_id: str) -> None:
@@ -62,7 +72,7 @@ def _store_upload(core: ServiceCore, upload: UploadFile, purpose: str) -> FileOb
 def openai_router(core: ServiceCore) -> APIRouter:
     router = APIRouter(route_class=StrictJSONRoute)
 
-    @router.post(FILES_PATH, responses={**BODY, **errors(400)})
+    @router.post(FILES_PATH, responses={**BODY, **oa_errors(400)})
     async def upload_file(request: Request) -> FileObject:
         # starlette spools each file part to disk past 1 MiB: an upload never sits in memory
         async with request.form(max_files=1, max_fields=8) as form:
@@ -77,10 +87,13 @@ def openai_router(core: ServiceCore) -> APIRouter:
                                "Invalid file format for Batch API. Must be .jsonl", "file")
             return await run_in_threadpool(_store_upload, core, upload, purpose)
 
-    @router.get(FILES_PATH, responses={**AUTH, **errors(422)})
+    @router.get(FILES_PATH, responses={**AUTH, **oa_errors(422)})
     def list_files(purpose: Optional[str] = None, after: Optional[str] = None,
-                   limit: int = Query(10000, ge=1, le=10000)) -> ListPage[FileObject]:
+                   limit: int = Query(10000, ge=1, le=10000),
+                   order: Literal["asc", "desc"] = "desc") -> ListPage[FileObject]:
         files = core.files(purpose)
+        if order == "desc":
+            files.reverse()
         if after is not None:
             ids = [f.id for f in files]
             files = files[ids.index(after) + 1:] if after in ids else []
@@ -88,7 +101,7 @@ def openai_router(core: ServiceCore) -> APIRouter:
         return ListPage[FileObject](data=page, first_id=page[0].id if page else None,
                                     last_id=page[-1].id if page else None, has_more=len(files) > limit)
 
-    @router.get(f"{FILES_PATH}/{{file_id}}", responses={**AUTH, **errors(404)})
+    @router.get(f"{FILES_PATH}/{{file_id}}", responses={**AUTH, **oa_errors(404)})
     def get_file(file_id: str) -> FileObject:
         try:
             return core.file(file_id)
@@ -96,14 +109,14 @@ def openai_router(core: ServiceCore) -> APIRouter:
             raise _not_found(e) from None
 
     @router.get(f"{FILES_PATH}/{{file_id}}/content", response_class=FileResponse,
-                responses={**AUTH, **errors(404)})
+                responses={**AUTH, **oa_errors(404)})
     def file_content(file_id: str) -> FileResponse:
         try:
             return FileResponse(core.file_path(file_id), media_type="application/jsonl")
         except UnknownObject as e:
             raise _not_found(e) from None
 
-    @router.delete(f"{FILES_PATH}/{{file_id}}", responses={**AUTH, **errors(404)})
+    @router.delete(f"{FILES_PATH}/{{file_id}}", responses={**AUTH, **oa_errors(404)})
     def delete_file(file_id: str) -> FileDeleted:
         try:
             core.delete_file(file_id)
@@ -111,7 +124,7 @@ def openai_router(core: ServiceCore) -> APIRouter:
             raise _not_found(e) from None
         return FileDeleted(id=file_id)
 
-    @router.post(f"{OPENAI_PREFIX}/batches", responses={**BODY, **errors(400)})
+    @router.post(f"{OPENAI_PREFIX}/batches", responses={**BODY, **oa_errors(400)})
     def create_batch(req: BatchCreate, tasks: BackgroundTasks) -> BatchObject:
         problem = req.problem()
         if problem is not None:
@@ -121,20 +134,20 @@ def openai_router(core: ServiceCore) -> APIRouter:
         tasks.add_task(validate_batch, core, batch.id)
         return batch
 
-    @router.get(f"{OPENAI_PREFIX}/batches", responses={**AUTH, **errors(422)})
+    @router.get(f"{OPENAI_PREFIX}/batches", responses={**AUTH, **oa_errors(422)})
     def list_batches(after: Optional[str] = None, limit: int = Query(20, ge=1, le=100)) -> ListPage[BatchObject]:
         page, more = core.batches(after, limit)
         return ListPage[BatchObject](data=page, first_id=page[0].id if page else None,
                                      last_id=page[-1].id if page else None, has_more=more)
 
-    @router.get(f"{OPENAI_PREFIX}/batches/{{batch_id}}", responses={**AUTH, **errors(404)})
+    @router.get(f"{OPENAI_PREFIX}/batches/{{batch_id}}", responses={**AUTH, **oa_errors(404)})
     def get_batch(batch_id: str) -> BatchObject:
         try:
             return core.batch(batch_id)
         except UnknownObject as e:
             raise _not_found(e) from None
 
-    @router.post(f"{OPENAI_PREFIX}/batches/{{batch_id}}/cancel", responses={**AUTH, **errors(404, 409)})
+    @router.post(f"{OPENAI_PREFIX}/batches/{{batch_id}}/cancel", responses={**AUTH, **oa_errors(404, 409)})
     def cancel_batch(batch_id: str) -> BatchObject:
         try:
             return core.cancel_batch(batch_id)
@@ -149,7 +162,7 @@ def openai_router(core: ServiceCore) -> APIRouter:
         return ListPage[ModelObject](data=data, first_id=data[0].id if data else None,
                                      last_id=data[-1].id if data else None)
 
-    @router.get(f"{OPENAI_PREFIX}/models/{{model:path}}", responses={**AUTH, **errors(404)})
+    @router.get(f"{OPENAI_PREFIX}/models/{{model:path}}", responses={**AUTH, **oa_errors(404)})
     def get_model(model: str) -> ModelObject:
         try:
             m = core.named_model(model)

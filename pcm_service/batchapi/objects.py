@@ -11,6 +11,19 @@ COMPLETION_WINDOWS = {"24h": 24 * 3600}  # the one window OpenAI offers
 MAX_METADATA = 16
 
 
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class OpenAIErrorBody(BaseModel):
+    """The error answer of OpenAI's routes (PCM's own answer with ErrorBody)."""
+
+    error: OpenAIError
+
+
 class FileObject(BaseModel):
     id: str
     object: Literal["file"] = "file"

@@ -183,6 +183,8 @@ class BatchOps(CoreBase):
                           error_file_id=b["error_file_id"],
                           metadata=json.loads(b["metadata"]) if b["metadata"] else None,
                           errors=BatchErrors.model_validate_json(b["errors"]) if b["errors"] else None)
+        if wl is None and obj.status == OpenAIBatchStatus.CANCELLED:  # cancelled while validating
+            obj.cancelled_at = obj.cancelling_at
         if wl is not None:
             state = WorkloadState(wl["state"])
             obj.status = _STATUS_OF[state]

@@ -16,18 +16,18 @@ API_PREFIX = "/v1/pcm"  # PCM's own routes; OpenAI's (/v1/files, /v1/batches, /v
 INT_MAX = 2**53 - 1
 
 
-def _integral(v: Any) -> Any:
+def integral(v: Any) -> Any:
     """JSON Schema counts 3.0 as an integer; so do we (but never 3.5, "3" or true)."""
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
-Int = Annotated[int, Ge(-INT_MAX), Le(INT_MAX), BeforeValidator(_integral)]
+Int = Annotated[int, Ge(-INT_MAX), Le(INT_MAX), BeforeValidator(integral)]
 
 
-Count = Annotated[int, Ge(0), Le(INT_MAX), BeforeValidator(_integral)]  # ids, indexes, sizes, counts
+Count = Annotated[int, Ge(0), Le(INT_MAX), BeforeValidator(integral)]  # ids, indexes, sizes, counts
 
 
-Positive = Annotated[int, Gt(0), Le(INT_MAX), BeforeValidator(_integral)]
+Positive = Annotated[int, Gt(0), Le(INT_MAX), BeforeValidator(integral)]
 
 
 class Strict(BaseModel):

@@ -5,13 +5,14 @@ import hashlib
 import json
 from typing import Annotated, Any, Optional
 
-from annotated_types import Le
-from pydantic import Field, field_validator, model_validator
+from annotated_types import Ge, Le
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from pcm_service.protocol.base import Count, Int, Positive, Strict
+from pcm_service.protocol.base import Count, Int, Positive, Strict, integral
 from pcm_service.protocol.states import BatchEndpoint, ChatRole, WorkloadState
 
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
+TopLogprobs = Annotated[int, Ge(0), Le(MAX_LOGPROBS), BeforeValidator(integral)]
 
 
 class EngineSettings(Strict):
@@ -66,7 +67,7 @@ class SamplingSettings(Strict):
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     repetition_penalty: float = Field(default=1.0, gt=0)
     n: Positive = Field(default=1, le=128)  # choices per row
-    logprobs: Optional[Annotated[Count, Le(MAX_LOGPROBS)]] = None  # top alternatives per token
+    logprobs: Optional[TopLogprobs] = None  # top alternatives per token
     structured: Optional[StructuredOutput] = None
 
 
