@@ -201,3 +201,21 @@ def test_cancel_stops_leasing_and_keeps_the_finished_rows(pool: Pool, tmp_path: 
         wl = conn.execute("SELECT workload_id FROM openai_batches WHERE batch_id=?", (batch.id,)).fetchone()[0]
         last_lease = conn.execute("SELECT MAX(leased_at) FROM batches WHERE workload_id=?", (wl,)).fetchone()[0]
     assert last_lease < acked
+
+
+def test_pcm_run_takes_an_openai_batch_file_and_a_model_directory(tiny_model: Path, tmp_path: Path) -> None:
+    lines = [line(f"q{i}", chat_body("any-name", f"Claim {i}.", max_tokens=4 + i, temperature=0)) for i in range(6)]
+    lines.append(line("too-long", chat_body("any-name", "word " * 400, max_tokens=4)))
+    batch_file = write_lines(tmp_path / "run.jsonl", lines)
+    engine_args = [a for k, v in ENGINE.items() for a in ("--engine-arg", f"{k}={v}")]
+    done = pcm("run", str(batch_file), "--model", str(tiny_model), *engine_args, "--batch-size", "2",
+               "--state-dir", str(tmp_path / "state"), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "run.output.jsonl")
+    out = read_jsonl((tmp_path / "run.output.jsonl").read_text())
+    errors = read_jsonl((tmp_path / "run.errors.jsonl").read_text())
+    assert [x["custom_id"] for x in out] == [f"q{i}" for i in range(6)] and [x["custom_id"] for x in errors] == \
+        ["too-long"]
+    bodies = [ChatCompletion.model_validate(x["response"]["body"]) for x in out]
+    assert all(b.model == "any-name" and b.usage and b.usage.completion_tokens <= 4 + i
+               for i, b in enumerate(bodies))
