@@ -6,7 +6,11 @@ STAMP := $(VENV)/.pcm-installed
 TINY := build/models/tiny-llama
 DEMO_MODEL := build/models/smollm2-135m-instruct
 
-.PHONY: venv demo lint test bench bench-p2p bench-churn clean
+# TaskVine (ndcctools) is on conda-forge only: build it from a cctools release source tarball
+CCTOOLS_SRC ?= ../shared/vendor/cctools-7.17.1-src.tar.gz
+TASKVINE := $(VENV)/bin/vine_worker
+
+.PHONY: venv demo lint test taskvine bench bench-p2p bench-churn clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +21,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+$(TASKVINE): $(STAMP)
+	deploy/build-taskvine.sh $(CCTOOLS_SRC) $(VENV)
+
+taskvine: $(TASKVINE)
 
 $(TINY)/config.json: $(STAMP)
 	$(VENV)/bin/pcm model make-tiny $(TINY)
@@ -36,7 +45,8 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: lint
+# tests/test_taskvine.py: built first when the cctools tarball is there, skipped (with the reason) otherwise
+test: lint $(if $(wildcard $(CCTOOLS_SRC)),$(TASKVINE))
 	$(PY) -m pytest -q -ra --durations=8 tests
 
 bench: $(STAMP) $(TINY)/config.json

@@ -1,0 +1,83 @@
+"""TaskVine as built by `make taskvine`: a real Manager, real `vine_worker` processes, a
+Library whose context function runs once per library over many FunctionCalls, and the pool
+password as TaskVine's password file (a worker without it is refused). Under CI
+(PCM_REQUIRE_TASKVINE=1) a missing build fails instead of skipping."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from support import REPO
+
+VENV_BIN = Path(sys.executable).parent
+try:
+    import ndcctools.taskvine as vine
+except ImportError:
+    if os.environ.get("PCM_REQUIRE_TASKVINE"):
+        raise
+    pytest.skip("TaskVine is not built: run `make taskvine` (or conda install -c conda-forge ndcctools)",
+                allow_module_level=True)
+
+
+def start_worker(port: int, password: Path | None, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+           "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
+    args = ["--password", str(password)] if password else []
+    return subprocess.Popen([str(VENV_BIN / "vine_worker"), *args, "--cores", "2", "--memory", "2000",
+                             "--disk", "2000", "--timeout", "60", "127.0.0.1", str(port)],
+                            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> Iterator[tuple[vine.Manager, Path]]:
+    password = tmp_path / "pool.token"
+    password.write_text("a-pool-token-for-taskvine")
+    password.chmod(0o600)
+    m = vine.Manager(port=0, run_info_path=str(tmp_path / "vine-run-info"))
+    m.set_password_file(str(password))
+    m.tune("watch-library-logfiles", 1)
+    yield m, password
+
+
+def test_a_library_loads_its_context_once_for_many_calls(manager: tuple[vine.Manager, Path], tmp_path: Path) -> None:
+    from support import vine_functions
+
+    m, password = manager
+    lib = m.create_library_from_functions("ctx-lib", vine_functions.double, add_env=False, exec_mode="direct",
+                                          library_context_info=[vine_functions.load_context, ["ctx-1"], {}])
+    lib.set_cores(1)
+    m.install_library(lib)
+    worker = start_worker(m.port, password, tmp_path / "worker.log")
+    try:
+        for i in range(20):
+            m.submit(vine.FunctionCall("ctx-lib", "double", i))
+        outputs = []
+        while not m.empty():
+            t = m.wait(30)
+            assert t is not None, (tmp_path / "worker.log").read_text()[-2000:]
+            assert t.successful(), t.result
+            outputs.append(t.output)
+    finally:
+        worker.kill()
+        worker.wait()
+    assert sorted(o["y"] for o in outputs) == [2 * i for i in range(20)]
+    assert {o["tag"] for o in outputs} == {"ctx-1"} and {o["loads"] for o in outputs} == {1}
+    assert 1 <= len({o["pid"] for o in outputs}) <= 2  # at most one library per core, each loaded once
+
+
+def test_a_worker_without_the_password_is_refused(manager: tuple[vine.Manager, Path], tmp_path: Path) -> None:
+    m, _ = manager
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-token")
+    worker = start_worker(m.port, wrong, tmp_path / "worker.log")
+    try:
+        m.submit(vine.PythonTask(sum, [1, 2]))
+        assert m.wait(8) is None  # no worker ever joined to run it
+        assert m.stats.workers_joined == 0
+    finally:
+        worker.kill()
+        worker.wait()
