@@ -24,7 +24,7 @@ from pcm_service.protocol import (
     Strict,
     WorkloadSubmission,
 )
-from pcm_service.weights.modelpaths import has_chat_template
+from pcm_service.weights.modelpaths import has_chat_template, no_chat_template
 from pcm_service.yamlmodel import FieldError, load_yaml_model
 
 
@@ -170,17 +170,18 @@ def load_batch_file(path: Path, model: Optional[str], engine: EngineSettings, ba
     assert summary.endpoint is not None and summary.model is not None
     output = (output or path.with_name(path.stem + ".output.jsonl")).resolve()
     spec = OpenAIOutput(endpoint=summary.endpoint, model=summary.model, error_output=str(error_file_for(output)))
-    common = dict(name=path.stem, sampling=SamplingSettings(), batch_size=batch_size, output=str(output),
-                  openai=spec, rows=rows)
+    context: Optional[ContextSpec] = None
+    name: Optional[str] = model or summary.model
     if model is not None and Path(model).is_dir():
         model_dir = Path(model).resolve()
         problem = model_dir_error(model_dir)
         if problem:
             raise WorkloadError("--model", problem)
         if summary.has_chat and not has_chat_template(model_dir):
-            raise WorkloadError("--model", f"model {model_dir} has no chat template: chat lines need one")
-        return WorkloadSubmission(context=ContextSpec(model=str(model_dir), engine=engine), **common)  # type: ignore[arg-type]
-    return WorkloadSubmission(model=model or summary.model, **common)  # type: ignore[arg-type]
+            raise WorkloadError("--model", no_chat_template(model_dir))
+        context, name = ContextSpec(model=str(model_dir), engine=engine), None
+    return WorkloadSubmission(name=path.stem, context=context, model=name, sampling=SamplingSettings(),
+                              batch_size=batch_size, output=str(output), openai=spec, rows=rows)
 
 
 def load_workload(path: str | Path) -> WorkloadSubmission:
@@ -209,8 +210,7 @@ def load_workload(path: str | Path) -> WorkloadSubmission:
     else:
         rows = read_rows(wf.inputs, input_path)
     if any(r.messages is not None for r in rows) and not has_chat_template(model_dir):
-        raise WorkloadError("model", f"model {model_dir} has no chat template (no chat_template in its"
-                            " tokenizer_config.json): chat rows need one; use inputs.template instead")
+        raise WorkloadError("model", no_chat_template(model_dir))
     context = ContextSpec(model=str(model_dir), engine=wf.engine)  # the service adds the digest
     return WorkloadSubmission(
         name=wf.name, context=context, sampling=wf.sampling,

@@ -48,7 +48,7 @@ def validate_batch(core: ServiceCore, batch_id: str) -> None:
         core.validate_batch(batch_id)
     except Exception as e:  # never leave a batch validating forever
         log.exception("validating batch %s failed", batch_id)
-        core._fail_batch(batch_id, [BatchErrorItem(code="server_error", message=f"{type(e).__name__}: {e}")])
+        core.fail_batch(batch_id, [BatchErrorItem(code="server_error", message=f"{type(e).__name__}: {e}")])
 
 
 def _not_found(e: LookupError) -> ApiError:
@@ -97,9 +97,7 @@ def openai_router(core: ServiceCore) -> APIRouter:
         if after is not None:
             ids = [f.id for f in files]
             files = files[ids.index(after) + 1:] if after in ids else []
-        page = files[:limit]
-        return ListPage[FileObject](data=page, first_id=page[0].id if page else None,
-                                    last_id=page[-1].id if page else None, has_more=len(files) > limit)
+        return ListPage[FileObject].of(files[:limit], has_more=len(files) > limit)
 
     @router.get(f"{FILES_PATH}/{{file_id}}", responses={**AUTH, **oa_errors(404)})
     def get_file(file_id: str) -> FileObject:
@@ -137,8 +135,7 @@ def openai_router(core: ServiceCore) -> APIRouter:
     @router.get(f"{OPENAI_PREFIX}/batches", responses={**AUTH, **oa_errors(422)})
     def list_batches(after: Optional[str] = None, limit: int = Query(20, ge=1, le=100)) -> ListPage[BatchObject]:
         page, more = core.batches(after, limit)
-        return ListPage[BatchObject](data=page, first_id=page[0].id if page else None,
-                                     last_id=page[-1].id if page else None, has_more=more)
+        return ListPage[BatchObject].of(page, has_more=more)
 
     @router.get(f"{OPENAI_PREFIX}/batches/{{batch_id}}", responses={**AUTH, **oa_errors(404)})
     def get_batch(batch_id: str) -> BatchObject:
@@ -158,9 +155,8 @@ def openai_router(core: ServiceCore) -> APIRouter:
 
     @router.get(f"{OPENAI_PREFIX}/models", responses=AUTH)
     def list_models() -> ListPage[ModelObject]:
-        data = [ModelObject(id=m.name, created=int(m.created or 0)) for m in core.list_models()]
-        return ListPage[ModelObject](data=data, first_id=data[0].id if data else None,
-                                     last_id=data[-1].id if data else None)
+        return ListPage[ModelObject].of([ModelObject(id=m.name, created=int(m.created or 0))
+                                         for m in core.list_models()])
 
     @router.get(f"{OPENAI_PREFIX}/models/{{model:path}}", responses={**AUTH, **oa_errors(404)})
     def get_model(model: str) -> ModelObject:

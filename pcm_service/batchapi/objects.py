@@ -123,6 +123,11 @@ class ListPage(BaseModel, Generic[T]):
     last_id: Optional[str] = None
     has_more: bool = False
 
+    @classmethod
+    def of(cls, data: list[T], has_more: bool = False) -> "ListPage[T]":
+        return cls(data=data, first_id=getattr(data[0], "id", None) if data else None,
+                   last_id=getattr(data[-1], "id", None) if data else None, has_more=has_more)
+
 
 class ModelObject(BaseModel):
     id: str

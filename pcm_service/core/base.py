@@ -94,7 +94,8 @@ class CoreBase:
                         rows: Iterable[RowIn]) -> SubmitResponse:  # workloads
         raise NotImplementedError
 
-    def _settle_cancelling(self, db: sqlite3.Connection, now: float) -> None:  # batches
+    def _settle_cancelling(self, db: sqlite3.Connection, now: float,
+                           wl_id: Optional[str] = None) -> None:  # batches
         raise NotImplementedError
 
     def factory_limits(self) -> FactoryLimits:  # pool_ops

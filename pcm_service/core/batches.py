@@ -55,6 +55,32 @@ def _file(r: sqlite3.Row) -> FileObject:
                       filename=r["filename"], purpose=r["purpose"], expires_at=_ts(r["expires_at"]))
 
 
+def _batch_object(b: sqlite3.Row, wl: Optional[sqlite3.Row]) -> BatchObject:
+    obj = BatchObject(id=b["batch_id"], endpoint=b["endpoint"], input_file_id=b["input_file_id"],
+                      completion_window=b["completion_window"], status=OpenAIBatchStatus(b["status"]),
+                      created_at=int(b["created_at"]), expires_at=int(b["expires_at"]), model=b["model"],
+                      in_progress_at=_ts(b["in_progress_at"]), failed_at=_ts(b["failed_at"]),
+                      cancelling_at=_ts(b["cancelling_at"]), output_file_id=b["output_file_id"],
+                      error_file_id=b["error_file_id"],
+                      metadata=json.loads(b["metadata"]) if b["metadata"] else None,
+                      errors=BatchErrors.model_validate_json(b["errors"]) if b["errors"] else None)
+    if wl is None and obj.status == OpenAIBatchStatus.CANCELLED:  # cancelled while validating
+        obj.cancelled_at = obj.cancelling_at
+    if wl is not None:
+        state = WorkloadState(wl["state"])
+        obj.status = _STATUS_OF[state]
+        obj.request_counts = RequestCounts(total=wl["rows_total"], failed=wl["rows_failed"],
+                                           completed=wl["rows_done"] - wl["rows_failed"])
+        end = _ts(wl["finished_at"])
+        if state == WorkloadState.COMPLETED:
+            obj.finalizing_at = obj.completed_at = end
+        elif state == WorkloadState.CANCELLED:
+            obj.cancelled_at = end
+        elif state == WorkloadState.EXPIRED:
+            obj.expired_at = end
+    return obj
+
+
 class BatchOps(CoreBase):
     @property
     def files_dir(self) -> Path:
@@ -115,7 +141,7 @@ class BatchOps(CoreBase):
                         OpenAIBatchStatus.VALIDATING.value, now, now + COMPLETION_WINDOWS[window]))
         return self.batch(batch_id)
 
-    def _fail_batch(self, batch_id: str, errors: list[BatchErrorItem]) -> None:
+    def fail_batch(self, batch_id: str, errors: list[BatchErrorItem]) -> None:
         with self.store.transaction() as db:
             db.execute("UPDATE openai_batches SET status=?, errors=?, failed_at=? WHERE batch_id=?",
                        (OpenAIBatchStatus.FAILED.value, BatchErrors(data=errors).model_dump_json(),
@@ -131,12 +157,12 @@ class BatchOps(CoreBase):
         try:
             path = self.file_path(b["input_file_id"])
         except UnknownObject as e:
-            return self._fail_batch(batch_id, [BatchErrorItem(code="invalid_request", message=str(e),
+            return self.fail_batch(batch_id, [BatchErrorItem(code="invalid_request", message=str(e),
                                                               param="input_file_id")])
         endpoint = BatchEndpoint(b["endpoint"])
         summary = check_batch_file(path, endpoint, self.has_model)
         if summary.errors:
-            return self._fail_batch(batch_id, [BatchErrorItem(code=e.code, message=e.message, param=e.param,
+            return self.fail_batch(batch_id, [BatchErrorItem(code=e.code, message=e.message, param=e.param,
                                                               line=e.line) for e in summary.errors])
         assert summary.model is not None
         try:
@@ -145,9 +171,9 @@ class BatchOps(CoreBase):
                 self.check_chat(context, summary.model)
         except (UnknownModel, ModelUnavailable) as e:
             code = "model_not_found" if isinstance(e, UnknownModel) else "invalid_request"
-            return self._fail_batch(batch_id, [BatchErrorItem(code=code, message=str(e), param="body.model")])
+            return self.fail_batch(batch_id, [BatchErrorItem(code=code, message=str(e), param="body.model")])
         except NoChatTemplate as e:  # every line is a chat line: the first one is at fault
-            return self._fail_batch(batch_id, [BatchErrorItem(code="invalid_request", message=str(e), line=1,
+            return self.fail_batch(batch_id, [BatchErrorItem(code="invalid_request", message=str(e), line=1,
                                                               param="body.messages")])
         out_dir = self.files_dir
         spec = OpenAIOutput(endpoint=endpoint, error_output=str(out_dir / f"{batch_id}.errors.jsonl"),
@@ -165,39 +191,22 @@ class BatchOps(CoreBase):
             return [r["batch_id"] for r in db.execute("SELECT batch_id FROM openai_batches WHERE status=?",
                                                       (OpenAIBatchStatus.VALIDATING.value,))]
 
+    @staticmethod
+    def _batch_row(db: sqlite3.Connection, batch_id: str) -> sqlite3.Row:
+        b = db.execute("SELECT * FROM openai_batches WHERE batch_id=?", (batch_id,)).fetchone()
+        if b is None:
+            raise UnknownObject(f"No batch found with id '{batch_id}'.")
+        return b
+
+    @staticmethod
+    def _object(db: sqlite3.Connection, b: sqlite3.Row) -> BatchObject:
+        wl = db.execute("SELECT * FROM workloads WHERE workload_id=?", (b["workload_id"],)).fetchone() \
+            if b["workload_id"] else None
+        return _batch_object(b, wl)
+
     def batch(self, batch_id: str) -> BatchObject:
         with self.store.read() as db:
-            b = db.execute("SELECT * FROM openai_batches WHERE batch_id=?", (batch_id,)).fetchone()
-            if b is None:
-                raise UnknownObject(f"No batch found with id '{batch_id}'.")
-            wl = db.execute("SELECT * FROM workloads WHERE workload_id=?", (b["workload_id"],)).fetchone() \
-                if b["workload_id"] else None
-        return self._batch_object(b, wl)
-
-    def _batch_object(self, b: sqlite3.Row, wl: Optional[sqlite3.Row]) -> BatchObject:
-        obj = BatchObject(id=b["batch_id"], endpoint=b["endpoint"], input_file_id=b["input_file_id"],
-                          completion_window=b["completion_window"], status=OpenAIBatchStatus(b["status"]),
-                          created_at=int(b["created_at"]), expires_at=int(b["expires_at"]), model=b["model"],
-                          in_progress_at=_ts(b["in_progress_at"]), failed_at=_ts(b["failed_at"]),
-                          cancelling_at=_ts(b["cancelling_at"]), output_file_id=b["output_file_id"],
-                          error_file_id=b["error_file_id"],
-                          metadata=json.loads(b["metadata"]) if b["metadata"] else None,
-                          errors=BatchErrors.model_validate_json(b["errors"]) if b["errors"] else None)
-        if wl is None and obj.status == OpenAIBatchStatus.CANCELLED:  # cancelled while validating
-            obj.cancelled_at = obj.cancelling_at
-        if wl is not None:
-            state = WorkloadState(wl["state"])
-            obj.status = _STATUS_OF[state]
-            obj.request_counts = RequestCounts(total=wl["rows_total"], failed=wl["rows_failed"],
-                                               completed=wl["rows_done"] - wl["rows_failed"])
-            end = _ts(wl["finished_at"])
-            if state == WorkloadState.COMPLETED:
-                obj.finalizing_at = obj.completed_at = end
-            elif state == WorkloadState.CANCELLED:
-                obj.cancelled_at = end
-            elif state == WorkloadState.EXPIRED:
-                obj.expired_at = end
-        return obj
+            return self._object(db, self._batch_row(db, batch_id))
 
     def batches(self, after: Optional[str], limit: int) -> tuple[list[BatchObject], bool]:
         """Newest first, as OpenAI lists them; ``after``: the last id of the previous page."""
@@ -207,15 +216,15 @@ class BatchOps(CoreBase):
             rows = db.execute("SELECT * FROM openai_batches WHERE ?1 IS NULL OR (created_at, batch_id) < (?1, ?2)"
                               " ORDER BY created_at DESC, batch_id DESC LIMIT ?3",
                               (start["created_at"] if start else None, after, limit + 1)).fetchall()
-        ids = [r["batch_id"] for r in rows[:limit]]
-        return [self.batch(i) for i in ids], len(rows) > limit
+            page = [self._object(db, r) for r in rows[:limit]]
+        return page, len(rows) > limit
 
     def cancel_batch(self, batch_id: str) -> BatchObject:
         """Stop leasing the batch's rows; it is ``cancelled`` once the batches in flight are back."""
-        obj = self.batch(batch_id)
         now = self.clock()
         with self.store.transaction() as db:
-            b = db.execute("SELECT * FROM openai_batches WHERE batch_id=?", (batch_id,)).fetchone()
+            b = self._batch_row(db, batch_id)
+            obj = self._object(db, b)
             if obj.status == OpenAIBatchStatus.VALIDATING:
                 db.execute("UPDATE openai_batches SET status=?, cancelling_at=? WHERE batch_id=?",
                            (OpenAIBatchStatus.CANCELLED.value, now, batch_id))
@@ -232,12 +241,14 @@ class BatchOps(CoreBase):
                    (WorkloadState.CANCELLING.value, wl_id, WorkloadState.RUNNING.value))
         db.execute("UPDATE batches SET state=? WHERE workload_id=? AND state=?",
                    (BatchState.CANCELLED.value, wl_id, BatchState.QUEUED.value))
-        self._settle_cancelling(db, now)
+        self._settle_cancelling(db, now, wl_id)
 
-    def _settle_cancelling(self, db: sqlite3.Connection, now: float) -> None:
-        for r in db.execute("SELECT workload_id FROM workloads w WHERE state=? AND NOT EXISTS"
-                            " (SELECT 1 FROM batches b WHERE b.workload_id=w.workload_id AND b.state=?)",
-                            (WorkloadState.CANCELLING.value, BatchState.LEASED.value)).fetchall():
+    def _settle_cancelling(self, db: sqlite3.Connection, now: float, wl_id: Optional[str] = None) -> None:
+        """Cancelling workloads (all, or ``wl_id``) with no batch in flight any more end cancelled."""
+        for r in db.execute("SELECT workload_id FROM workloads w WHERE state=? AND (?2 IS NULL OR workload_id=?2)"
+                            " AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.workload_id=w.workload_id"
+                            " AND b.state=?3)",
+                            (WorkloadState.CANCELLING.value, wl_id, BatchState.LEASED.value)).fetchall():
             end_workload(db, now, r["workload_id"], WorkloadState.CANCELLED, RowErrorCode.CANCELLED)
 
     def settle_workloads(self) -> None:

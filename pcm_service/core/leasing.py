@@ -115,7 +115,7 @@ class LeaseOps(CoreBase):
             if not settle_batch(db, rep.batch_id) and (rep.returned or rep.crashed) \
                     and b["worker_id"] == worker_id:
                 requeue(db, "batch_id=?", (rep.batch_id,))
-            self._settle_cancelling(db, now)
+            self._settle_cancelling(db, now, b["workload_id"])
         self.throughput.rows(worker_id, accepted, now)
         with self._progress:
             self._progress.notify_all()

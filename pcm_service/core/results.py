@@ -16,6 +16,7 @@ from typing import IO, Any, Iterator, Optional, Sequence
 
 from pcm_service.batchapi.outputs import error_line, output_line
 from pcm_service.protocol import (
+    OPEN_BATCH_STATES,
     BatchState,
     Choice,
     OpenAIOutput,
@@ -23,6 +24,7 @@ from pcm_service.protocol import (
     RowState,
     WorkloadState,
 )
+from pcm_service.store import in_list
 
 DONE, PENDING = RowState.DONE.value, RowState.PENDING.value
 
@@ -66,13 +68,11 @@ def requeue(db: sqlite3.Connection, where: str, params: Sequence[Any], lost: int
     """Leased batches matching ``where`` go back to the queue: their worker left or was lost,
     forgot them, or handed their rows back. ``lost`` counts a worker loss against each.
     A batch of a cancelled workload is not queued again: it is cancelled."""
-    n = db.execute(f"UPDATE batches SET state=?, worker_id=NULL, losses=losses+? WHERE state=? AND {where}",
-                   (BatchState.QUEUED.value, lost, BatchState.LEASED.value, *params)).rowcount
-    if n:
-        db.execute("UPDATE batches SET state=? WHERE state=? AND workload_id IN"
-                   " (SELECT workload_id FROM workloads WHERE state=?)",
-                   (BatchState.CANCELLED.value, BatchState.QUEUED.value, WorkloadState.CANCELLING.value))
-    return n
+    return db.execute(
+        "UPDATE batches SET state=CASE WHEN workload_id IN (SELECT workload_id FROM workloads WHERE state=?)"
+        f" THEN ? ELSE ? END, worker_id=NULL, losses=losses+? WHERE state=? AND {where}",
+        (WorkloadState.CANCELLING.value, BatchState.CANCELLED.value, BatchState.QUEUED.value, lost,
+         BatchState.LEASED.value, *params)).rowcount
 
 
 def end_workload(db: sqlite3.Connection, now: float, wl_id: str, state: WorkloadState, code: RowErrorCode) -> None:
@@ -83,7 +83,7 @@ def end_workload(db: sqlite3.Connection, now: float, wl_id: str, state: Workload
                    (DONE, message, code.value, now, wl_id, PENDING)).rowcount
     db.execute("UPDATE workloads SET rows_done=rows_done+?, rows_failed=rows_failed+? WHERE workload_id=?",
                (n, n, wl_id))
-    open_, states = "(?,?)", [BatchState.QUEUED.value, BatchState.LEASED.value]
+    open_, states = in_list(OPEN_BATCH_STATES)
     db.execute(f"UPDATE batches SET state=? WHERE workload_id=? AND state IN {open_}",
                (BatchState.CANCELLED.value, wl_id, *states))
     complete(db, now, wl_id, state)

@@ -6,8 +6,8 @@ from typing import Optional
 
 from pcm_service.core.demand import WorkLeft
 from pcm_service.protocol import (
+    OPEN_BATCH_STATES,
     READY_WORKER_STATES,
-    BatchState,
     ContextState,
     FetchProgress,
     Resources,
@@ -44,7 +44,7 @@ def demand_inputs(db: sqlite3.Connection, last: int = 8) -> tuple[WorkLeft, int,
     the last workers that got there (None before any did)."""
     rows = db.execute("SELECT COALESCE(SUM(rows_total - rows_done), 0) FROM workloads WHERE state=?",
                       (WorkloadState.RUNNING.value,)).fetchone()[0]
-    waiting, waiting_states = in_list((BatchState.QUEUED, BatchState.LEASED))
+    waiting, waiting_states = in_list(OPEN_BATCH_STATES)
     batches = db.execute(f"SELECT COUNT(*) FROM batches WHERE state IN {waiting}", waiting_states).fetchone()[0]
     marks, states = in_list(READY_WORKER_STATES)
     ready = db.execute(f"SELECT COUNT(*) FROM workers WHERE state IN {marks}", states).fetchone()[0]

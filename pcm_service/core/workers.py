@@ -9,6 +9,7 @@ from pcm_service.core.base import CoreBase, UnknownWorker
 from pcm_service.core.results import fail_rows, requeue
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
+    OPEN_BATCH_STATES,
     STAYING_WORKER_STATES,
     BatchState,
     ContextState,
@@ -115,7 +116,7 @@ class WorkerOps(CoreBase):
                        (ev.context_id, ContextState.FAILED.value)).fetchone()[0]
         if n < self.config.max_attempts:
             return
-        open_, states = in_list((BatchState.QUEUED, BatchState.LEASED))
+        open_, states = in_list(OPEN_BATCH_STATES)
         for b in db.execute(f"SELECT batch_id, workload_id FROM batches WHERE context_id=? AND state IN {open_}",
                             (ev.context_id, *states)).fetchall():
             fail_rows(db, self.clock(), b["batch_id"], b["workload_id"], RowErrorCode.FAILED,

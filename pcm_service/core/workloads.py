@@ -22,7 +22,7 @@ from pcm_service.protocol import (
     WorkloadSubmission,
 )
 from pcm_service.store import in_list
-from pcm_service.weights.modelpaths import has_chat_template
+from pcm_service.weights.modelpaths import has_chat_template, no_chat_template
 
 INSERT_CHUNK = 1000  # rows per executemany: a million-row submission never sits in memory twice
 
@@ -52,8 +52,7 @@ class WorkloadOps(CoreBase):
 
     def check_chat(self, context: ContextSpec, model: Optional[str]) -> None:
         if not has_chat_template(context.model):
-            raise NoChatTemplate(f"model {model or context.model} has no chat template (no chat_template"
-                                 " in its tokenizer_config.json): send prompts, not messages")
+            raise NoChatTemplate(no_chat_template(model or context.model))
 
     def submit(self, sub: WorkloadSubmission) -> SubmitResponse:
         """Raises ModelUnavailable, UnknownModel or NoChatTemplate; then nothing is stored."""

@@ -28,8 +28,8 @@ from pcm_service.protocol.factory import (
     Glidein,
 )
 from pcm_service.protocol.states import (
-    FINAL_WORKLOAD_STATES,
     LIVE_WORKER_STATES,
+    OPEN_BATCH_STATES,
     READY_WORKER_STATES,
     STAYING_WORKER_STATES,
     BatchEndpoint,
@@ -113,7 +113,6 @@ __all__ = [
     "ErrorBody",
     "ErrorCode",
     "ErrorItem",
-    "FINAL_WORKLOAD_STATES",
     "FactoryDecision",
     "FactoryLimits",
     "FactoryReport",
@@ -137,6 +136,7 @@ __all__ = [
     "ModelManifest",
     "ModelRegistration",
     "NamedModel",
+    "OPEN_BATCH_STATES",
     "ORIGIN",
     "OpenAIBatchStatus",
     "OpenAIOutput",

@@ -35,9 +35,6 @@ class WorkloadState(str, enum.Enum):
     EXPIRED = "expired"  # its completion window passed; unfinished rows failed as expired
 
 
-FINAL_WORKLOAD_STATES = (WorkloadState.COMPLETED, WorkloadState.CANCELLED, WorkloadState.EXPIRED)
-
-
 class BatchState(str, enum.Enum):
     QUEUED = "queued"  # waiting for a worker with its context
     LEASED = "leased"  # held by a worker
@@ -101,3 +98,6 @@ STAYING_WORKER_STATES = (WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUS
 
 
 READY_WORKER_STATES = (WorkerState.IDLE, WorkerState.BUSY)  # engine loaded
+
+
+OPEN_BATCH_STATES = (BatchState.QUEUED, BatchState.LEASED)  # rows still to run (not done, not cancelled)

@@ -24,6 +24,12 @@ class ModelUnavailable(ValueError):
     """The service will not (or cannot) use this directory as a model's origin copy."""
 
 
+def no_chat_template(model: str | Path) -> str:
+    """The one message for chat rows sent to a model without a chat template."""
+    return (f"model {model} has no chat template (no chat_template in its tokenizer_config.json):"
+            " chat rows need one; send prompts instead")
+
+
 def has_chat_template(model_dir: str | Path) -> bool:
     """Whether the tokenizer in ``model_dir`` carries a chat template (where transformers looks)."""
     d = Path(model_dir)
