@@ -8,7 +8,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from pcm_service.protocol import BatchState, RowState
+from pcm_service.protocol import BatchState, RowState, WorkerKind
+
+# workers that run rows: every kind but the TaskVine manager, which only holds leases
+# (bind MANAGER_KIND to it)
+RUNS_ROWS = "(kind IS NULL OR kind != ?)"
+MANAGER_KIND = WorkerKind.VINE_MANAGER.value
 
 
 def in_list(values: Iterable[Any]) -> tuple[str, list[Any]]:
@@ -77,6 +82,7 @@ CREATE TABLE IF NOT EXISTS workers (
     host TEXT NOT NULL,
     pid INTEGER NOT NULL,
     glidein_id TEXT,
+    kind TEXT,  -- WorkerKind (NULL: an agent, from before kinds)
     resources TEXT NOT NULL,
     state TEXT NOT NULL,
     context_id TEXT,
@@ -170,7 +176,7 @@ CREATE TABLE IF NOT EXISTS settings (
 """
 
 ADDED_COLUMNS = [("workloads", "model_name"), ("workloads", "openai"), ("rows", "request"),
-                 ("rows", "choices"), ("rows", "error_code")]
+                 ("rows", "choices"), ("rows", "error_code"), ("workers", "kind")]
 
 
 class Store:

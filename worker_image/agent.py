@@ -16,14 +16,18 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from pcm_service.client import ServiceClient, ServiceError, ServiceUnreachable
 from pcm_service.protocol import (
+    API_PREFIX,
+    EXECUTOR_PATH,
     BatchReport,
     ContextSpec,
     ContextState,
     ErrorCode,
+    ExecutorInfo,
+    ExecutorKind,
     FetchPlan,
     FetchRequest,
     Heartbeat,
@@ -43,6 +47,7 @@ from worker_image.fetcher import FetchFailed, ModelFetcher
 from worker_image.ledger import LeaseLedger
 from worker_image.library_handle import LibraryFailed, LibraryHandle
 from worker_image.settings import DEFAULTS, PeerSettings, detect_resources
+from worker_image.vine_worker import run_vine_worker
 
 log = logging.getLogger("pcm.worker")
 REGISTER_AGAIN = (ErrorCode.WORKER_UNKNOWN.value, ErrorCode.WORKER_LOST.value)
@@ -375,9 +380,14 @@ class WorkerAgent:
 
 
 def run_worker(service_url: str, token: Optional[str] = None, ca_file: Optional[Path] = None,
-               **kwargs: object) -> int:
+               glidein_id: Optional[str] = None, work_dir: Optional[Path] = None, **kwargs: Any) -> int:
+    """What a glidein runs: an agent, or a vine_worker when the service's executor is TaskVine."""
     client = ServiceClient(service_url, retry_for=300.0, token=token, ca_file=ca_file)  # rides out a restart
-    agent = WorkerAgent(client, token=token, **kwargs)  # type: ignore[arg-type]
+    info = client.request("GET", EXECUTOR_PATH.removeprefix(API_PREFIX), response=ExecutorInfo)
+    if info.kind == ExecutorKind.TASKVINE and token:
+        client.close()
+        return run_vine_worker(service_url, info, token, glidein_id, work_dir)
+    agent = WorkerAgent(client, token=token, glidein_id=glidein_id, work_dir=work_dir, **kwargs)
     signal.signal(signal.SIGTERM, agent.request_drain)
     signal.signal(signal.SIGINT, agent.request_drain)
     return agent.run()

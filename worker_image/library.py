@@ -29,18 +29,23 @@ def _split(request_id: str) -> tuple[int, int]:
     return int(b), int(i)
 
 
+def row_result(c: Completion) -> tuple[int, RowResult]:
+    """The batch a completion belongs to, and its row's result."""
+    batch_id, idx = _split(c.request_id)
+    return batch_id, RowResult(idx=idx, text=c.text, finish_reason=c.finish_reason, prompt_tokens=c.prompt_tokens,
+                               completion_tokens=c.completion_tokens, error=c.error, choices=c.choices)
+
+
 def _send_completions(conn: Connection, done: list[Completion]) -> None:
     by_batch: dict[int, list[str]] = defaultdict(list)
     for c in done:
-        batch_id, idx = _split(c.request_id)
-        by_batch[batch_id].append(RowResult(
-            idx=idx, text=c.text, finish_reason=c.finish_reason, prompt_tokens=c.prompt_tokens,
-            completion_tokens=c.completion_tokens, error=c.error, choices=c.choices).model_dump_json())
+        batch_id, result = row_result(c)
+        by_batch[batch_id].append(result.model_dump_json())
     for batch_id, rows in by_batch.items():
         conn.send(("rows", batch_id, rows))
 
 
-def _add_batch(engine: Engine, lease: BatchLease) -> list[Completion]:
+def add_batch(engine: Engine, lease: BatchLease) -> list[Completion]:
     """Queue every row; a row the engine rejects becomes an error result at once."""
     rejected = []
     for row in lease.rows:
@@ -63,7 +68,7 @@ def serve(conn: Connection, engine: Engine) -> None:
             if msg[0] == "shutdown":
                 return
             if msg[0] == "batch":
-                rejected = _add_batch(engine, BatchLease.model_validate_json(msg[1]))
+                rejected = add_batch(engine, BatchLease.model_validate_json(msg[1]))
                 if rejected:
                     _send_completions(conn, rejected)
         if engine.has_unfinished():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
 import anyio.to_thread
 from fastapi import Depends, FastAPI
@@ -18,6 +18,7 @@ from pcm_service.api.openai_routes import FILES_PATH, openai_router, validate_ba
 from pcm_service.api.user_routes import SUBMIT_PATH, user_router
 from pcm_service.api.worker_routes import worker_router
 from pcm_service.core import ServiceCore
+from pcm_service.executors import Executor, NativeExecutor
 
 log = logging.getLogger("pcm.service")
 OPEN = {"/healthz"}  # the one route without a token (besides the API's own description)
@@ -36,8 +37,10 @@ def _reaper(core: ServiceCore, stop: threading.Event) -> None:
             log.exception("reaper cycle failed")
 
 
-def create_app(core: ServiceCore, pool: str, api: str) -> FastAPI:
-    """The service's app. ``pool``, ``api``: the two tokens, never interchangeable."""
+def create_app(core: ServiceCore, pool: str, api: str, executor: Optional[Executor] = None) -> FastAPI:
+    """The service's app. ``pool``, ``api``: the two tokens, never interchangeable; ``executor``
+    runs leased batches (default: native, PCM's agents pull them over HTTP)."""
+    executor = executor or NativeExecutor()
     if not pool or not api:
         raise ValueError("create_app needs both the pool token and the API token")
     stop = threading.Event()
@@ -48,11 +51,13 @@ def create_app(core: ServiceCore, pool: str, api: str) -> FastAPI:
         t = threading.Thread(target=_reaper, args=(core, stop), name="pcm-reaper", daemon=True)
         t.start()
         changes.bind()
+        executor.start()
         core.replicas.on_change = changes.notify
         # chunk streams and plan requests run in threads: leave room for a large pool
         anyio.to_thread.current_default_thread_limiter().total_tokens = 200
         yield
         stop.set()
+        executor.stop()
         t.join(timeout=5)
 
     app = FastAPI(title="PCM service", version="1", lifespan=lifespan)
@@ -67,8 +72,8 @@ def create_app(core: ServiceCore, pool: str, api: str) -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    app.include_router(worker_router(core, changes), dependencies=[Depends(pool_token(pool))])
-    app.include_router(user_router(core), dependencies=[Depends(api_token(api))])
+    app.include_router(worker_router(core, changes, executor), dependencies=[Depends(pool_token(pool))])
+    app.include_router(user_router(core, executor), dependencies=[Depends(api_token(api))])
     app.include_router(openai_router(core), dependencies=[Depends(api_token(api))])
     _check_every_route_has_a_token(app)
     return app

@@ -7,6 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from pcm_service.api.errors import AUTH, BODY, ApiError, StrictJSONRoute, errors
 from pcm_service.core import NoChatTemplate, ServiceCore, UnknownModel, UnknownWorkload
+from pcm_service.executors import Executor
 from pcm_service.protocol import (
     API_PREFIX,
     Demand,
@@ -28,7 +29,7 @@ SUBMIT_PATH = f"{API_PREFIX}/workloads"
 SERVED_MODELS_PATH = f"{API_PREFIX}/served-models"  # models by name (OpenAI's view: GET /v1/models)
 
 
-def user_router(core: ServiceCore) -> APIRouter:
+def user_router(core: ServiceCore, executor: Executor) -> APIRouter:
     router = APIRouter(route_class=StrictJSONRoute)
 
     @router.post(SUBMIT_PATH, status_code=201, responses={**BODY, **errors(400)})
@@ -71,7 +72,9 @@ def user_router(core: ServiceCore) -> APIRouter:
 
     @router.get(f"{API_PREFIX}/status", responses={**AUTH, **errors(422)})
     def status(all: bool = False) -> ServiceStatus:
-        return core.status(include_gone=all)
+        st = core.status(include_gone=all)
+        vine = executor.status()
+        return st.model_copy(update={"taskvine": vine}) if vine is not None else st
 
     @router.get(f"{API_PREFIX}/demand", responses=AUTH)
     def demand() -> Demand:

@@ -12,10 +12,13 @@ from fastapi.responses import StreamingResponse
 from pcm_service.api.changes import Changes
 from pcm_service.api.errors import AUTH, BODY, WORKER, ApiError, StrictJSONRoute, errors, unknown_worker
 from pcm_service.core import ServiceCore, UnknownWorker
+from pcm_service.executors import Executor
 from pcm_service.protocol import (
     API_PREFIX,
+    EXECUTOR_PATH,
     BatchReport,
     ErrorCode,
+    ExecutorInfo,
     FetchPlan,
     FetchRequest,
     Heartbeat,
@@ -45,8 +48,13 @@ def call(fn: Callable[..., T], *args: Any) -> T:
         raise unknown_worker(e) from None
 
 
-def worker_router(core: ServiceCore, changes: Changes) -> APIRouter:
+def worker_router(core: ServiceCore, changes: Changes, executor: Executor) -> APIRouter:
     router = APIRouter(route_class=StrictJSONRoute)
+
+    @router.get(EXECUTOR_PATH, responses=AUTH)
+    def executor_info() -> ExecutorInfo:
+        """Asked first by every glidein: run a PCM agent, or a vine_worker against this manager."""
+        return executor.info()
 
     @router.get(f"{API_PREFIX}/models/{{digest}}", responses={**AUTH, **errors(404, 422)})
     def manifest(digest: str) -> ModelManifest:

@@ -16,9 +16,11 @@ from factory.config import FactoryConfig
 from factory.daemon import Factory
 from factory.drill import EvictionSettings
 from pcm_service.api import create_app
+from pcm_service.cli.executors import make_executor
 from pcm_service.client import ServiceClient
 from pcm_service.core import ServiceConfig, ServiceCore
 from pcm_service.protocol import (
+    ExecutorKind,
     FactoryLimits,
     WorkloadState,
     WorkloadStatus,
@@ -32,15 +34,16 @@ class EmbeddedService:
     tokens live in state_dir (pool.token, api.token: 0600, made on first start)."""
 
     def __init__(self, state_dir: str | Path, config: Optional[ServiceConfig] = None,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 host: str = "127.0.0.1", port: int = 0, executor: ExecutorKind = ExecutorKind.NATIVE) -> None:
         self.pool_token = state_token(POOL, Path(state_dir))
         self.api_token = state_token(API, Path(state_dir))
         self.core = ServiceCore(state_dir, config)
+        self.executor = make_executor(executor, self.core, self.pool_token.value, port=0)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.url = f"http://{host}:{self._sock.getsockname()[1]}"
-        app = create_app(self.core, self.pool_token.value, self.api_token.value)
+        app = create_app(self.core, self.pool_token.value, self.api_token.value, self.executor)
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
                                         daemon=True, name="pcm-service")
@@ -77,13 +80,14 @@ class RunResult:
 def run_workload(sub: WorkloadSubmission, state_dir: Path, workers: int = 1,
                  config: Optional[ServiceConfig] = None, worker_args: Optional[list[str]] = None,
                  on_progress: Optional[Callable[[WorkloadStatus], None]] = None,
-                 poll: float = 0.25, eviction: Optional[EvictionSettings] = None) -> RunResult:
+                 poll: float = 0.25, eviction: Optional[EvictionSettings] = None,
+                 executor: ExecutorKind = ExecutorKind.NATIVE) -> RunResult:
     """Submit one workload to a fresh embedded pool and wait for its output file. Without model
     roots in ``config``, the workload's own model directory is the only one."""
     config = config or ServiceConfig()
     if not config.model_roots and sub.context is not None:
         config = dataclasses.replace(config, model_roots=(Path(sub.context.model),))
-    service = EmbeddedService(state_dir / "service", config).start()
+    service = EmbeddedService(state_dir / "service", config, executor=executor).start()
     backend = LocalBackend(service.url, state_dir / "glideins", worker_args=worker_args,
                            token_file=service.pool_token.path)
     factory = Factory(ServiceClient(service.url, token=service.api_token.value), backend,

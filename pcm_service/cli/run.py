@@ -22,7 +22,9 @@ from pcm_service.cli.common import (
     progress_bar,
     report_done,
 )
+from pcm_service.cli.executors import ExecutorOpt
 from pcm_service.core.config import RUN_IDLE_TIMEOUT
+from pcm_service.protocol import ExecutorKind
 
 
 def run(workload: Path = typer.Argument(..., help="Workload YAML file, or an OpenAI Batch input file (.jsonl)"),
@@ -36,7 +38,8 @@ def run(workload: Path = typer.Argument(..., help="Workload YAML file, or an Ope
         evict_every: Optional[float] = EvictEveryOpt,
         evict_signal: str = EvictSignalOpt,
         evict_count: Optional[int] = EvictCountOpt,
-        seed: Optional[int] = typer.Option(None, help="Eviction drill: random seed")) -> None:
+        seed: Optional[int] = typer.Option(None, help="Eviction drill: random seed"),
+        executor: ExecutorKind = ExecutorOpt) -> None:
     """Run a workload on this machine: embedded service, local factory, local workers."""
     from pcm_service.cli.embedded import run_workload
     from pcm_service.core import ServiceConfig
@@ -53,9 +56,11 @@ def run(workload: Path = typer.Argument(..., help="Workload YAML file, or an Ope
         task = bar.add_task(sub.name, total=len(sub.rows), rate=0.0)
         try:
             res = run_workload(sub, sdir, workers=workers, config=ServiceConfig(idle_timeout=idle_timeout),
-                               eviction=eviction,
+                               eviction=eviction, executor=executor,
                                on_progress=lambda st: bar.update(task, completed=st.rows_done,
                                                                  rate=st.rows_per_second))
+        except ImportError as e:
+            fail(f"--executor {executor.value}: {e}", code=2)
         except KeyboardInterrupt:
             fail(f"interrupted; state and logs kept in {sdir}", code=130)
     console.print(f"makespan {res.makespan:.1f}s; engine starts per worker: "

@@ -12,7 +12,9 @@ from pcm_service.cli.common import (
     fail,
     setup_logging,
 )
+from pcm_service.cli.executors import ExecutorOpt, VinePortOpt, VineProjectOpt, make_executor
 from pcm_service.core.config import ServiceConfig
+from pcm_service.protocol import ExecutorKind
 from pcm_service.tokens import Token
 from pcm_service.weights.chunks import DEFAULT_CHUNK_SIZE
 from pcm_service.weights.replicas import TransferPolicy
@@ -55,6 +57,8 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
           max_submission_mb: float = typer.Option(
               ServiceConfig.max_submission_bytes / MIB, min=0.001,
               help="Largest workload submission in MiB (it holds every row)"),
+          executor: ExecutorKind = ExecutorOpt, vine_port: int = VinePortOpt,
+          vine_project: Optional[str] = VineProjectOpt,
           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run the PCM service (HTTP API + SQLite state; the origin copy of model weights)."""
     import uvicorn
@@ -98,7 +102,17 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
     if scheme == "http" and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving plain HTTP on %s: bearer tokens cross the network in clear;"
                     " use --tls-cert/--tls-key (see `pcm tls init`)", host)
-    uvicorn.run(create_app(core, pool_token.value, api_token.value), host=host, port=port,
+    try:
+        runner = make_executor(executor, core, pool_token.value, vine_port, vine_project,
+                               (tls_key, tls_cert) if tls_cert and tls_key else None)
+    except (ImportError, OSError) as e:
+        fail(f"--executor {executor.value}: {e}", code=2)
+    info = runner.info()
+    if info.kind == ExecutorKind.TASKVINE:
+        console.print(f"executor: TaskVine manager on port {info.port}"
+                      f"{f', project {info.project}' if info.project else ''} (workers: vine_worker --password"
+                      " POOL_TOKEN_FILE, or glideins running `pcm worker`)", highlight=False)
+    uvicorn.run(create_app(core, pool_token.value, api_token.value, runner), host=host, port=port,
                 log_level="warning", ssl_certfile=str(tls_cert) if tls_cert else None,
                 ssl_keyfile=str(tls_key) if tls_key else None)
 

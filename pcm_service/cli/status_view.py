@@ -6,7 +6,7 @@ import time
 from rich.console import Group
 from rich.table import Table
 
-from pcm_service.protocol import GlideinState, ServiceStatus, WorkerStatus
+from pcm_service.protocol import GlideinState, ServiceStatus, TaskVineStatus, WorkerStatus
 
 MIB = 2**20
 
@@ -19,6 +19,19 @@ def context_cell(w: WorkerStatus) -> str:
     return (f"{w.context_state.value} {f.chunks_held}/{f.chunks_total} chunks"
             f" ({f.bytes_held / MIB:.0f}/{f.bytes_total / MIB:.0f} MiB)"
             f" from {f.sources} source{'s' if f.sources != 1 else ''}")
+
+
+def taskvine_table(tv: TaskVineStatus) -> Table:
+    """The TaskVine manager's own view of its workers (`vine_status 127.0.0.1 PORT` shows it too)."""
+    project = f", project {tv.project}" if tv.project else ""
+    table = Table(title=f"TaskVine manager on port {tv.port}{project}: {tv.workers_connected} workers,"
+                        f" {tv.calls_running} calls running, {tv.calls_waiting} waiting", title_justify="left")
+    for col in ("worker", "glidein", "host", "address", "cores", "gpus", "memory MB", "libraries", "calls"):
+        table.add_column(col)
+    for w in tv.workers:
+        table.add_row(w.worker_id or "-", w.glidein_id or "-", w.host, w.addrport, str(w.cores), str(w.gpus),
+                      str(w.memory_mb), ",".join(w.libraries) or "-", str(w.calls_running))
+    return table
 
 
 def render_status(st: ServiceStatus) -> Group:
@@ -35,6 +48,8 @@ def render_status(st: ServiceStatus) -> Group:
                         context_cell(w), str(w.inflight_batches), str(w.rows_done),
                         str(w.library_starts), f"{w.idle_seconds:.0f}")
     parts: list[object] = [workers]
+    if st.taskvine is not None:
+        parts.append(taskvine_table(st.taskvine))
     with_worker = {w.glidein_id for w in st.workers}
     orphans = [g for g in st.glideins if g.glidein_id not in with_worker and g.state != GlideinState.EXITED]
     if orphans:

@@ -8,6 +8,7 @@ from typing import Optional
 from pcm_service.core.base import CoreBase
 from pcm_service.core.results import count_done, fail_rows, requeue, settle_batch
 from pcm_service.protocol import (
+    OPEN_BATCH_STATES,
     BatchLease,
     BatchReport,
     BatchState,
@@ -52,6 +53,15 @@ class LeaseOps(CoreBase):
                          " WHERE b.state=? GROUP BY b.context_id"
                          " ORDER BY COUNT(*) DESC, MIN(b.batch_id) LIMIT 1", (BatchState.QUEUED.value,)).fetchone()
         return ContextSpec.model_validate_json(row["spec"]) if row else None
+
+    def contexts_with_work(self) -> dict[str, tuple[ContextSpec, int]]:
+        """Every context with batches queued or leased, and how many are queued."""
+        open_, states = in_list(OPEN_BATCH_STATES)
+        with self.store.read() as db:
+            rows = db.execute(f"SELECT c.context_id, c.spec, SUM(b.state=?) AS queued FROM batches b"
+                              f" JOIN contexts c USING (context_id) WHERE b.state IN {open_}"
+                              " GROUP BY c.context_id", (BatchState.QUEUED.value, *states)).fetchall()
+        return {r["context_id"]: (ContextSpec.model_validate_json(r["spec"]), r["queued"]) for r in rows}
 
     def lease_batch(self, worker_id: str, req: LeaseRequest) -> LeaseResponse:
         """Lease up to ``max_batches`` of the worker's loaded context, or tell it what to load."""

@@ -11,12 +11,13 @@ from pcm_service.protocol import (
     ContextState,
     FetchProgress,
     Resources,
+    WorkerKind,
     WorkerState,
     WorkerStatus,
     WorkloadState,
     WorkloadStatus,
 )
-from pcm_service.store import in_list
+from pcm_service.store import MANAGER_KIND, RUNS_ROWS, in_list
 
 
 def workload_status(r: sqlite3.Row, now: float) -> WorkloadStatus:
@@ -36,7 +37,8 @@ def worker_status(w: sqlite3.Row, starts: int, now: float, fetch: Optional[Fetch
         context_state=ContextState(w["context_state"]), inflight_batches=w["inflight"],
         rows_done=w["rows_done"], library_starts=starts,
         idle_seconds=0.0 if w["inflight"] else now - w["last_busy"],
-        last_heartbeat_age=now - w["last_heartbeat"], fetch=fetch)
+        last_heartbeat_age=now - w["last_heartbeat"], fetch=fetch,
+        kind=WorkerKind(w["kind"] or WorkerKind.AGENT.value))
 
 
 def demand_inputs(db: sqlite3.Connection, last: int = 8) -> tuple[WorkLeft, int, Optional[float]]:
@@ -47,7 +49,8 @@ def demand_inputs(db: sqlite3.Connection, last: int = 8) -> tuple[WorkLeft, int,
     waiting, waiting_states = in_list(OPEN_BATCH_STATES)
     batches = db.execute(f"SELECT COUNT(*) FROM batches WHERE state IN {waiting}", waiting_states).fetchone()[0]
     marks, states = in_list(READY_WORKER_STATES)
-    ready = db.execute(f"SELECT COUNT(*) FROM workers WHERE state IN {marks}", states).fetchone()[0]
+    ready = db.execute(f"SELECT COUNT(*) FROM workers WHERE state IN {marks} AND {RUNS_ROWS}",
+                       (*states, MANAGER_KIND)).fetchone()[0]
     spans = db.execute("SELECT MIN(e.at) - w.registered_at AS t FROM library_events e"
                        " JOIN workers w USING (worker_id) WHERE e.state=? GROUP BY e.worker_id"
                        " ORDER BY MIN(e.at) DESC LIMIT ?", (ContextState.READY.value, last)).fetchall()

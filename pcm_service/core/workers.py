@@ -22,10 +22,11 @@ from pcm_service.protocol import (
     RegisterResponse,
     RetireDecision,
     RowErrorCode,
+    WorkerKind,
     WorkerRegistration,
     WorkerState,
 )
-from pcm_service.store import in_list
+from pcm_service.store import MANAGER_KIND, RUNS_ROWS, in_list
 
 
 class WorkerOps(CoreBase):
@@ -36,9 +37,9 @@ class WorkerOps(CoreBase):
         now = self.clock()
         with self.store.transaction() as db:
             db.execute(
-                "INSERT INTO workers (worker_id, host, pid, glidein_id, resources, state, context_state,"
-                " registered_at, last_heartbeat, last_busy) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (worker_id, reg.host, reg.pid, reg.glidein_id, reg.resources.model_dump_json(),
+                "INSERT INTO workers (worker_id, host, pid, glidein_id, kind, resources, state, context_state,"
+                " registered_at, last_heartbeat, last_busy) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (worker_id, reg.host, reg.pid, reg.glidein_id, reg.kind.value, reg.resources.model_dump_json(),
                  WorkerState.STARTING.value, ContextState.ABSENT.value, now, now, now))
             self.replicas.add_worker(db, worker_id, reg)
         return RegisterResponse(worker_id=worker_id, heartbeat_interval=self.config.heartbeat_interval,
@@ -79,8 +80,8 @@ class WorkerOps(CoreBase):
         """Workers beyond the factory's max (e.g. after `pcm factory set --max`): they finish
         their batches and exit. The least busy, newest ones go first."""
         staying, states = in_list(STAYING_WORKER_STATES)
-        live = db.execute(f"SELECT worker_id FROM workers WHERE state IN {staying}"
-                          " ORDER BY inflight ASC, registered_at DESC", states).fetchall()
+        live = db.execute(f"SELECT worker_id FROM workers WHERE state IN {staying} AND {RUNS_ROWS}"
+                          " ORDER BY inflight ASC, registered_at DESC", (*states, MANAGER_KIND)).fetchall()
         extra = len(live) - max_workers
         return {r["worker_id"] for r in live[:extra]} if extra > 0 else set()
 
@@ -91,7 +92,8 @@ class WorkerOps(CoreBase):
         with self.store.transaction() as db:
             self._live_worker(db, worker_id)
             marks, states = in_list(STAYING_WORKER_STATES)
-            staying = db.execute(f"SELECT COUNT(*) FROM workers WHERE state IN {marks}", states).fetchone()[0]
+            staying = db.execute(f"SELECT COUNT(*) FROM workers WHERE state IN {marks} AND {RUNS_ROWS}",
+                                 (*states, MANAGER_KIND)).fetchone()[0]
             if staying <= min_workers:
                 return RetireDecision(retire=False, reason=f"kept: {staying} workers, factory minimum"
                                                            f" {min_workers}")
@@ -148,6 +150,14 @@ class WorkerOps(CoreBase):
         self.replicas.drop_worker(worker_id)
         self.throughput.forget(worker_id)
         return len(held)
+
+    def live_workers(self, kind: WorkerKind) -> list[str]:
+        """Ids of the live workers of one kind (a restarted TaskVine executor retires its old manager)."""
+        live, states = in_list(LIVE_WORKER_STATES)
+        with self.store.read() as db:
+            return [r["worker_id"] for r in db.execute(
+                f"SELECT worker_id FROM workers WHERE state IN {live} AND kind=? ORDER BY registered_at",
+                (*states, kind.value))]
 
     def reap(self) -> list[str]:
         """Declare workers without a recent heartbeat lost: their leases expire, work is requeued."""

@@ -21,7 +21,7 @@ from pcm_service.protocol import (
     WorkloadStatus,
     WorkloadSubmission,
 )
-from pcm_service.store import in_list
+from pcm_service.store import MANAGER_KIND, RUNS_ROWS, in_list
 from pcm_service.weights.modelpaths import has_chat_template, no_chat_template
 
 INSERT_CHUNK = 1000  # rows per executemany: a million-row submission never sits in memory twice
@@ -111,9 +111,10 @@ class WorkloadOps(CoreBase):
         now = self.clock()
         starts = self.library_starts()
         live, states = in_list(LIVE_WORKER_STATES)
-        where, params = ("", []) if include_gone else (f" WHERE state IN {live}", states)
+        where, params = (f"WHERE {RUNS_ROWS}", [MANAGER_KIND]) if include_gone else (
+            f"WHERE {RUNS_ROWS} AND state IN {live}", [MANAGER_KIND, *states])
         with self.store.read() as db:
-            workers = db.execute(f"SELECT * FROM workers{where} ORDER BY registered_at", params).fetchall()
+            workers = db.execute(f"SELECT * FROM workers {where} ORDER BY registered_at", params).fetchall()
             workloads = db.execute("SELECT * FROM workloads ORDER BY created_at").fetchall()
         fetching = ContextState.FETCHING.value
         return ServiceStatus(

@@ -3,13 +3,14 @@
 Everything that crosses HTTP between PCM processes is one of these models, so the service
 and the worker can never disagree about a field. One package, a module per subject:
 ``base`` (strictness, errors), ``states``, ``workloads``, ``workers``, ``factory``,
-``weights``, ``status``; import them from here.
+``weights``, ``executors``, ``status``; import them from here.
 """
 from __future__ import annotations
 
 from pcm_service.protocol.base import (
     API_PREFIX,
     CODE_OF_STATUS,
+    EXECUTOR_PATH,
     INT_MAX,
     Count,
     ErrorBody,
@@ -18,6 +19,13 @@ from pcm_service.protocol.base import (
     Int,
     Positive,
     Strict,
+)
+from pcm_service.protocol.executors import (
+    GLIDEIN_IN_OS,
+    ExecutorInfo,
+    TaskVineStatus,
+    VineWorkerView,
+    glidein_os,
 )
 from pcm_service.protocol.factory import (
     Demand,
@@ -36,10 +44,12 @@ from pcm_service.protocol.states import (
     BatchState,
     ChatRole,
     ContextState,
+    ExecutorKind,
     GlideinState,
     OpenAIBatchStatus,
     RowErrorCode,
     RowState,
+    WorkerKind,
     WorkerState,
     WorkloadState,
 )
@@ -101,6 +111,7 @@ __all__ = [
     "BatchReport",
     "BatchState",
     "CODE_OF_STATUS",
+    "EXECUTOR_PATH",
     "ChatMessage",
     "ChatRole",
     "Choice",
@@ -113,6 +124,8 @@ __all__ = [
     "ErrorBody",
     "ErrorCode",
     "ErrorItem",
+    "ExecutorInfo",
+    "ExecutorKind",
     "FactoryDecision",
     "FactoryLimits",
     "FactoryReport",
@@ -120,6 +133,7 @@ __all__ = [
     "FetchPlan",
     "FetchProgress",
     "FetchRequest",
+    "GLIDEIN_IN_OS",
     "Glidein",
     "GlideinState",
     "Heartbeat",
@@ -157,14 +171,18 @@ __all__ = [
     "Strict",
     "StructuredOutput",
     "SubmitResponse",
+    "TaskVineStatus",
     "TokenLogprob",
     "TopLogprob",
     "TransferResult",
     "TransferStats",
+    "VineWorkerView",
+    "WorkerKind",
     "WorkerRegistration",
     "WorkerState",
     "WorkerStatus",
     "WorkloadState",
     "WorkloadStatus",
     "WorkloadSubmission",
+    "glidein_os",
 ]

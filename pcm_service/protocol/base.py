@@ -8,6 +8,7 @@ from annotated_types import Ge, Gt, Le
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 API_PREFIX = "/v1/pcm"  # PCM's own routes; OpenAI's (/v1/files, /v1/batches, /v1/models) sit beside them
+EXECUTOR_PATH = f"{API_PREFIX}/executor"  # what a glidein runs (GET, pool token): ExecutorInfo
 
 
 # integers stay within what JSON carries exactly (and SQLite stores): larger ones are refused

@@ -27,6 +27,22 @@ class WorkerState(str, enum.Enum):
     LOST = "lost"
 
 
+class ExecutorKind(str, enum.Enum):
+    """Who runs the leased batches: PCM's own worker agents, or TaskVine workers of the
+    service's TaskVine manager (`pcm serve --executor`)."""
+
+    NATIVE = "native"
+    TASKVINE = "taskvine"
+
+
+class WorkerKind(str, enum.Enum):
+    """What a worker record stands for."""
+
+    AGENT = "agent"  # a `pcm worker` agent (the native executor)
+    VINE_WORKER = "vine_worker"  # a TaskVine worker, as the service's manager sees it
+    VINE_MANAGER = "vine_manager"  # the TaskVine manager: holds the leases of its function calls
+
+
 class WorkloadState(str, enum.Enum):
     RUNNING = "running"
     CANCELLING = "cancelling"  # nothing more is leased; waits for the batches in flight

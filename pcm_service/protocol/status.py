@@ -6,8 +6,9 @@ from typing import Optional
 from pydantic import Field
 
 from pcm_service.protocol.base import Count, Strict
+from pcm_service.protocol.executors import TaskVineStatus
 from pcm_service.protocol.factory import Demand, Glidein
-from pcm_service.protocol.states import ContextState, WorkerState
+from pcm_service.protocol.states import ContextState, WorkerKind, WorkerState
 from pcm_service.protocol.weights import FetchProgress, TransferStats
 from pcm_service.protocol.workloads import WorkloadStatus
 
@@ -26,6 +27,7 @@ class WorkerStatus(Strict):
     idle_seconds: float
     last_heartbeat_age: float
     fetch: Optional[FetchProgress] = None  # while its context is fetching
+    kind: WorkerKind = Field(default=WorkerKind.AGENT, strict=False)
 
 
 class ServiceStatus(Strict):
@@ -34,3 +36,4 @@ class ServiceStatus(Strict):
     demand: Demand
     glideins: list[Glidein] = Field(default_factory=list)  # from the factories' last reports
     transfers: TransferStats = Field(default_factory=TransferStats)
+    taskvine: Optional[TaskVineStatus] = None  # the manager's view, with `pcm serve --executor taskvine`

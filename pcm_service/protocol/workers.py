@@ -6,7 +6,7 @@ from typing import Optional
 from pydantic import Field
 
 from pcm_service.protocol.base import Count, Strict
-from pcm_service.protocol.states import ContextState
+from pcm_service.protocol.states import ContextState, WorkerKind
 from pcm_service.protocol.workloads import ChatMessage, ContextSpec, SamplingSettings
 
 
@@ -24,6 +24,7 @@ class WorkerRegistration(Strict):
     blob_url: Optional[str] = None  # the worker's blob server, when it serves chunks to peers
     upload_slots: Count = 0  # transfers its blob server serves at once
     chunks: list[str] = Field(default_factory=list)  # verified chunks already in its cache
+    kind: WorkerKind = Field(default=WorkerKind.AGENT, strict=False)
 
 
 class RegisterResponse(Strict):

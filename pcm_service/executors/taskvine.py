@@ -1,0 +1,213 @@
+"""The TaskVine executor: the service runs a TaskVine ``Manager``; each context with work gets
+a Library whose context function starts the engine once per library process (the weights a
+cached, peer-transferable input), and each leased batch becomes one FunctionCall.
+
+The leases are held by one worker record of kind ``vine_manager``: TaskVine, not PCM, decides
+which worker runs a call and reruns the calls of a worker it lost, so a batch stays leased
+until its call answers. Each answer is recorded through the core like an agent's report
+(first result per row wins), so exactly-once, ordering, output files and OpenAI batches work
+unchanged. A call that fails (its library died) hands its rows back with a crash counted.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pcm_service.core import ServiceCore, UnknownWorker
+from pcm_service.executors.base import Executor
+from pcm_service.executors.vine_pool import VineWorkers
+from pcm_service.protocol import (
+    BatchLease,
+    BatchReport,
+    ContextSpec,
+    ContextState,
+    ExecutorInfo,
+    ExecutorKind,
+    Heartbeat,
+    LeaseRequest,
+    RowResult,
+    TaskVineStatus,
+    WorkerKind,
+    WorkerRegistration,
+)
+
+log = logging.getLogger("pcm.taskvine")
+LoadEngine = Callable[..., None]
+RunBatch = Callable[[str], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class TaskVineSettings:
+    port: int = 9123  # TaskVine's default manager port; 0: any free one
+    project: Optional[str] = None  # the manager's project name (vine_worker -M, vine_status)
+    calls_per_worker: int = 2  # calls kept submitted per worker: one running, one ready behind it
+    engine: str = "vllm"
+    ssl: Optional[tuple[Path, Path]] = None  # (key, certificate): the service's TLS files
+
+
+@dataclass
+class Call:
+    lease: BatchLease
+    library: str
+
+
+def library_name(context_id: str) -> str:
+    return f"pcm-{context_id}"
+
+
+class TaskVineExecutor(Executor):
+    kind = ExecutorKind.TASKVINE
+
+    def __init__(self, core: ServiceCore, password: str, load_engine: LoadEngine, run_batch: RunBatch,
+                 settings: TaskVineSettings = TaskVineSettings()) -> None:
+        import ndcctools.taskvine as vine
+
+        self.vine = vine
+        self.core = core
+        self.settings = settings
+        self.load_engine, self.run_batch = load_engine, run_batch
+        run_dir = core.state_dir / "taskvine"
+        run_dir.mkdir(exist_ok=True)
+        self.password_file = run_dir / "password"  # the pool token, as TaskVine's password file
+        fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(password)
+        ssl = (str(settings.ssl[0]), str(settings.ssl[1])) if settings.ssl else None
+        self.m = vine.Manager(port=settings.port, name=settings.project, ssl=ssl, run_info_path=str(run_dir))
+        self.m.set_password_file(str(self.password_file))
+        self.pool = VineWorkers(core)
+        self.calls: dict[int, Call] = {}
+        self.libraries: dict[str, str] = {}  # context id → library name
+        self.lease_seq = 0
+        self.holder = ""
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._status = TaskVineStatus(port=self.m.port, project=settings.project)
+        self._thread = threading.Thread(target=self._run, name="pcm-taskvine", daemon=True)
+
+    def info(self) -> ExecutorInfo:
+        return ExecutorInfo(kind=self.kind, port=self.m.port, project=self.settings.project,
+                            ssl=self.settings.ssl is not None)
+
+    def status(self) -> TaskVineStatus:
+        with self._lock:
+            return self._status
+
+    def start(self) -> None:
+        for old in self.core.live_workers(WorkerKind.VINE_MANAGER):  # a previous run's leases go back
+            self.core.retire(old)
+        self._register()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if self.holder:
+            self.core.retire(self.holder)
+
+    def _register(self) -> None:
+        self.holder = self.core.register(WorkerRegistration(
+            host=f"{socket.gethostname()}:{self.m.port}", pid=os.getpid(), kind=WorkerKind.VINE_MANAGER)).worker_id
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._cycle()
+            except Exception:  # the manager must outlive any one bad cycle
+                log.exception("TaskVine executor cycle failed")
+                self._stop.wait(1.0)
+
+    def _cycle(self) -> None:
+        work = self.core.contexts_with_work()
+        views = self.m.status("workers")
+        loading = next(iter(self.libraries), None) if len(self.libraries) == 1 else None
+        self.pool.sync(views, {tid: c.lease.context_id for tid, c in self.calls.items()}, loading)
+        self._heartbeat()
+        self._submit(work, len(views))
+        self._publish(views)
+        t = self.m.wait(1)  # whole seconds; returns as soon as a call answers
+        while t is not None:
+            self._answered(t)
+            t = self.m.wait(0)
+
+    def _heartbeat(self) -> None:
+        try:
+            self.core.heartbeat(self.holder, Heartbeat(
+                context_id=None, context_state=ContextState.READY, inflight_batches=len(self.calls),
+                batches=[c.lease.batch_id for c in self.calls.values()], lease_seq=self.lease_seq))
+        except UnknownWorker:  # declared lost (the loop stalled): its leases were requeued
+            log.warning("the TaskVine manager's leases expired: cancelling its %d calls", len(self.calls))
+            for tid in list(self.calls):
+                self.m.cancel_by_task_id(tid)
+            self.calls.clear()
+            self._register()
+
+    def _submit(self, work: dict[str, tuple[ContextSpec, int]], workers: int) -> None:
+        """Keep ``calls_per_worker`` calls per connected worker (one while none is), leased from
+        the context with the most queued batches, so no library waits for its next batch."""
+        target = self.settings.calls_per_worker * max(1, workers)
+        queued = sorted(((n, ctx) for ctx, (_, n) in work.items() if n > 0), reverse=True)
+        for _, ctx in queued:
+            while len(self.calls) < target:
+                resp = self.core.lease_batch(self.holder, LeaseRequest(
+                    context_id=ctx, context_state=ContextState.READY, max_batches=1))
+                self.lease_seq = max(self.lease_seq, resp.lease_seq)
+                if not resp.batches:
+                    break
+                lib = self.libraries.get(ctx) or self._install(work[ctx][0])
+                for lease in resp.batches:
+                    call = self.vine.FunctionCall(lib, "run_batch", lease.model_dump_json())
+                    self.calls[self.m.submit(call)] = Call(lease=lease, library=lib)
+        for ctx in [c for c in self.libraries if c not in work and work]:  # another context's turn
+            self.m.remove_library(self.libraries.pop(ctx))
+
+    def _install(self, spec: ContextSpec) -> str:
+        name = library_name(spec.context_id)
+        lib = self.m.create_library_from_functions(
+            name, self.run_batch, add_env=False, exec_mode="direct",
+            library_context_info=[self.load_engine, [spec.model_dump_json(), self.settings.engine], {}])
+        model = self.m.declare_file(spec.model, cache="worker", peer_transfer=True)
+        lib.add_input(model, "model")
+        lib.set_function_slots(1)  # direct mode: one call at a time in the one engine
+        self.m.install_library(lib)
+        self.libraries[spec.context_id] = name
+        log.info("TaskVine library %s installed for %s", name, spec.model)
+        return name
+
+    def _answered(self, t: Any) -> None:
+        call = self.calls.pop(t.id, None)
+        if call is None:
+            return
+        lease = call.lease
+        out = t.output if t.successful() else None
+        rec = self.pool.record_of(t.addrport or "")
+        if not isinstance(out, dict):  # the library died (or never started) under this call
+            log.warning("call for batch %d failed on %s: %s %s", lease.batch_id, t.addrport, t.result,
+                        str(out)[:200] if out is not None else "")
+            self.core.report(self.holder, BatchReport(batch_id=lease.batch_id,
+                                                      crashed=[r.idx for r in lease.rows]))
+            return
+        self.pool.saw_library(t.addrport, out["library"])
+        results = [RowResult.model_validate(r) for r in out["results"]]
+        if results:
+            self.core.report(rec.worker_id if rec else self.holder,
+                             BatchReport(batch_id=lease.batch_id, results=results))
+        answered = {r.idx for r in results}
+        missing = [r.idx for r in lease.rows if r.idx not in answered]
+        if missing:  # the engine failed to start: the rows wait for another library
+            self.core.report(self.holder, BatchReport(batch_id=lease.batch_id, returned=missing))
+
+    def _publish(self, views: list[dict[str, Any]]) -> None:
+        stats = self.m.stats
+        status = TaskVineStatus(
+            port=self.m.port, project=self.settings.project, workers_connected=len(views),
+            calls_waiting=stats.tasks_waiting, calls_running=stats.tasks_running,
+            libraries_installed=sorted(self.libraries),
+            workers=self.pool.views({tid: c.lease.context_id for tid, c in self.calls.items()}))
+        with self._lock:
+            self._status = status

@@ -1,0 +1,84 @@
+"""A glidein of the TaskVine executor: `pcm worker` runs ``vine_worker`` against the service's
+TaskVine manager instead of an agent, with the cores, memory, GPUs and disk HTCondor gave the
+slot, the pool token as TaskVine's password file, and the glidein id in the os string it
+reports (how the service matches the manager's workers to glideins). SIGTERM (eviction,
+removal) is passed on; the exit status is vine_worker's."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlsplit
+
+from pcm_service.protocol import ExecutorInfo, Resources, glidein_os
+from worker_image.settings import detect_resources
+
+log = logging.getLogger("pcm.worker")
+
+
+def slot_disk_mb(work_dir: Path) -> Optional[int]:
+    """The slot's disk from HTCondor's machine ad (KiB), else none: vine_worker measures it."""
+    ad = os.environ.get("_CONDOR_MACHINE_AD")
+    if ad and os.path.isfile(ad):
+        m = re.search(r"^Disk\s*=\s*(\d+)", Path(ad).read_text(errors="replace"), re.M)
+        if m:
+            return int(m.group(1)) // 1024
+    return None
+
+
+def vine_worker_argv(binary: str, service_url: str, info: ExecutorInfo, password_file: Path,
+                     resources: Resources, work_dir: Path, glidein_id: Optional[str]) -> list[str]:
+    host = urlsplit(service_url).hostname or "127.0.0.1"
+    argv = [binary, "--cores", str(resources.cpus), "--gpus", str(len(resources.gpus)),
+            "--password", str(password_file), "--workdir", str(work_dir / "vine")]
+    if resources.memory_mb:
+        argv += ["--memory", str(resources.memory_mb)]
+    disk = slot_disk_mb(work_dir)
+    if disk:
+        argv += ["--disk", str(disk)]
+    if glidein_id:
+        argv += ["--os", glidein_os(glidein_id)]
+    if info.ssl:
+        argv.append("--ssl")
+    return [*argv, host, str(info.port)]
+
+
+def run_vine_worker(service_url: str, info: ExecutorInfo, token: str, glidein_id: Optional[str],
+                    work_dir: Optional[Path]) -> int:
+    work = Path(work_dir or Path.cwd() / "pcm-worker")
+    (work / "vine").mkdir(parents=True, exist_ok=True)
+    password = work / "vine.password"
+    fd = os.open(password, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token)
+    # the library runs `python` from PATH: it must be this environment's, which imports PCM
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    binary = shutil.which("vine_worker", path=path)
+    if binary is None:
+        log.error("the service runs the TaskVine executor but vine_worker is not installed here:"
+                  " `make taskvine`, or conda install -c conda-forge ndcctools")
+        return 2
+    argv = vine_worker_argv(binary, service_url, info, password, detect_resources(), work, glidein_id)
+    log.info("TaskVine worker for glidein %s: %s", glidein_id or "-", " ".join(argv))
+    # its own process group: what it forks (its transfer server, the library and its engine)
+    # inherits its connection to the manager and would keep it open after vine_worker died
+    child = subprocess.Popen(argv, env={**os.environ, "PATH": path}, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+
+    def forward(sig: int, _frame: object) -> None:
+        child.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    rc = child.wait()
+    try:  # whatever it left behind goes with it, so the manager sees the worker leave
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return rc
