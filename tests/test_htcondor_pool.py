@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 from htcondor_pool.fixtures import FactoryProcess, PoolHandle, pool_factory_config
@@ -25,6 +25,7 @@ from pcm_service.protocol import (
     FactoryView,
     ServiceStatus,
     SubmitResponse,
+    TaskVineStatus,
     WorkloadStatus,
 )
 from pcm_service.workload import load_workload
@@ -50,14 +51,20 @@ API_TOKENS: dict[str, str] = {}  # service URL → its API token (the user route
 
 
 @pytest.fixture
-def pool_service(pool: PoolHandle, tmp_path: Path,
-                 monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ServeProcess, Path, str]]:
+def service_args() -> tuple[str, ...]:
+    """More `pcm serve` flags for a test (parametrize it by this name)."""
+    return ()
+
+
+@pytest.fixture
+def pool_service(pool: PoolHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                 service_args: tuple[str, ...]) -> Iterator[tuple[ServeProcess, Path, str]]:
     """`pcm serve` with the pool token the glideins get; its API token is generated, and the CLI
     and factory processes the test starts find it through PCM_API_TOKEN_FILE."""
     token_file = pool.dir(tmp_path.name) / "pool.token"
     token = pool.token(token_file)
     s = ServeProcess(tmp_path / "state", "--pool-token-file", str(token_file), "--heartbeat-interval", "1",
-                     "--worker-timeout", "20", "--idle-timeout", "600",
+                     "--worker-timeout", "20", "--idle-timeout", "600", *service_args,
                      model_roots=[*MODEL_ROOTS, pool.share]).start()  # the model is in the pool's share
     API_TOKENS[s.url] = s.api_token
     monkeypatch.setenv("PCM_API_TOKEN_FILE", str(s.api_token_file))
@@ -260,3 +267,39 @@ def test_gpu_request_lands_only_on_a_matching_gpu(
     st = subprocess.run([sys.executable, "-m", "pcm_service.cli", "status", "--service", serve.url],
                         capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert worker.gpus[0] in st.stdout and "without a worker" in st.stdout, st.stdout
+
+
+def vine_connected(url: str) -> Optional[TaskVineStatus]:
+    tv = service_status(url).taskvine
+    return tv if tv is not None and tv.workers_connected > 0 else None
+
+
+@pytest.mark.parametrize("service_args", [("--executor", "taskvine", "--vine-port", "0")])
+def test_taskvine_glideins_run_vine_workers_that_finish_a_workload_and_leave(
+        pool: PoolHandle, pool_service: tuple[ServeProcess, Path, str], factory: Callable[..., FactoryProcess],
+        pool_model: Path, write_workload: Callable[..., Path], tmp_path: Path) -> None:
+    """`pcm serve --executor taskvine`: the glideins' `pcm worker` runs vine_worker against the
+    service's manager (the pool token as its password), the Library runs the batches."""
+    serve, _, token = pool_service
+    url = serve.url
+    rows = [{"id": f"v{i:04d}", "claim": f"Claim {i}: the river {i % 97} flows north of town {i % 13}."}
+            for i in range(200)]
+    fp = factory(limits={"min_workers": 0, "max_workers": 2, "per_cycle": 2})
+    wl = submit(url, write_workload, pool_model, rows, "vine")
+    wait_for(lambda: len(alive_jobs(pool, fp)) == 2, 60, "2 glideins submitted for the workload")
+    tv = wait_for(lambda: vine_connected(url), 180, "a TaskVine worker connected to the service's manager")
+    wait_for(lambda: workload(url, wl.workload_id).state.value == "completed", 600, "the workload done")
+    st = service_status(url)
+    vine_workers = [w for w in st.workers if w.kind.value == "vine_worker"]
+    assert tv is not None and vine_workers and st.taskvine is not None
+    jobs = {gid(a) for a in pool.schedd().history(f'PcmFactory == "{fp.name}"', ["ClusterId", "ProcId"])} | {
+        gid(a) for a in alive_jobs(pool, fp)}
+    assert {w.glidein_id for w in vine_workers} <= jobs  # matched to their glideins
+    assert sum(w.library_starts for w in vine_workers) <= 2  # one engine per worker
+    wait_for(lambda: not pool.jobs(fp.name, ["ClusterId"]), 180, "no glideins left in the queue")
+    expected = reference_texts(pool_model, [f"Claim: {r['claim']}\nVerdict:" for r in rows], ENGINE, SAMPLING,
+                               tmp_path)
+    check_output(tmp_path / "out" / "vine.jsonl", rows, expected)
+    logs = [*(pool.share / tmp_path.name).glob("glideins-*/*")]
+    assert any("vine_worker" in p.read_text(errors="replace") for p in logs)
+    assert all(token not in p.read_text(errors="replace") for p in logs)

@@ -59,3 +59,14 @@ def run_batch(lease_json: str) -> dict[str, Any]:
         done += engine.step()
     return {"library": library_record(),
             "results": [row_result(c)[1].model_dump(mode="json") for c in done]}
+
+
+def run_batch_cold(context_json: str, lease_json: str, engine: str = "vllm") -> dict[str, Any]:
+    """A plain task without context: start an engine, run one batch, stop (the baseline)."""
+    load_engine(context_json, engine)
+    try:
+        return run_batch(lease_json)
+    finally:
+        started = STATE.pop("engine", None)
+        if started is not None:
+            started.shutdown()

@@ -2,7 +2,8 @@
 TaskVine manager instead of an agent, with the cores, memory, GPUs and disk HTCondor gave the
 slot, the pool token as TaskVine's password file, and the glidein id in the os string it
 reports (how the service matches the manager's workers to glideins). SIGTERM (eviction,
-removal) is passed on; the exit status is vine_worker's."""
+removal) is passed on; the exit status is vine_worker's. It stays in the glidein's process
+group, so a hard eviction (HTCondor, the local backend's killpg) takes all of it."""
 from __future__ import annotations
 
 import logging
@@ -66,10 +67,7 @@ def run_vine_worker(service_url: str, info: ExecutorInfo, token: str, glidein_id
         return 2
     argv = vine_worker_argv(binary, service_url, info, password, detect_resources(), work, glidein_id)
     log.info("TaskVine worker for glidein %s: %s", glidein_id or "-", " ".join(argv))
-    # its own process group: what it forks (its transfer server, the library and its engine)
-    # inherits its connection to the manager and would keep it open after vine_worker died
-    child = subprocess.Popen(argv, env={**os.environ, "PATH": path}, stdin=subprocess.DEVNULL,
-                             start_new_session=True)
+    child = subprocess.Popen(argv, env={**os.environ, "PATH": path}, stdin=subprocess.DEVNULL)
 
     def forward(sig: int, _frame: object) -> None:
         child.send_signal(sig)
@@ -77,8 +75,34 @@ def run_vine_worker(service_url: str, info: ExecutorInfo, token: str, glidein_id
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     rc = child.wait()
-    try:  # whatever it left behind goes with it, so the manager sees the worker leave
-        os.killpg(child.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    kill_leftovers()
     return rc
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: state, ppid, pgrp, ..."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2:].split()
+
+
+def kill_leftovers() -> None:
+    """What vine_worker forked (its transfer server, the library and its engine) outlives a
+    vine_worker killed alone and keeps its connection to the manager open: the rest of this
+    glidein's process group goes with it (not this process or its parents, e.g. entry.sh),
+    so the manager sees the worker leave."""
+    keep, pid = {os.getpid()}, os.getppid()
+    while pid > 1:
+        keep.add(pid)
+        try:
+            pid = int(_stat(pid)[1])
+        except (OSError, ValueError, IndexError):
+            break
+    group = os.getpgrp()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) in keep:
+            continue
+        try:
+            if int(_stat(int(d.name))[2]) == group:
+                os.kill(int(d.name), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to see

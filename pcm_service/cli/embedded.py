@@ -34,11 +34,12 @@ class EmbeddedService:
     tokens live in state_dir (pool.token, api.token: 0600, made on first start)."""
 
     def __init__(self, state_dir: str | Path, config: Optional[ServiceConfig] = None,
-                 host: str = "127.0.0.1", port: int = 0, executor: ExecutorKind = ExecutorKind.NATIVE) -> None:
+                 host: str = "127.0.0.1", port: int = 0, executor: ExecutorKind = ExecutorKind.NATIVE,
+                 context_library: bool = True) -> None:
         self.pool_token = state_token(POOL, Path(state_dir))
         self.api_token = state_token(API, Path(state_dir))
         self.core = ServiceCore(state_dir, config)
-        self.executor = make_executor(executor, self.core, self.pool_token.value, port=0)
+        self.executor = make_executor(executor, self.core, self.pool_token.value, port=0, library=context_library)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
@@ -81,13 +82,14 @@ def run_workload(sub: WorkloadSubmission, state_dir: Path, workers: int = 1,
                  config: Optional[ServiceConfig] = None, worker_args: Optional[list[str]] = None,
                  on_progress: Optional[Callable[[WorkloadStatus], None]] = None,
                  poll: float = 0.25, eviction: Optional[EvictionSettings] = None,
-                 executor: ExecutorKind = ExecutorKind.NATIVE) -> RunResult:
+                 executor: ExecutorKind = ExecutorKind.NATIVE, context_library: bool = True) -> RunResult:
     """Submit one workload to a fresh embedded pool and wait for its output file. Without model
     roots in ``config``, the workload's own model directory is the only one."""
     config = config or ServiceConfig()
     if not config.model_roots and sub.context is not None:
         config = dataclasses.replace(config, model_roots=(Path(sub.context.model),))
-    service = EmbeddedService(state_dir / "service", config, executor=executor).start()
+    service = EmbeddedService(state_dir / "service", config, executor=executor,
+                              context_library=context_library).start()
     backend = LocalBackend(service.url, state_dir / "glideins", worker_args=worker_args,
                            token_file=service.pool_token.path)
     factory = Factory(ServiceClient(service.url, token=service.api_token.value), backend,

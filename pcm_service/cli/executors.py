@@ -21,18 +21,19 @@ VineProjectOpt = typer.Option(None, "--vine-project", help="TaskVine project nam
 
 
 def make_executor(kind: ExecutorKind, core: ServiceCore, pool_token: str, port: int = 9123,
-                  project: Optional[str] = None, ssl: Optional[tuple[Path, Path]] = None) -> Executor:
+                  project: Optional[str] = None, ssl: Optional[tuple[Path, Path]] = None,
+                  library: bool = True) -> Executor:
     """The executor of ``kind``; raises ImportError (with what to do) when TaskVine is missing."""
     if kind == ExecutorKind.NATIVE:
         return NativeExecutor()
     try:
-        from pcm_service.executors.taskvine import TaskVineExecutor, TaskVineSettings
+        from pcm_service.executors.taskvine import TaskVineExecutor, TaskVineSettings, VineFunctions
     except ImportError as e:
         raise ImportError(TASKVINE_MISSING) from e
-    from worker_image.vine_library import load_engine, run_batch
+    from worker_image.vine_library import load_engine, run_batch, run_batch_cold
 
     try:
-        return TaskVineExecutor(core, pool_token, load_engine, run_batch,
-                                TaskVineSettings(port=port, project=project, ssl=ssl))
+        return TaskVineExecutor(core, pool_token, VineFunctions(load_engine, run_batch, run_batch_cold),
+                                TaskVineSettings(port=port, project=project, ssl=ssl, context_library=library))
     except ImportError as e:
         raise ImportError(TASKVINE_MISSING) from e

@@ -37,8 +37,16 @@ from pcm_service.protocol import (
 )
 
 log = logging.getLogger("pcm.taskvine")
-LoadEngine = Callable[..., None]
-RunBatch = Callable[[str], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class VineFunctions:
+    """What runs on the workers (worker_image.vine_library, handed in by the CLI): pickled by
+    reference, so the workers' Python must import PCM."""
+
+    load_engine: Callable[..., None]  # the Library's context
+    run_batch: Callable[[str], dict[str, Any]]  # one FunctionCall per batch
+    run_batch_cold: Callable[..., dict[str, Any]]  # a plain task: starts an engine for one batch
 
 
 @dataclass(frozen=True)
@@ -48,12 +56,14 @@ class TaskVineSettings:
     calls_per_worker: int = 2  # calls kept submitted per worker: one running, one ready behind it
     engine: str = "vllm"
     ssl: Optional[tuple[Path, Path]] = None  # (key, certificate): the service's TLS files
+    # False: no Library, a plain task per batch that starts its own engine (the seed papers'
+    # baseline without context; bench/executors.py)
+    context_library: bool = True
 
 
 @dataclass
 class Call:
     lease: BatchLease
-    library: str
 
 
 def library_name(context_id: str) -> str:
@@ -63,14 +73,14 @@ def library_name(context_id: str) -> str:
 class TaskVineExecutor(Executor):
     kind = ExecutorKind.TASKVINE
 
-    def __init__(self, core: ServiceCore, password: str, load_engine: LoadEngine, run_batch: RunBatch,
+    def __init__(self, core: ServiceCore, password: str, functions: VineFunctions,
                  settings: TaskVineSettings = TaskVineSettings()) -> None:
         import ndcctools.taskvine as vine
 
         self.vine = vine
         self.core = core
         self.settings = settings
-        self.load_engine, self.run_batch = load_engine, run_batch
+        self.functions = functions
         run_dir = core.state_dir / "taskvine"
         run_dir.mkdir(exist_ok=True)
         self.password_file = run_dir / "password"  # the pool token, as TaskVine's password file
@@ -83,6 +93,7 @@ class TaskVineExecutor(Executor):
         self.pool = VineWorkers(core)
         self.calls: dict[int, Call] = {}
         self.libraries: dict[str, str] = {}  # context id → library name
+        self.models: dict[str, Any] = {}  # model path → its TaskVine file
         self.lease_seq = 0
         self.holder = ""
         self._stop = threading.Event()
@@ -159,20 +170,32 @@ class TaskVineExecutor(Executor):
                 self.lease_seq = max(self.lease_seq, resp.lease_seq)
                 if not resp.batches:
                     break
-                lib = self.libraries.get(ctx) or self._install(work[ctx][0])
                 for lease in resp.batches:
-                    call = self.vine.FunctionCall(lib, "run_batch", lease.model_dump_json())
-                    self.calls[self.m.submit(call)] = Call(lease=lease, library=lib)
+                    self.calls[self.m.submit(self._task(work[ctx][0], lease))] = Call(lease=lease)
         for ctx in [c for c in self.libraries if c not in work and work]:  # another context's turn
             self.m.remove_library(self.libraries.pop(ctx))
+
+    def _task(self, spec: ContextSpec, lease: BatchLease) -> Any:
+        if not self.settings.context_library:
+            task = self.vine.PythonTask(self.functions.run_batch_cold, spec.model_dump_json(),
+                                        lease.model_dump_json(), self.settings.engine)
+            task.add_input(self._model(spec), "model")
+            return task
+        lib = self.libraries.get(spec.context_id) or self._install(spec)
+        return self.vine.FunctionCall(lib, "run_batch", lease.model_dump_json())
+
+    def _model(self, spec: ContextSpec) -> Any:
+        """The weights: cached on each worker, copied between workers by TaskVine."""
+        if spec.model not in self.models:
+            self.models[spec.model] = self.m.declare_file(spec.model, cache="worker", peer_transfer=True)
+        return self.models[spec.model]
 
     def _install(self, spec: ContextSpec) -> str:
         name = library_name(spec.context_id)
         lib = self.m.create_library_from_functions(
-            name, self.run_batch, add_env=False, exec_mode="direct",
-            library_context_info=[self.load_engine, [spec.model_dump_json(), self.settings.engine], {}])
-        model = self.m.declare_file(spec.model, cache="worker", peer_transfer=True)
-        lib.add_input(model, "model")
+            name, self.functions.run_batch, add_env=False, exec_mode="direct",
+            library_context_info=[self.functions.load_engine, [spec.model_dump_json(), self.settings.engine], {}])
+        lib.add_input(self._model(spec), "model")
         lib.set_function_slots(1)  # direct mode: one call at a time in the one engine
         self.m.install_library(lib)
         self.libraries[spec.context_id] = name
