@@ -296,7 +296,11 @@ def test_taskvine_glideins_run_vine_workers_that_finish_a_workload_and_leave(
         gid(a) for a in alive_jobs(pool, fp)}
     assert {w.glidein_id for w in vine_workers} <= jobs  # matched to their glideins
     assert sum(w.library_starts for w in vine_workers) <= 2  # one engine per worker
-    wait_for(lambda: not pool.jobs(fp.name, ["ClusterId"]), 180, "no glideins left in the queue")
+    try:
+        wait_for(lambda: not pool.jobs(fp.name, ["ClusterId"]), 180, "no glideins left in the queue")
+    except AssertionError:
+        print("DEBUG", service_status(url).model_dump_json(indent=1), (tmp_path / f"{fp.name}.log").read_text())
+        raise
     expected = reference_texts(pool_model, [f"Claim: {r['claim']}\nVerdict:" for r in rows], ENGINE, SAMPLING,
                                tmp_path)
     check_output(tmp_path / "out" / "vine.jsonl", rows, expected)

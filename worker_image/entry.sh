@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Glidein payload: activate the worker environment, pick the assigned GPU, run the agent,
+# Glidein payload: activate the worker environment, pick the assigned GPU, run `pcm worker`,
 # forward SIGTERM (HTCondor eviction/removal) so the worker drains, exit with its status.
+# `pcm worker` asks the service first: with `pcm serve --executor taskvine` it runs
+# vine_worker against the service's TaskVine manager instead of PCM's agent.
 #   entry.sh SERVICE_URL [pcm worker flags: --glidein-id C.P --token-file F ...]
 # Environment (from the factory config's htcondor.environment, never secrets):
 #   PCM_VENV   a prebuilt venv on a shared filesystem, or

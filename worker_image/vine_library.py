@@ -36,10 +36,16 @@ def load_engine(context_json: str, engine: str = "vllm") -> None:
     STATE.update(pid=os.getpid(), host=socket.gethostname(), context_id=spec.context_id,
                  loads=STATE.get("loads", 0) + 1, error=None)
     started = time.time()
+    log = os.path.abspath("engine.log")  # the engine's own processes say why they failed here
+    with open(log, "ab") as fh:
+        os.dup2(fh.fileno(), 2)
     try:
         STATE["engine"] = ENGINES[engine](spec.model_copy(update={"model": os.path.abspath(MODEL_INPUT)}))
     except Exception as e:  # reported with every call; the service fails the context after a few
-        STATE["error"] = f"{type(e).__name__}: {e}"[:4000]
+        with open(log, "rb") as fh:
+            fh.seek(max(0, os.path.getsize(log) - 1500))
+            tail = fh.read().decode(errors="replace")
+        STATE["error"] = f"{type(e).__name__}: {e}"[:2000] + f"\nengine log, last lines:\n{tail}"
     STATE["load_seconds"] = time.time() - started
 
 

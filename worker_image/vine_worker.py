@@ -58,8 +58,9 @@ def run_vine_worker(service_url: str, info: ExecutorInfo, token: str, glidein_id
     fd = os.open(password, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(token)
-    # the library runs `python` from PATH: it must be this environment's, which imports PCM
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    # the library runs `python` from PATH: it must be this environment's, which imports PCM (a job
+    # may have no PATH at all: then the default search path follows, for lscpu and the like)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}"
     binary = shutil.which("vine_worker", path=path)
     if binary is None:
         log.error("the service runs the TaskVine executor but vine_worker is not installed here:"

@@ -60,7 +60,9 @@ class WorkerOps(CoreBase):
             w = self._live_worker(db, worker_id)
             state = (WorkerState.DRAINING if hb.draining or w["state"] == WorkerState.DRAINING.value else
                      WorkerState.BUSY if hb.inflight_batches else
-                     WorkerState.IDLE if hb.context_state == ContextState.READY else WorkerState.STARTING)
+                     # an engine that failed to start, with nothing in flight: idle, removable
+                     WorkerState.IDLE if hb.context_state in (ContextState.READY, ContextState.FAILED)
+                     else WorkerState.STARTING)
             last_busy = now if hb.inflight_batches else w["last_busy"]
             db.execute(
                 "UPDATE workers SET state=?, context_id=?, context_state=?, inflight=?, last_heartbeat=?,"
