@@ -299,7 +299,8 @@ def test_taskvine_glideins_run_vine_workers_that_finish_a_workload_and_leave(
     try:
         wait_for(lambda: not pool.jobs(fp.name, ["ClusterId"]), 180, "no glideins left in the queue")
     except AssertionError:
-        print("DEBUG", service_status(url).model_dump_json(indent=1), (tmp_path / f"{fp.name}.log").read_text())
+        print("the service when the glideins did not leave:", service_status(url).model_dump_json(indent=1),
+              (tmp_path / f"{fp.name}.log").read_text())
         raise
     expected = reference_texts(pool_model, [f"Claim: {r['claim']}\nVerdict:" for r in rows], ENGINE, SAMPLING,
                                tmp_path)

@@ -23,26 +23,29 @@ from worker_image.settings import detect_resources
 log = logging.getLogger("pcm.worker")
 
 
-def slot_disk_mb(work_dir: Path) -> Optional[int]:
-    """The slot's disk from HTCondor's machine ad (KiB), else none: vine_worker measures it."""
+def slot_ad() -> dict[str, int]:
+    """The slot's Cpus, Memory (MB), Disk (KiB) and GPUs from HTCondor's machine ad (empty
+    outside HTCondor): what the slot was given, not what the machine has."""
     ad = os.environ.get("_CONDOR_MACHINE_AD")
-    if ad and os.path.isfile(ad):
-        m = re.search(r"^Disk\s*=\s*(\d+)", Path(ad).read_text(errors="replace"), re.M)
-        if m:
-            return int(m.group(1)) // 1024
-    return None
+    if not ad or not os.path.isfile(ad):
+        return {}
+    text = Path(ad).read_text(errors="replace")
+    return {k: int(m.group(1)) for k in ("Cpus", "Memory", "Disk", "GPUs")
+            if (m := re.search(rf"^{k}\s*=\s*(\d+)", text, re.M))}
 
 
 def vine_worker_argv(binary: str, service_url: str, info: ExecutorInfo, password_file: Path,
                      resources: Resources, work_dir: Path, glidein_id: Optional[str]) -> list[str]:
     host = urlsplit(service_url).hostname or "127.0.0.1"
-    argv = [binary, "--cores", str(resources.cpus), "--gpus", str(len(resources.gpus)),
+    slot = slot_ad()
+    # TaskVine sets OMP_NUM_THREADS to a task's cores: more than the slot has would oversubscribe it
+    argv = [binary, "--cores", str(slot.get("Cpus", resources.cpus)), "--gpus", str(len(resources.gpus)),
             "--password", str(password_file), "--workdir", str(work_dir / "vine")]
-    if resources.memory_mb:
-        argv += ["--memory", str(resources.memory_mb)]
-    disk = slot_disk_mb(work_dir)
-    if disk:
-        argv += ["--disk", str(disk)]
+    memory = slot.get("Memory", resources.memory_mb)
+    if memory:
+        argv += ["--memory", str(memory)]
+    if "Disk" in slot:
+        argv += ["--disk", str(slot["Disk"] // 1024)]
     if glidein_id:
         argv += ["--os", glidein_os(glidein_id)]
     if info.ssl:
