@@ -12,15 +12,10 @@ from typing import Iterator
 
 import pytest
 from support import REPO
+from support.taskvine import require_taskvine
 
 VENV_BIN = Path(sys.executable).parent
-try:
-    import ndcctools.taskvine as vine
-except ImportError:
-    if os.environ.get("PCM_REQUIRE_TASKVINE"):
-        raise
-    pytest.skip("TaskVine is not built: run `make taskvine` (or conda install -c conda-forge ndcctools)",
-                allow_module_level=True)
+vine = require_taskvine()
 
 
 def start_worker(port: int, password: Path | None, log: Path) -> subprocess.Popen[bytes]:

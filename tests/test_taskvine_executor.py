@@ -6,7 +6,6 @@ One run serves every check here: two glideins, a row longer than max_model_len, 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 from pathlib import Path
@@ -15,18 +14,13 @@ from typing import Any, Iterator
 import pytest
 import yaml
 from support.models import ENGINE
+from support.taskvine import require_taskvine
 from support.workloads import SAMPLING, expected, rows
 
 from pcm_service.protocol import ExecutorKind, WorkloadStatus
 from pcm_service.workload import load_workload
 
-try:
-    import ndcctools.taskvine  # noqa: F401
-except ImportError:
-    if os.environ.get("PCM_REQUIRE_TASKVINE"):
-        raise
-    pytest.skip("TaskVine is not built: run `make taskvine` (or conda install -c conda-forge ndcctools)",
-                allow_module_level=True)
+require_taskvine()
 
 N = 60
 LONG_AT = 7  # the row that does not fit the model: an early batch, so its worker runs more after it
