@@ -25,7 +25,8 @@ from pcm_service.tokens import API, TokenError, client_token, create_token_file,
 
 runner = CliRunner()
 OPEN = {("GET", "/healthz")}
-POOL_ROUTES = {("GET", "/v1/pcm/blobs/{chunk}"), ("GET", "/v1/pcm/models/{digest}")}  # and all of /v1/pcm/workers
+POOL_ROUTES = {("GET", "/v1/pcm/blobs/{chunk}"), ("GET", "/v1/pcm/models/{digest}"),
+               ("GET", "/v1/pcm/executor")}  # and all of /v1/pcm/workers
 
 
 def expected_kind(method: str, path: str) -> str:
