@@ -70,6 +70,13 @@ def read_token(path: str | Path) -> str:
     return token
 
 
+def write_secret(path: Path, value: str) -> None:
+    """``value`` as the whole content of ``path``, created 0600 (a token handed on as a file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(value)
+
+
 def create_token_file(path: Path) -> str:
     """A new random token in a new file created 0600 (never readable by others, even briefly)."""
     token = secrets.token_urlsafe(32)

@@ -18,6 +18,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from pcm_service.protocol import ExecutorInfo, Resources, glidein_os
+from pcm_service.tokens import write_secret
 from worker_image.settings import detect_resources
 
 log = logging.getLogger("pcm.worker")
@@ -58,9 +59,7 @@ def run_vine_worker(service_url: str, info: ExecutorInfo, token: str, glidein_id
     work = Path(work_dir or Path.cwd() / "pcm-worker")
     (work / "vine").mkdir(parents=True, exist_ok=True)
     password = work / "vine.password"
-    fd = os.open(password, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token)
+    write_secret(password, token)
     # the library runs `python` from PATH: it must be this environment's, which imports PCM (a job
     # may have no PATH at all: then the default search path follows, for lscpu and the like)
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}"

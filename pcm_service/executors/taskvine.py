@@ -35,6 +35,7 @@ from pcm_service.protocol import (
     WorkerKind,
     WorkerRegistration,
 )
+from pcm_service.tokens import write_secret
 
 log = logging.getLogger("pcm.taskvine")
 
@@ -84,9 +85,7 @@ class TaskVineExecutor(Executor):
         run_dir = core.state_dir / "taskvine"
         run_dir.mkdir(exist_ok=True)
         self.password_file = run_dir / "password"  # the pool token, as TaskVine's password file
-        fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(password)
+        write_secret(self.password_file, password)
         ssl = (str(settings.ssl[0]), str(settings.ssl[1])) if settings.ssl else None
         self.m = vine.Manager(port=settings.port, name=settings.project, ssl=ssl, run_info_path=str(run_dir))
         self.m.set_password_file(str(self.password_file))
