@@ -76,3 +76,40 @@ def test_a_worker_without_the_password_is_refused(manager: tuple[vine.Manager, P
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_with_a_certificate_workers_connect_over_ssl_and_plain_ones_are_refused(tmp_path: Path) -> None:
+    """What `pcm serve --executor taskvine --tls-cert --tls-key` sets up: the manager on SSL with
+    the service's certificate, and the glidein's `vine_worker --ssl` (ExecutorInfo.ssl)."""
+    from pcm_service.protocol import ExecutorInfo, ExecutorKind, Resources
+    from worker_image.vine_worker import vine_worker_argv
+
+    made = subprocess.run([sys.executable, "-m", "pcm_service.cli", "tls", "init", str(tmp_path / "tls")],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    password = tmp_path / "pool.token"
+    password.write_text("a-pool-token-for-taskvine")
+    m = vine.Manager(port=0, ssl=(str(tmp_path / "tls" / "server.key"), str(tmp_path / "tls" / "server.pem")),
+                     run_info_path=str(tmp_path / "vine-run-info"))
+    m.set_password_file(str(password))
+    plain = start_worker(m.port, password, tmp_path / "plain.log")
+    try:
+        m.submit(vine.PythonTask(sum, [1, 2]))
+        assert m.wait(8) is None and m.stats.workers_joined == 0  # no SSL: never joins
+    finally:
+        plain.kill()
+        plain.wait()
+    info = ExecutorInfo(kind=ExecutorKind.TASKVINE, port=m.port, ssl=True)
+    argv = vine_worker_argv(str(VENV_BIN / "vine_worker"), "https://127.0.0.1:1", info, password,
+                            Resources(cpus=1, memory_mb=1000), tmp_path / "glidein", None)
+    assert "--ssl" in argv
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    worker = subprocess.Popen([*argv[:1], "--timeout", "60", *argv[1:]], env=env,
+                              stdout=(tmp_path / "ssl.log").open("wb"), stderr=subprocess.STDOUT)
+    try:
+        t = m.wait(60)
+        assert t is not None, (tmp_path / "ssl.log").read_text()[-2000:]
+        assert t.successful() and t.output == 3 and m.stats.workers_joined == 1
+    finally:
+        worker.kill()
+        worker.wait()

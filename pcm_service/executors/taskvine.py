@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -38,6 +39,7 @@ from pcm_service.protocol import (
 from pcm_service.tokens import write_secret
 
 log = logging.getLogger("pcm.taskvine")
+SYNC_INTERVAL = 1.0  # seconds between updates of the pool's records from the manager
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,18 @@ def library_name(context_id: str) -> str:
     return f"pcm-{context_id}"
 
 
+def library_resources(spec: ContextSpec, gpu_pool: bool) -> dict[str, int]:
+    """What one engine asks of a worker. On a CPU pool nothing: the library takes the whole
+    worker (vLLM's CPU engine uses every core it is given). With GPUs: the engine's GPUs
+    (tensor × pipeline parallel) and at least the weights' size in memory; TaskVine gives the
+    library the same share of the worker's cores, so a 4-GPU worker runs four 1-GPU engines."""
+    if not gpu_pool:
+        return {}
+    gpus = spec.engine.tensor_parallel_size * int(spec.engine.extra.get("pipeline_parallel_size", 1))
+    weights = sum(f.stat().st_size for f in Path(spec.model).rglob("*") if f.is_file())
+    return {"gpus": gpus, "memory": weights // 2**20 + 1}
+
+
 class TaskVineExecutor(Executor):
     kind = ExecutorKind.TASKVINE
 
@@ -89,19 +103,23 @@ class TaskVineExecutor(Executor):
         ssl = (str(settings.ssl[0]), str(settings.ssl[1])) if settings.ssl else None
         self.m = vine.Manager(port=settings.port, name=settings.project, ssl=ssl, run_info_path=str(run_dir))
         self.m.set_password_file(str(self.password_file))
+        self.port = self.m.port
         self.pool = VineWorkers(core)
         self.calls: dict[int, Call] = {}
         self.libraries: dict[str, str] = {}  # context id → library name
         self.models: dict[str, Any] = {}  # model path → its TaskVine file
+        self.gpu_pool = False  # a connected worker has GPUs: libraries ask for theirs
+        self.views: list[dict[str, Any]] = []  # the manager's workers, as of the last sync
+        self._next_sync = 0.0
         self.lease_seq = 0
         self.holder = ""
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._status = TaskVineStatus(port=self.m.port, project=settings.project)
+        self._status = TaskVineStatus(port=self.port, project=settings.project)
         self._thread = threading.Thread(target=self._run, name="pcm-taskvine", daemon=True)
 
     def info(self) -> ExecutorInfo:
-        return ExecutorInfo(kind=self.kind, port=self.m.port, project=self.settings.project,
+        return ExecutorInfo(kind=self.kind, port=self.port, project=self.settings.project,
                             ssl=self.settings.ssl is not None)
 
     def status(self) -> TaskVineStatus:
@@ -119,10 +137,12 @@ class TaskVineExecutor(Executor):
         self._thread.join(timeout=10)
         if self.holder:
             self.core.retire(self.holder)
+        if not self._thread.is_alive():  # the manager's port, sockets and logs close with it
+            self.m.__exit__(None, None, None)
 
     def _register(self) -> None:
         self.holder = self.core.register(WorkerRegistration(
-            host=f"{socket.gethostname()}:{self.m.port}", pid=os.getpid(), kind=WorkerKind.VINE_MANAGER)).worker_id
+            host=f"{socket.gethostname()}:{self.port}", pid=os.getpid(), kind=WorkerKind.VINE_MANAGER)).worker_id
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -133,13 +153,20 @@ class TaskVineExecutor(Executor):
                 self._stop.wait(1.0)
 
     def _cycle(self) -> None:
-        work = self.core.contexts_with_work()
-        views = self.m.status("workers")
-        loading = next(iter(self.libraries), None) if len(self.libraries) == 1 else None
-        self.pool.sync(views, {tid: c.lease.context_id for tid, c in self.calls.items()}, loading)
-        self._heartbeat()
-        self._submit(work, len(views))
-        self._publish(views)
+        """Answers and new calls every time a call answers; the pool's records (workers,
+        heartbeats, status) once a second: each is an SQLite write, and while this loop is away
+        from ``m.wait`` the manager dispatches no call."""
+        if time.monotonic() >= self._next_sync:
+            self._next_sync = time.monotonic() + SYNC_INTERVAL
+            self.views = self.m.status("workers")
+            self.gpu_pool = any(int(v.get("gpus_total", 0)) > 0 for v in self.views)
+            loading = next(iter(self.libraries), None) if len(self.libraries) == 1 else None
+            self.pool.sync(self.views, {tid: c.lease.context_id for tid, c in self.calls.items()}, loading)
+            self._heartbeat()
+            self._submit(len(self.views), retire_libraries=True)
+            self._publish(self.views)
+        else:
+            self._submit(len(self.views))
         t = self.m.wait(1)  # whole seconds; returns as soon as a call answers
         while t is not None:
             self._answered(t)
@@ -157,10 +184,14 @@ class TaskVineExecutor(Executor):
             self.calls.clear()
             self._register()
 
-    def _submit(self, work: dict[str, tuple[ContextSpec, int]], workers: int) -> None:
-        """Keep ``calls_per_worker`` calls per connected worker (one while none is), leased from
-        the context with the most queued batches, so no library waits for its next batch."""
-        target = self.settings.calls_per_worker * max(1, workers)
+    def _submit(self, workers: int, retire_libraries: bool = False) -> None:
+        """Keep ``calls_per_worker`` calls per connected worker, leased from the context with
+        the most queued batches, so no library waits for its next batch. None while no worker
+        is connected: the batches stay queued (and counted as demand) in PCM."""
+        target = self.settings.calls_per_worker * workers
+        if len(self.calls) >= target and not retire_libraries:
+            return
+        work = self.core.contexts_with_work()
         queued = sorted(((n, ctx) for ctx, (_, n) in work.items() if n > 0), reverse=True)
         for _, ctx in queued:
             while len(self.calls) < target:
@@ -171,8 +202,9 @@ class TaskVineExecutor(Executor):
                     break
                 for lease in resp.batches:
                     self.calls[self.m.submit(self._task(work[ctx][0], lease))] = Call(lease=lease)
-        for ctx in [c for c in self.libraries if c not in work and work]:  # another context's turn
-            self.m.remove_library(self.libraries.pop(ctx))
+        if retire_libraries and work:  # another context's turn: its libraries give way
+            for ctx in [c for c in self.libraries if c not in work]:
+                self.m.remove_library(self.libraries.pop(ctx))
 
     def _task(self, spec: ContextSpec, lease: BatchLease) -> Any:
         if not self.settings.context_library:
@@ -196,9 +228,13 @@ class TaskVineExecutor(Executor):
             library_context_info=[self.functions.load_engine, [spec.model_dump_json(), self.settings.engine], {}])
         lib.add_input(self._model(spec), "model")
         lib.set_function_slots(1)  # direct mode: one call at a time in the one engine
+        resources = library_resources(spec, self.gpu_pool)
+        if "gpus" in resources:
+            lib.set_gpus(resources["gpus"])
+            lib.set_memory(resources["memory"])
         self.m.install_library(lib)
         self.libraries[spec.context_id] = name
-        log.info("TaskVine library %s installed for %s", name, spec.model)
+        log.info("TaskVine library %s installed for %s (%s)", name, spec.model, resources or "whole workers")
         return name
 
     def _answered(self, t: Any) -> None:
@@ -227,7 +263,7 @@ class TaskVineExecutor(Executor):
     def _publish(self, views: list[dict[str, Any]]) -> None:
         stats = self.m.stats
         status = TaskVineStatus(
-            port=self.m.port, project=self.settings.project, workers_connected=len(views),
+            port=self.port, project=self.settings.project, workers_connected=len(views),
             calls_waiting=stats.tasks_waiting, calls_running=stats.tasks_running,
             libraries_installed=sorted(self.libraries),
             workers=self.pool.views({tid: c.lease.context_id for tid, c in self.calls.items()}))
