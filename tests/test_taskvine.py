@@ -113,3 +113,13 @@ def test_with_a_certificate_workers_connect_over_ssl_and_plain_ones_are_refused(
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_a_library_asks_for_the_engines_gpus_and_the_weights_memory_only_on_a_gpu_pool(tmp_path: Path) -> None:
+    from pcm_service.executors.taskvine import library_resources
+    from pcm_service.protocol import ContextSpec, EngineSettings
+
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * (3 * 2**20))
+    spec = ContextSpec(model=str(tmp_path), engine=EngineSettings(tensor_parallel_size=2))
+    assert library_resources(spec, gpu_pool=False) == {}  # CPU: the whole worker
+    assert library_resources(spec, gpu_pool=True) == {"gpus": 2, "memory": 4}
