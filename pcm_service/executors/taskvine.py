@@ -108,7 +108,6 @@ class TaskVineExecutor(Executor):
         self.calls: dict[int, Call] = {}
         self.libraries: dict[str, str] = {}  # context id → library name
         self.models: dict[str, Any] = {}  # model path → its TaskVine file
-        self.gpu_pool = False  # a connected worker has GPUs: libraries ask for theirs
         self.views: list[dict[str, Any]] = []  # the manager's workers, as of the last sync
         self._next_sync = 0.0
         self.lease_seq = 0
@@ -156,21 +155,22 @@ class TaskVineExecutor(Executor):
         """Answers and new calls every time a call answers; the pool's records (workers,
         heartbeats, status) once a second: each is an SQLite write, and while this loop is away
         from ``m.wait`` the manager dispatches no call."""
-        if time.monotonic() >= self._next_sync:
+        synced = time.monotonic() >= self._next_sync
+        if synced:
             self._next_sync = time.monotonic() + SYNC_INTERVAL
             self.views = self.m.status("workers")
-            self.gpu_pool = any(int(v.get("gpus_total", 0)) > 0 for v in self.views)
             loading = next(iter(self.libraries), None) if len(self.libraries) == 1 else None
-            self.pool.sync(self.views, {tid: c.lease.context_id for tid, c in self.calls.items()}, loading)
+            self.pool.sync(self.views, self._call_contexts(), loading)
             self._heartbeat()
-            self._submit(len(self.views), retire_libraries=True)
             self._publish(self.views)
-        else:
-            self._submit(len(self.views))
+        self._submit(len(self.views), retire_libraries=synced)
         t = self.m.wait(1)  # whole seconds; returns as soon as a call answers
         while t is not None:
             self._answered(t)
             t = self.m.wait(0)
+
+    def _call_contexts(self) -> dict[int, str]:
+        return {tid: c.lease.context_id for tid, c in self.calls.items()}
 
     def _heartbeat(self) -> None:
         try:
@@ -228,7 +228,7 @@ class TaskVineExecutor(Executor):
             library_context_info=[self.functions.load_engine, [spec.model_dump_json(), self.settings.engine], {}])
         lib.add_input(self._model(spec), "model")
         lib.set_function_slots(1)  # direct mode: one call at a time in the one engine
-        resources = library_resources(spec, self.gpu_pool)
+        resources = library_resources(spec, gpu_pool=any(int(v.get("gpus_total", 0)) > 0 for v in self.views))
         if "gpus" in resources:
             lib.set_gpus(resources["gpus"])
             lib.set_memory(resources["memory"])
@@ -266,6 +266,6 @@ class TaskVineExecutor(Executor):
             port=self.port, project=self.settings.project, workers_connected=len(views),
             calls_waiting=stats.tasks_waiting, calls_running=stats.tasks_running,
             libraries_installed=sorted(self.libraries),
-            workers=self.pool.views({tid: c.lease.context_id for tid, c in self.calls.items()}))
+            workers=self.pool.views(self._call_contexts()))
         with self._lock:
             self._status = status
