@@ -23,6 +23,7 @@ from pcm_service.protocol import (
     API_PREFIX,
     EXECUTOR_PATH,
     BatchReport,
+    BatchReports,
     ContextSpec,
     ContextState,
     ErrorCode,
@@ -38,13 +39,13 @@ from pcm_service.protocol import (
     LibraryEvent,
     RegisterResponse,
     RetireDecision,
-    RowResult,
     WorkerRegistration,
 )
 from worker_image.blobserver import BlobServer, outward_address
 from worker_image.chunkstore import ChunkStore
 from worker_image.fetcher import FetchFailed, ModelFetcher
 from worker_image.ledger import LeaseLedger
+from worker_image.library import ROW_RESULTS
 from worker_image.library_handle import LibraryFailed, LibraryHandle
 from worker_image.settings import DEFAULTS, PeerSettings, detect_resources
 from worker_image.vine_worker import run_vine_worker
@@ -65,7 +66,7 @@ class WorkerAgent:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.glidein_id = glidein_id or os.environ.get("PCM_GLIDEIN_ID")
         self.idle_timeout_override = idle_timeout
-        self.target_rows = target_rows
+        self.target_rows = target_rows  # 0: from the engine's capacity once it is loaded
         self.max_batches = max_batches
         self.start_timeout = start_timeout
         self.drain_timeout = drain_timeout
@@ -183,12 +184,13 @@ class WorkerAgent:
                 m.results.extend(rep.results)
                 m.returned.extend(rep.returned)
                 m.crashed.extend(rep.crashed)
-            for rep in merged.values():
+            if merged:  # every batch finished since the last request, in one request
                 try:
-                    self._call("POST", "/report", rep)
-                except ServiceError as e:  # the service requeues it when our heartbeat omits it
-                    log.error("report for batch %d not delivered: %s", rep.batch_id, e.detail)
-                self.ledger.delivered(rep.batch_id, queued[rep.batch_id])
+                    self._call("POST", "/reports", BatchReports(reports=list(merged.values())))
+                except ServiceError as e:  # the service requeues them when our heartbeat omits them
+                    log.error("report for batches %s not delivered: %s", sorted(merged), e.detail)
+                for batch_id, n in queued.items():
+                    self.ledger.delivered(batch_id, n)
             if None in items:
                 return
 
@@ -200,8 +202,8 @@ class WorkerAgent:
                 break
             if msg[0] != "rows":
                 continue
-            batch_id, rows = msg[1], [RowResult.model_validate_json(r) for r in msg[2]]
-            self._reports.put(self.ledger.finished(batch_id, rows))
+            for batch_id, rows in msg[1].items():
+                self._reports.put(self.ledger.finished(batch_id, ROW_RESULTS.validate_json(rows)))
             self._wake.set()
         self._wake.set()
 
@@ -327,7 +329,10 @@ class WorkerAgent:
                     last_work = time.monotonic()
                     continue
             else:
-                wanted = self.ledger.batches_wanted(self.target_rows, self.max_batches)
+                # by default twice what the engine runs at once: its scheduler stays full while
+                # finished rows travel to the service and new batches come back
+                target = self.target_rows or 2 * lib.capacity
+                wanted = self.ledger.batches_wanted(target, self.max_batches)
                 if wanted:
                     resp = self._call("POST", "/lease", LeaseRequest(
                         context_id=lib.context.context_id, context_state=ContextState.READY,

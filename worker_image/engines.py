@@ -14,6 +14,7 @@ from pcm_service.protocol import (
     ChatMessage,
     Choice,
     ContextSpec,
+    EngineSettings,
     SamplingSettings,
     TokenLogprob,
     TopLogprob,
@@ -32,6 +33,8 @@ class Completion:
 
 
 class Engine(ABC):
+    capacity: int = 64  # rows the engine runs at once (its scheduler's max_num_seqs)
+
     @abstractmethod
     def __init__(self, context: ContextSpec) -> None:
         """Start the engine for ``context`` (the context's start cost is paid here, once)."""
@@ -59,21 +62,36 @@ class VllmEngine(Engine):
     def __init__(self, context: ContextSpec) -> None:
         from vllm.engine.arg_utils import EngineArgs
         from vllm.platforms import current_platform
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        args = {"disable_log_stats": True, **context.engine.engine_args()}
         if current_platform.is_cpu():
             # vLLM's CPU worker binds itself to some of the cores and sizes OpenMP to them; an
             # MKL_NUM_THREADS above that (TaskVine and HTCondor set it to the slot's cores)
             # oversubscribes the bound cores: 25x slower steps on a 2-core slot. Unset, MKL
             # follows OpenMP.
             os.environ.pop("MKL_NUM_THREADS", None)
+        args = self.engine_args(context.engine)
+        # offline batch inference, as LLM.generate: its scheduler defaults (on CPU 256 sequences and
+        # 4096 tokens per step, 1024 and 16384 on an H100/H200, vs 128 and 2048 for ENGINE_CONTEXT)
+        self._engine = LLMEngine.from_engine_args(EngineArgs(model=context.model, **args),
+                                                  usage_context=UsageContext.LLM_CLASS)
+        self.capacity = self._engine.vllm_config.scheduler_config.max_num_seqs
+        self._max_model_len = self._engine.model_config.max_model_len
+        self._top_logprobs: dict[str, int] = {}  # request → how many alternatives per token
+
+    @staticmethod
+    def engine_args(settings: EngineSettings) -> dict[str, Any]:
+        """vLLM's arguments for the workload's engine settings (also what bench/throughput.py
+        gives ``LLM`` for the raw side)."""
+        from vllm.platforms import current_platform
+
+        args = {"disable_log_stats": True, **settings.engine_args()}
+        if current_platform.is_cpu():
             # vLLM 0.32's CPU build kills the engine when a seeded request's prefill is chunked
             # ("CPU Generator does not use offset"): without chunking no prefill is ever partial
             args.setdefault("enable_chunked_prefill", False)
-        self._engine = LLMEngine.from_engine_args(EngineArgs(model=context.model, **args))
-        self._max_model_len = self._engine.model_config.max_model_len
-        self._top_logprobs: dict[str, int] = {}  # request → how many alternatives per token
+        return args
 
     @staticmethod
     def sampling_params(s: SamplingSettings, max_tokens: int):  # type: ignore[no-untyped-def]

@@ -2,7 +2,8 @@
 
 It talks to its worker agent over a ``multiprocessing.connection`` socket:
 agent → library: ("batch", BatchLease-json) | ("shutdown",)
-library → agent: ("ready", seconds) | ("failed", error) | ("rows", batch_id, [RowResult-json])
+library → agent: ("ready", seconds, capacity) | ("failed", error) | ("rows", {batch_id: RowResult-list-json})
+(one "rows" message per engine step, whatever the number of batches it finished rows of)
 """
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ import traceback
 from collections import defaultdict
 from multiprocessing.connection import Client, Connection
 
+from pydantic import TypeAdapter
+
 from pcm_service.protocol import BatchLease, ContextSpec, RowResult
 from worker_image.engines import ENGINES, Completion, Engine
 
 AUTHKEY_ENV = "PCM_LIBRARY_AUTHKEY"
+ROW_RESULTS = TypeAdapter(list[RowResult])
 
 
 def _request_id(batch_id: int, idx: int) -> str:
@@ -37,12 +41,11 @@ def row_result(c: Completion) -> tuple[int, RowResult]:
 
 
 def _send_completions(conn: Connection, done: list[Completion]) -> None:
-    by_batch: dict[int, list[str]] = defaultdict(list)
+    by_batch: dict[int, list[RowResult]] = defaultdict(list)
     for c in done:
         batch_id, result = row_result(c)
-        by_batch[batch_id].append(result.model_dump_json())
-    for batch_id, rows in by_batch.items():
-        conn.send(("rows", batch_id, rows))
+        by_batch[batch_id].append(result)
+    conn.send(("rows", {b: ROW_RESULTS.dump_json(rows) for b, rows in by_batch.items()}))
 
 
 def add_batch(engine: Engine, lease: BatchLease) -> list[Completion]:
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         conn.send(("failed", f"{type(e).__name__}: {e}"[:4000]))
         return 1
-    conn.send(("ready", time.time() - args.spawned_at))
+    conn.send(("ready", time.time() - args.spawned_at, engine.capacity))
     try:
         serve(conn, engine)
     except (EOFError, ConnectionError, BrokenPipeError):

@@ -37,6 +37,7 @@ class LibraryHandle:
                  "--context-file", str(ctx_file), "--engine", engine, "--spawned-at", str(time.time())],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         self.conn: Optional[Connection] = None
+        self.capacity = 0  # rows the engine runs at once, known once it is ready
         self._accepted = threading.Event()
         self._send_lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True, name="pcm-lib-accept").start()
@@ -71,6 +72,7 @@ class LibraryHandle:
         msg = conn.recv()
         if msg[0] == "failed":
             raise LibraryFailed(msg[1])
+        self.capacity = int(msg[2])
         return float(msg[1])
 
     def send_batch(self, lease: BatchLease) -> None:

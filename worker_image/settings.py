@@ -37,8 +37,8 @@ class PeerSettings:
 class AgentDefaults:
     """The agent's defaults, in one place (`pcm worker` takes its option defaults from here)."""
 
-    target_rows: int = 64  # rows kept in flight in the engine
-    max_batches: int = 16  # batches in flight at most
+    target_rows: int = 0  # rows kept in flight in the engine; 0: twice its max_num_seqs
+    max_batches: int = 1024  # batches in flight at most
     start_timeout: float = 900.0  # seconds allowed for the engine to start
     drain_timeout: float = 1.0  # on SIGTERM: seconds for in-flight rows before handing the rest back
 

@@ -17,6 +17,7 @@ from pcm_service.protocol import (
     API_PREFIX,
     EXECUTOR_PATH,
     BatchReport,
+    BatchReports,
     ErrorCode,
     ExecutorInfo,
     FetchPlan,
@@ -102,14 +103,22 @@ def worker_router(core: ServiceCore, changes: Changes, executor: Executor) -> AP
         """An idle worker asks to retire; the factory's minimum may keep it."""
         return call(core.idle, worker_id, rep)
 
-    @router.post(f"{API_PREFIX}/workers/{{worker_id}}/report", responses=WORKER)
-    def report(worker_id: str, rep: BatchReport) -> ReportResponse:
+    def record(worker_id: str, *reports: BatchReport) -> ReportResponse:
         try:
-            return core.report(worker_id, rep)
+            return core.report(worker_id, *reports)
         except UnknownWorker as e:
             raise unknown_worker(e) from None
         except LookupError as e:
             raise ApiError(404, ErrorCode.NOT_FOUND, str(e), "batch_id") from None
+
+    @router.post(f"{API_PREFIX}/workers/{{worker_id}}/report", responses=WORKER)
+    def report(worker_id: str, rep: BatchReport) -> ReportResponse:
+        return record(worker_id, rep)
+
+    @router.post(f"{API_PREFIX}/workers/{{worker_id}}/reports", responses=WORKER)
+    def reports(worker_id: str, reps: BatchReports) -> ReportResponse:
+        """Several batches' reports, recorded in one transaction."""
+        return record(worker_id, *reps.reports)
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/fetch", responses=WORKER)
     async def fetch(worker_id: str, req: FetchRequest) -> FetchPlan:

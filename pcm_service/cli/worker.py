@@ -21,7 +21,8 @@ def worker(service: Optional[str] = ServiceOpt,
            glidein_id: Optional[str] = typer.Option(None, help="Batch-system id of this glidein"),
            work_dir: Optional[Path] = typer.Option(None, help="Scratch directory (logs, context files)"),
            idle_timeout: Optional[float] = typer.Option(None, help="Override the service's idle timeout"),
-           target_rows: int = typer.Option(DEFAULTS.target_rows, min=1, help="Rows to keep in flight in the engine"),
+           target_rows: int = typer.Option(DEFAULTS.target_rows, min=0,
+                                            help="Rows to keep in flight in the engine (0: twice its max_num_seqs)"),
            start_timeout: float = typer.Option(
                DEFAULTS.start_timeout, help="Seconds allowed for the engine to start"),
            drain_timeout: float = typer.Option(

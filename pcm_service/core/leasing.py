@@ -97,39 +97,48 @@ class LeaseOps(CoreBase):
                     return LeaseResponse(assign_context=other, lease_seq=seq)
             return LeaseResponse(batches=leases, lease_seq=seq)
 
-    def report(self, worker_id: str, rep: BatchReport) -> ReportResponse:
+    def report(self, worker_id: str, *reports: BatchReport) -> ReportResponse:
         """Record row results (the first result for a row wins, later ones are dropped); requeue
-        rows handed back; count library crashes against the rows that were in flight."""
+        rows handed back; count library crashes against the rows that were in flight. Several
+        batches' reports are one transaction: one commit however many batches they cover."""
         now = self.clock()
+        accepted = results = 0
         with self.store.transaction() as db:
-            b = db.execute("SELECT * FROM batches WHERE batch_id=?", (rep.batch_id,)).fetchone()
-            if b is None:
-                raise LookupError(f"unknown batch {rep.batch_id}")
-            accepted = failed = 0
-            for r in rep.results:
-                cur = db.execute(
-                    "UPDATE rows SET state=?, text=?, finish_reason=?, prompt_tokens=?,"
-                    " completion_tokens=?, error=?, error_code=?, choices=?, worker_id=?, finished_at=?"
-                    " WHERE batch_id=? AND idx=? AND state=?",
-                    (RowState.DONE.value, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens,
-                     r.error, RowErrorCode.REJECTED.value if r.error else None,
-                     json.dumps([c.model_dump(mode="json") for c in r.choices]) if r.choices else None,
-                     worker_id, now, rep.batch_id, r.idx, RowState.PENDING.value))
-                accepted += cur.rowcount
-                failed += cur.rowcount if r.error else 0
+            for rep in reports:
+                accepted += self._record(db, now, worker_id, rep)
+                results += len(rep.results)
             db.execute("UPDATE workers SET rows_done=rows_done+?, last_busy=? WHERE worker_id=?",
                        (accepted, now, worker_id))
-            count_done(db, now, b["workload_id"], accepted, failed)
-            if rep.crashed:
-                self._count_crashes(db, now, b, rep.crashed)
-            if not settle_batch(db, rep.batch_id) and (rep.returned or rep.crashed) \
-                    and b["worker_id"] == worker_id:
-                requeue(db, "batch_id=?", (rep.batch_id,))
-            self._settle_cancelling(db, now, b["workload_id"])
         self.throughput.rows(worker_id, accepted, now)
         with self._progress:
             self._progress.notify_all()
-        return ReportResponse(accepted=accepted, duplicates=len(rep.results) - accepted)
+        return ReportResponse(accepted=accepted, duplicates=results - accepted)
+
+    def _record(self, db: sqlite3.Connection, now: float, worker_id: str, rep: BatchReport) -> int:
+        """One batch's report; how many of its results were the rows' first."""
+        b = db.execute("SELECT * FROM batches WHERE batch_id=?", (rep.batch_id,)).fetchone()
+        if b is None:
+            raise LookupError(f"unknown batch {rep.batch_id}")
+        accepted = failed = 0
+        for r in rep.results:
+            cur = db.execute(
+                "UPDATE rows SET state=?, text=?, finish_reason=?, prompt_tokens=?,"
+                " completion_tokens=?, error=?, error_code=?, choices=?, worker_id=?, finished_at=?"
+                " WHERE batch_id=? AND idx=? AND state=?",
+                (RowState.DONE.value, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens,
+                 r.error, RowErrorCode.REJECTED.value if r.error else None,
+                 json.dumps([c.model_dump(mode="json") for c in r.choices]) if r.choices else None,
+                 worker_id, now, rep.batch_id, r.idx, RowState.PENDING.value))
+            accepted += cur.rowcount
+            failed += cur.rowcount if r.error else 0
+        count_done(db, now, b["workload_id"], accepted, failed)
+        if rep.crashed:
+            self._count_crashes(db, now, b, rep.crashed)
+        if not settle_batch(db, rep.batch_id) and (rep.returned or rep.crashed) \
+                and b["worker_id"] == worker_id:
+            requeue(db, "batch_id=?", (rep.batch_id,))
+        self._settle_cancelling(db, now, b["workload_id"])
+        return accepted
 
     def _count_crashes(self, db: sqlite3.Connection, now: float, b: sqlite3.Row, idx: list[int]) -> None:
         for i in idx:

@@ -72,6 +72,7 @@ from pcm_service.protocol.weights import (
 from pcm_service.protocol.workers import (
     BatchLease,
     BatchReport,
+    BatchReports,
     Choice,
     Heartbeat,
     HeartbeatResponse,
@@ -109,6 +110,7 @@ __all__ = [
     "BatchEndpoint",
     "BatchLease",
     "BatchReport",
+    "BatchReports",
     "BatchState",
     "CODE_OF_STATUS",
     "EXECUTOR_PATH",

@@ -130,6 +130,12 @@ class BatchReport(Strict):
     crashed: list[Count] = Field(default_factory=list)
 
 
+class BatchReports(Strict):
+    """Reports of several batches in one request (one transaction): what a worker's reporter
+    coalesced while its previous request was on the way."""
+    reports: list[BatchReport] = Field(min_length=1)
+
+
 class IdleReport(Strict):
     idle_seconds: float = Field(ge=0)
 
