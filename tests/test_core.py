@@ -334,3 +334,20 @@ def test_state_survives_reopen(tmp_path) -> None:
     st = core.workload_status(resp.workload_id)
     assert (st.rows_total, st.rows_done) == (7, 1)
     core.close()
+
+
+def test_reports_of_several_batches_are_one_transaction(core, tmp_path) -> None:
+    resp = core.submit(submission(tmp_path, n=6, batch_size=3))
+    wid = ready_worker(core, resp.context_id)
+    a, b = lease(core, wid, resp.context_id, n=2)
+    r = core.report(wid, BatchReport(batch_id=a.batch_id, results=[ok(i) for i in (0, 1, 2)]),
+                    BatchReport(batch_id=b.batch_id, results=[ok(3), ok(4)]))
+    assert (r.accepted, r.duplicates) == (5, 0)
+    with pytest.raises(LookupError):  # one unknown batch: nothing of the request is recorded
+        core.report(wid, BatchReport(batch_id=b.batch_id, results=[ok(5)]), BatchReport(batch_id=999))
+    st = core.workload_status(resp.workload_id)
+    assert st.rows_done == 5
+    again = core.report(wid, BatchReport(batch_id=a.batch_id, results=[ok(0, "late")]),
+                        BatchReport(batch_id=b.batch_id, results=[ok(5)]))
+    assert (again.accepted, again.duplicates) == (1, 1)
+    assert core.workload_status(resp.workload_id).state == WorkloadState.COMPLETED
