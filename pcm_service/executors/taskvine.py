@@ -211,6 +211,10 @@ class TaskVineExecutor(Executor):
             task = self.vine.PythonTask(self.functions.run_batch_cold, spec.model_dump_json(),
                                         lease.model_dump_json(), self.settings.engine)
             task.add_input(self._model(spec), "model")
+            if not self._ask_engine_resources(task, spec):
+                # a plain task that declares nothing is packed several to a worker: each would
+                # start its own engine on the same cores. One per worker, as a library is.
+                task.set_cores(min((int(v.get("cores_total", 1)) for v in self.views), default=1))
             return task
         lib = self.libraries.get(spec.context_id) or self._install(spec)
         return self.vine.FunctionCall(lib, "run_batch", lease.model_dump_json())
@@ -228,14 +232,20 @@ class TaskVineExecutor(Executor):
             library_context_info=[self.functions.load_engine, [spec.model_dump_json(), self.settings.engine], {}])
         lib.add_input(self._model(spec), "model")
         lib.set_function_slots(1)  # direct mode: one call at a time in the one engine
-        resources = library_resources(spec, gpu_pool=any(int(v.get("gpus_total", 0)) > 0 for v in self.views))
-        if "gpus" in resources:
-            lib.set_gpus(resources["gpus"])
-            lib.set_memory(resources["memory"])
+        gpus = self._ask_engine_resources(lib, spec)
         self.m.install_library(lib)
         self.libraries[spec.context_id] = name
-        log.info("TaskVine library %s installed for %s (%s)", name, spec.model, resources or "whole workers")
+        log.info("TaskVine library %s installed for %s (%s)", name, spec.model,
+                 "the engine's GPUs" if gpus else "whole workers")
         return name
+
+    def _ask_engine_resources(self, task: Any, spec: ContextSpec) -> bool:
+        """On a GPU pool, the engine's GPUs and memory (True); on a CPU pool nothing (False)."""
+        resources = library_resources(spec, gpu_pool=any(int(v.get("gpus_total", 0)) > 0 for v in self.views))
+        if "gpus" in resources:
+            task.set_gpus(resources["gpus"])
+            task.set_memory(resources["memory"])
+        return "gpus" in resources
 
     def _answered(self, t: Any) -> None:
         call = self.calls.pop(t.id, None)
