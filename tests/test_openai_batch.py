@@ -175,11 +175,11 @@ def test_a_chat_workload_yaml_fills_its_message_templates(pool: Pool, tiny_model
 
 
 def test_cancel_stops_leasing_and_keeps_the_finished_rows(pool: Pool, tmp_path: Path) -> None:
-    ROWS = 1200
+    n_rows = 1200
     # more rows than the worker keeps in flight (twice its engine's max_num_seqs: 512 here), so
     # some are still queued when the cancel comes
     lines = [line(f"slow-{i}", chat_body(MODEL, f"Claim {i}.", max_tokens=48, min_tokens=48, temperature=0))
-             for i in range(ROWS)]
+             for i in range(n_rows)]
     with write_lines(tmp_path / "slow.jsonl", lines).open("rb") as fh:
         f = pool.client.files.create(file=fh, purpose="batch")
     batch = pool.client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
@@ -197,7 +197,7 @@ def test_cancel_stops_leasing_and_keeps_the_finished_rows(pool: Pool, tmp_path: 
     assert done.output_file_id and done.error_file_id and done.request_counts is not None
     out = read_jsonl(pool.client.files.content(done.output_file_id).text)
     errors = read_jsonl(pool.client.files.content(done.error_file_id).text)
-    assert len(out) == done.request_counts.completed >= 16 and len(out) + len(errors) == ROWS
+    assert len(out) == done.request_counts.completed >= 16 and len(out) + len(errors) == n_rows
     assert {x["custom_id"] for x in out} | {x["custom_id"] for x in errors} == {x["custom_id"] for x in lines}
     assert all(x["response"] is None and x["error"]["code"] == "batch_cancelled" for x in errors)
     with db(pool.serve.state_dir) as conn:  # nothing of it was leased after the cancel was answered

@@ -47,7 +47,8 @@ def test_second_worker_loads_weights_copied_from_the_first(tiny_model: Path, tmp
         workers.append(subprocess.Popen(
             [sys.executable, "-m", "pcm_service.cli", "worker", "--service", serve.url,
              "--token-file", str(tmp_path / "token"), "--work-dir", str(tmp_path / name),
-             "--idle-timeout", "600", "--fetch-parallel", "2", "--upload-slots", "2"],
+             "--idle-timeout", "600", "--fetch-parallel", "2", "--upload-slots", "2",
+             "--target-rows", "32"],  # leaves rows queued for the second worker
             stdout=(tmp_path / f"{name}.log").open("wb"), stderr=subprocess.STDOUT, cwd=REPO))
 
     def submit(path: Path) -> str:
