@@ -46,6 +46,17 @@ ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True,
           "kv_cache_memory_bytes": 256 * 2**20}
 
 
+TINY_MODEL = REPO / "build/models/tiny-llama"
+
+
+def ensure_model(model: Path) -> Path:
+    """The benchmarks' ``--model``: the tiny model is built there when it is missing."""
+    if not (model / "config.json").exists():
+        from pcm_service.cli.tinymodel import make_tiny_model
+        make_tiny_model(model)
+    return model
+
+
 def prompts(n: int) -> list[str]:
     rows = [json.loads(x) for x in (REPO / "configs/workloads/claims.jsonl").read_text().splitlines()]
     return [f"Claim: {rows[i % len(rows)]['claim']}\nVerdict:" for i in range(n)]
@@ -92,11 +103,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--model", type=Path, default=REPO / "build/models/tiny-llama")
+    p.add_argument("--model", type=Path, default=TINY_MODEL)
     args = p.parse_args()
-    if not (args.model / "config.json").exists():
-        from pcm_service.cli.tinymodel import make_tiny_model
-        make_tiny_model(args.model)
+    ensure_model(args.model)
     ps = prompts(args.rows)
     with tempfile.TemporaryDirectory(prefix="pcm-bench-") as d:
         tmp = Path(d)

@@ -26,7 +26,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.context_reuse import ENGINE, prompts  # noqa: E402
+from bench.context_reuse import ENGINE, TINY_MODEL, ensure_model, prompts  # noqa: E402
 from pcm_service.cli.embedded import run_workload  # noqa: E402
 from pcm_service.protocol import (  # noqa: E402
     ContextSpec,
@@ -71,11 +71,9 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="10,100")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--modes", default="abc", help="which of a, b, c to run")
-    p.add_argument("--model", type=Path, default=REPO / "build/models/tiny-llama")
+    p.add_argument("--model", type=Path, default=TINY_MODEL)
     args = p.parse_args()
-    if not (args.model / "config.json").exists():
-        from pcm_service.cli.tinymodel import make_tiny_model
-        make_tiny_model(args.model)
+    ensure_model(args.model)
     ps = prompts(args.rows)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     results: dict[tuple[str, int], dict[str, Any]] = {}

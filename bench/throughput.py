@@ -26,7 +26,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.context_reuse import ENGINE, prompts  # noqa: E402
+from bench.context_reuse import ENGINE, TINY_MODEL, ensure_model, prompts  # noqa: E402
 from pcm_service.cli.embedded import run_workload  # noqa: E402
 from pcm_service.protocol import ContextSpec, EngineSettings, RowIn, SamplingSettings, WorkloadSubmission  # noqa: E402
 
@@ -82,11 +82,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=2000)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--batch-sizes", default="10,100")
-    p.add_argument("--model", type=Path, default=REPO / "build/models/tiny-llama")
+    p.add_argument("--model", type=Path, default=TINY_MODEL)
     args = p.parse_args()
-    if not (args.model / "config.json").exists():
-        from pcm_service.cli.tinymodel import make_tiny_model
-        make_tiny_model(args.model)
+    ensure_model(args.model)
     ps = prompts(args.rows)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="pcm-bench-throughput-") as d:
