@@ -102,16 +102,23 @@ class ThroughputMeter:
         self.started.pop(worker_id, None)
         self.reports.pop(worker_id, None)
 
-    def rate(self, now: float) -> Optional[float]:
+    def worker_rates(self, now: float, min_span: Optional[float] = None) -> dict[str, float]:
+        """Rows/s of each worker that has run at least ``min_span`` (default: the policy's)
+        within the window."""
         p = self.policy
-        rates = []
+        floor = p.min_span if min_span is None else min_span
+        rates = {}
         for wid, q in self.reports.items():
             while q and now - q[0][0] > p.window:
                 q.popleft()
             span = now - max(now - p.window, self.started.get(wid, now))
-            if q and span >= p.min_span:
-                rates.append(sum(n for _, n in q) / span)
-        return sum(rates) / len(rates) if rates else None
+            if q and span >= floor:
+                rates[wid] = sum(n for _, n in q) / span
+        return rates
+
+    def rate(self, now: float) -> Optional[float]:
+        rates = self.worker_rates(now)
+        return sum(rates.values()) / len(rates) if rates else None
 
 
 def clamp(wanted: int, raw_reason: str, raw: int, limits: FactoryLimits) -> tuple[int, str]:

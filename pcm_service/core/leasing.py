@@ -5,7 +5,7 @@ import json
 import sqlite3
 from typing import Optional
 
-from pcm_service.core.base import CoreBase
+from pcm_service.core.placement import PlacementOps
 from pcm_service.core.results import count_done, fail_rows, requeue, settle_batch
 from pcm_service.protocol import (
     OPEN_BATCH_STATES,
@@ -39,7 +39,7 @@ def row_task(r: sqlite3.Row) -> RowTask:
                    sampling=SamplingSettings.model_validate(sampling, strict=False) if sampling else None)
 
 
-class LeaseOps(CoreBase):
+class LeaseOps(PlacementOps):
     """Lease batches of the loaded context (or say what to load), record row results."""
 
     def _reconcile(self, db: sqlite3.Connection, worker_id: str, hb: Heartbeat) -> None:
@@ -48,11 +48,14 @@ class LeaseOps(CoreBase):
         held, ids = in_list(hb.batches)
         requeue(db, f"worker_id=? AND lease_seq<=? AND batch_id NOT IN {held}", (worker_id, hb.lease_seq, *ids))
 
-    def _context_with_most_work(self, db: sqlite3.Connection) -> Optional[ContextSpec]:
-        row = db.execute("SELECT c.spec FROM batches b JOIN contexts c USING (context_id)"
-                         " WHERE b.state=? GROUP BY b.context_id"
-                         " ORDER BY COUNT(*) DESC, MIN(b.batch_id) LIMIT 1", (BatchState.QUEUED.value,)).fetchone()
-        return ContextSpec.model_validate_json(row["spec"]) if row else None
+    def _assign(self, db: sqlite3.Connection, worker_id: str, current: Optional[str] = None) -> Optional[ContextSpec]:
+        """Place the worker and record it as fetching the context at once, so the next worker
+        asking counts it among that context's workers before its first heartbeat says so."""
+        spec = self._place(db, worker_id, current)
+        if spec is not None:
+            db.execute("UPDATE workers SET context_id=?, context_state=? WHERE worker_id=?",
+                       (spec.context_id, ContextState.FETCHING.value, worker_id))
+        return spec
 
     def contexts_with_work(self) -> dict[str, tuple[ContextSpec, int]]:
         """Every context with batches queued or leased, and how many are queued."""
@@ -68,11 +71,10 @@ class LeaseOps(CoreBase):
         now = self.clock()
         with self.store.transaction() as db:
             w = self._live_worker(db, worker_id)
-            if req.context_id is None or req.context_state != ContextState.READY:
-                want = self._context_with_most_work(db)
-                return LeaseResponse(assign_context=want)
             if w["state"] == WorkerState.DRAINING.value:
                 return LeaseResponse()  # it asked to retire: no new work
+            if req.context_id is None or req.context_state != ContextState.READY:
+                return LeaseResponse(assign_context=self._assign(db, worker_id))
             seq = w["lease_seq"] + 1
             db.execute("UPDATE workers SET lease_seq=? WHERE worker_id=?", (seq, worker_id))
             leases: list[BatchLease] = []
@@ -92,8 +94,8 @@ class LeaseOps(CoreBase):
                 db.execute("UPDATE workers SET last_busy=? WHERE worker_id=?", (now, w["worker_id"]))
                 self.throughput.leased(worker_id, now)
             elif w["inflight"] == 0 and req.max_batches > 0:
-                other = self._context_with_most_work(db)
-                if other is not None and other.context_id != req.context_id:
+                other = self._assign(db, worker_id, current=req.context_id)
+                if other is not None:
                     return LeaseResponse(assign_context=other, lease_seq=seq)
             return LeaseResponse(batches=leases, lease_seq=seq)
 

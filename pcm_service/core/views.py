@@ -51,8 +51,20 @@ def demand_inputs(db: sqlite3.Connection, last: int = 8) -> tuple[WorkLeft, int,
     marks, states = in_list(READY_WORKER_STATES)
     ready = db.execute(f"SELECT COUNT(*) FROM workers WHERE state IN {marks} AND {RUNS_ROWS}",
                        (*states, MANAGER_KIND)).fetchone()[0]
+    return WorkLeft(rows=rows, batches=batches), ready, time_to_ready(db, last)
+
+
+def time_to_ready(db: sqlite3.Connection, last: int = 8) -> Optional[float]:
+    """Mean seconds from a worker's registration to its first loaded engine (fetch + load),
+    over the last ``last`` workers that got there (None before any did)."""
     spans = db.execute("SELECT MIN(e.at) - w.registered_at AS t FROM library_events e"
                        " JOIN workers w USING (worker_id) WHERE e.state=? GROUP BY e.worker_id"
                        " ORDER BY MIN(e.at) DESC LIMIT ?", (ContextState.READY.value, last)).fetchall()
-    t_ready = sum(max(0.0, r["t"]) for r in spans) / len(spans) if spans else None
-    return WorkLeft(rows=rows, batches=batches), ready, t_ready
+    return sum(max(0.0, r["t"]) for r in spans) / len(spans) if spans else None
+
+
+def load_time(db: sqlite3.Connection, last: int = 8) -> Optional[float]:
+    """Mean seconds an engine took to load its cached weights, over the last ``last`` starts."""
+    r = db.execute("SELECT AVG(seconds) FROM (SELECT seconds FROM library_events WHERE state=?"
+                   " ORDER BY event_id DESC LIMIT ?)", (ContextState.READY.value, last)).fetchone()
+    return r[0]

@@ -1,0 +1,128 @@
+"""Context placement across models, driven on ServiceCore with a hand-set clock: workers spread
+over the contexts with work, a start is only made where it will pay, cached models first."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support.clock import FakeClock
+from support.models import fake_model
+
+from pcm_service.core import ServiceConfig, ServiceCore
+from pcm_service.core.demand import DemandPolicy
+from pcm_service.core.placement import ContextWork, choose_context
+from pcm_service.protocol import (
+    BatchReport,
+    ContextSpec,
+    ContextState,
+    LeaseRequest,
+    LibraryEvent,
+    RowIn,
+    RowResult,
+    WorkerRegistration,
+    WorkloadSubmission,
+)
+
+
+@pytest.fixture
+def core(tmp_path: Path):  # type: ignore[no-untyped-def]
+    c = ServiceCore(tmp_path / "state", ServiceConfig(worker_timeout=600, model_roots=(tmp_path,)), clock=FakeClock())
+    yield c
+    c.close()
+
+
+def submit(core: ServiceCore, tmp_path: Path, name: str, n: int, batch_size: int = 10) -> str:
+    model = fake_model(tmp_path / name)
+    (model / "name.txt").write_text(name)  # another model: another digest, another context
+    return core.submit(WorkloadSubmission(
+        name=name, context=ContextSpec(model=str(model)), batch_size=batch_size,
+        output=str(tmp_path / "out" / f"{name}.jsonl"),
+        rows=[RowIn(row_id=str(i), prompt=f"p{i}") for i in range(n)])).context_id
+
+
+def cold(core: ServiceCore, chunks: tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """A new worker and the context it is told to load."""
+    wid = core.register(WorkerRegistration(host="h", pid=1, chunks=list(chunks))).worker_id
+    spec = core.lease_batch(wid, LeaseRequest(max_batches=0)).assign_context
+    return wid, spec.context_id if spec else None
+
+
+def ready(core: ServiceCore, wid: str, ctx: str, seconds: float = 30.0) -> None:
+    core.library_event(wid, LibraryEvent(context_id=ctx, state=ContextState.READY, seconds=seconds))
+
+
+def run_batches(core: ServiceCore, wid: str, ctx: str, n: int, seconds: float) -> None:
+    """Lease and finish ``n`` batches over ``seconds``."""
+    resp = core.lease_batch(wid, LeaseRequest(context_id=ctx, context_state=ContextState.READY, max_batches=n))
+    assert len(resp.batches) == n
+    for b in resp.batches:
+        core.clock.t += seconds / n  # type: ignore[attr-defined]
+        core.report(wid, BatchReport(batch_id=b.batch_id, results=[
+            RowResult(idx=r.idx, text="t", finish_reason="length") for r in b.rows]))
+
+
+def switch(core: ServiceCore, wid: str, ctx: str) -> str | None:
+    """What a worker done with ``ctx`` (nothing queued there, nothing in flight) is told to load."""
+    resp = core.lease_batch(wid, LeaseRequest(context_id=ctx, context_state=ContextState.READY, max_batches=2))
+    assert resp.batches == []
+    return resp.assign_context.context_id if resp.assign_context else None
+
+
+def test_two_cold_workers_take_one_context_each(core, tmp_path) -> None:
+    a = submit(core, tmp_path, "a", 300)
+    b = submit(core, tmp_path, "b", 100)
+    assert cold(core)[1] == a  # the most work first
+    assert cold(core)[1] == b  # then the context nobody runs, not a second copy of a
+    _, third = cold(core)  # 30 batches of a for one loading worker: a newcomer helps there
+    assert third == a
+
+
+def test_no_second_start_where_the_warm_worker_finishes_first(core, tmp_path) -> None:
+    a = submit(core, tmp_path, "a", 100)
+    w1, got = cold(core)
+    assert got == a
+    core.clock.t += 30
+    ready(core, w1, a)  # time to ready measured: 30 s
+    run_batches(core, w1, a, 2, seconds=1.0)  # 20 rows/s
+    # 80 rows left at 20 rows/s: 4 s of work, a newcomer is ready after 30 s
+    _, got = cold(core)
+    assert got is None
+
+
+def test_worker_switches_only_to_work_its_start_pays_for(core, tmp_path) -> None:
+    a = submit(core, tmp_path, "a", 20)
+    b = submit(core, tmp_path, "b", 20)
+    w1, _ = cold(core)
+    w2, _ = cold(core)
+    core.clock.t += 30
+    ready(core, w1, a)
+    ready(core, w2, b)
+    # w1 finishes a; b has a warm worker that finishes its 20 rows long before w1 could reload
+    run_batches(core, w1, a, 2, seconds=1.0)
+    assert switch(core, w1, a) is None
+    c = submit(core, tmp_path, "c", 5000)
+    assert switch(core, w1, a) == c  # nobody runs c: worth the switch
+
+
+def test_worker_whose_disk_holds_a_model_loads_it(core, tmp_path) -> None:
+    submit(core, tmp_path, "a", 300)
+    b = submit(core, tmp_path, "b", 100)
+    digest = core.contexts_with_work()[b][0].model_digest
+    chunks = tuple(core.replicas.manifest(digest).chunk_lengths)
+    assert cold(core, chunks)[1] == b
+
+
+def work(warm: int, rows: int, rate: float | None, cached: bool = False, first: int = 1) -> ContextWork:
+    return ContextWork(spec=ContextSpec(model=f"/m{first}", model_digest=str(first)), rows_left=rows,
+                       queued_batches=max(1, rows // 10), first_batch=first, warm=warm, rate=rate, cached=cached)
+
+
+def test_choice_follows_work_per_worker_and_start_cost() -> None:
+    p = DemandPolicy()
+    big, small = work(2, 10_000, 10.0, first=1), work(1, 6_000, 10.0, first=2)
+    # per worker once joined: big 10000/10/3 = 333 s, small 6000/10/2 = 300 s
+    assert choose_context([big, small], 60, 30, p) == big.spec
+    # a start that takes longer than the warm workers need for the rest: none
+    assert choose_context([work(1, 200, 10.0)], 60, 30, p) is None
+    # the same work, cached on this worker: only the engine's load (5 s) to pay
+    assert choose_context([work(1, 200, 10.0, cached=True)], 60, 5, p) is not None
