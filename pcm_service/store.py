@@ -180,19 +180,28 @@ ADDED_COLUMNS = [("workloads", "model_name"), ("workloads", "openai"), ("rows", 
 
 
 class Store:
-    """One connection guarded by a lock; every ``transaction()`` commits or rolls back whole."""
+    """One writer connection guarded by a lock, every ``transaction()`` committed or rolled back
+    whole; reads on per-thread connections (WAL: a reader sees the last commit and never waits
+    for the writer, so status answers while a long ingest or report is being written)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
+        self._conn = self._connect()
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(SCHEMA)
         self._add_columns()
         self._lock = threading.RLock()
+        self._local = threading.local()  # .writing: this thread is inside transaction(); .reader
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
 
     def _add_columns(self) -> None:
         """A state directory from an older PCM gets the columns added since (all nullable)."""
@@ -205,18 +214,37 @@ class Store:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
+            outer, self._local.writing = getattr(self._local, "writing", False), True
             try:
                 yield self._conn
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+            finally:
+                self._local.writing = outer
             self._conn.execute("COMMIT")
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        """One consistent snapshot of the last commit (inside a transaction: that transaction's view)."""
+        if getattr(self._local, "writing", False):
             yield self._conn
+            return
+        conn = getattr(self._local, "reader", None)
+        if conn is None:
+            conn = self._local.reader = self._connect()
+            with self._readers_lock:
+                self._readers.append(conn)
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
+            with self._readers_lock:
+                for conn in self._readers:
+                    conn.close()
+                self._readers.clear()
             self._conn.close()

@@ -17,7 +17,7 @@ from support.state import db
 from support.waiting import wait_for
 from support.workloads import write_engine_workload
 
-from pcm_service.protocol import ServiceStatus, SubmitResponse, WorkloadStatus
+from pcm_service.protocol import ContextState, ServiceStatus, SubmitResponse, WorkloadStatus
 from pcm_service.workload import load_workload
 
 pytestmark = pytest.mark.engine
@@ -25,20 +25,24 @@ MAX = 3
 N_ROWS = 2400
 
 
+def start_local_factory(tmp: Path, serve: ServeProcess, max_workers: int) -> subprocess.Popen[bytes]:
+    (tmp / "factory.yaml").write_text(yaml.safe_dump({
+        "service": serve.url, "name": "scaling", "backend": "local", "interval": 1.0,
+        "idle_grace": 2.0, "scale_down_delay": 5.0,
+        "limits": {"min_workers": 0, "max_workers": max_workers, "per_cycle": max_workers},
+        "local": {"work_dir": str(tmp / "glideins"), "token_file": str(serve.pool_token_file)}}))
+    with (tmp / "factory.log").open("ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "pcm_service.cli", "factory", "run", "--config",
+                                 str(tmp / "factory.yaml"), "--token-file", str(serve.api_token_file)],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+
 @pytest.fixture(scope="module")
 def scaled(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     tmp = tmp_path_factory.mktemp("scaling")
     sub = load_workload(write_engine_workload(tmp, tiny_model, N_ROWS, batch_size=20))
     serve = ServeProcess(tmp / "state", "--heartbeat-interval", "1", "--idle-timeout", "5").start()
-    (tmp / "factory.yaml").write_text(yaml.safe_dump({
-        "service": serve.url, "name": "scaling", "backend": "local", "interval": 1.0,
-        "idle_grace": 2.0, "scale_down_delay": 5.0,
-        "limits": {"min_workers": 0, "max_workers": MAX, "per_cycle": MAX},
-        "local": {"work_dir": str(tmp / "glideins"), "token_file": str(serve.pool_token_file)}}))
-    with (tmp / "factory.log").open("ab") as log:
-        factory = subprocess.Popen([sys.executable, "-m", "pcm_service.cli", "factory", "run", "--config",
-                                    str(tmp / "factory.yaml"), "--token-file", str(serve.api_token_file)],
-                                   stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    factory = start_local_factory(tmp, serve, MAX)
     client = serve.client()
     seen: list[tuple[int, int]] = []  # (live workers, glideins in the batch system) at each look
 
@@ -82,3 +86,40 @@ def test_workers_retire_when_the_queue_drains(scaled) -> None:  # type: ignore[n
     states = [r[0] for r in db(serve.state_dir).execute("SELECT state FROM workers")]
     assert states and set(states) == {"retired"}  # left on their own: none lost, none killed
     assert seen[-1] == (0, 0)
+
+
+def test_two_models_on_two_workers_start_one_engine_each(tiny_model: Path, tmp_path: Path) -> None:
+    """Two workloads on two models submitted together to a pool of at most 2: each worker
+    loads one model and runs it (2 engine starts; before placement both loaded the model with
+    more work, then both switched: 4, one never used)."""
+    from pcm_service.cli.tinymodel import make_tiny_model
+
+    other = make_tiny_model(tmp_path / "tiny-llama-b", seed=1)  # other weights: another context
+    subs = []
+    for name, model, n in (("a", tiny_model, 300), ("b", other, 200)):
+        (tmp_path / name).mkdir()
+        subs.append(load_workload(write_engine_workload(tmp_path / name, model, n, name=name)))
+    serve = ServeProcess(tmp_path / "state", "--heartbeat-interval", "1", "--idle-timeout", "5").start()
+    factory = start_local_factory(tmp_path, serve, 2)
+    client = serve.client()
+    try:
+        ids = [client.request("POST", "/workloads", sub, SubmitResponse).workload_id for sub in subs]
+
+        def settled() -> bool:
+            st = client.request("GET", "/status", response=ServiceStatus)
+            return all(w.state.value == "completed" for w in st.workloads) and not st.workers
+        wait_for(settled, 900, "both workloads to complete and the workers to leave", every=0.5)
+        done = [client.request("GET", f"/workloads/{i}", response=WorkloadStatus) for i in ids]
+        assert [(d.rows_done, d.rows_failed) for d in done] == [(300, 0), (200, 0)]
+    finally:
+        factory.terminate()
+        factory.wait(60)
+        serve.stop()
+    records = db(serve.state_dir)
+    starts = records.execute("SELECT worker_id, context_id FROM library_events WHERE state=?",
+                              (ContextState.READY.value,)).fetchall()
+    assert len(starts) == 2 and len({c for _, c in starts}) == 2, [tuple(s) for s in starts]
+    for worker_id, context_id in starts:  # every engine started ran rows of its own context
+        used = records.execute("SELECT COUNT(*) FROM rows r JOIN batches b USING (batch_id)"
+                               " WHERE r.worker_id=? AND b.context_id=?", (worker_id, context_id)).fetchone()[0]
+        assert used > 0, (worker_id, context_id)

@@ -60,6 +60,7 @@ class ServiceCore(WorkloadOps, ModelOps, BatchOps, WorkerOps, LeaseOps, FactoryO
                 (WorkloadState.RUNNING.value,))]
             for wl in pending:
                 complete(db, now, wl)
+        self.discard_staged()  # submissions a crash interrupted were never acknowledged
 
     def close(self) -> None:
         self.store.close()

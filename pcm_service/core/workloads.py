@@ -1,15 +1,16 @@
-"""Workloads: submitted in one transaction, then watched until their output is written."""
+"""Workloads: stored as their rows arrive, queued whole, then watched until their output is written."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
-from typing import Iterable, Optional
+from itertools import islice
+from typing import Iterable, Iterator, Optional
 
 from pcm_service.core.base import CoreBase, NoChatTemplate, UnknownWorkload
 from pcm_service.core.views import worker_status, workload_status
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
+    BatchState,
     ContextSpec,
     ContextState,
     OpenAIOutput,
@@ -17,6 +18,7 @@ from pcm_service.protocol import (
     SamplingSettings,
     ServiceStatus,
     SubmitResponse,
+    WorkloadHeader,
     WorkloadState,
     WorkloadStatus,
     WorkloadSubmission,
@@ -24,7 +26,7 @@ from pcm_service.protocol import (
 from pcm_service.store import MANAGER_KIND, RUNS_ROWS, in_list
 from pcm_service.weights.modelpaths import has_chat_template, no_chat_template
 
-INSERT_CHUNK = 1000  # rows per executemany: a million-row submission never sits in memory twice
+STAGE_CHUNK = 2000  # rows per transaction while a workload streams in
 
 
 def row_request(row: RowIn, default: SamplingSettings) -> Optional[str]:
@@ -54,51 +56,83 @@ class WorkloadOps(CoreBase):
         if not has_chat_template(context.model):
             raise NoChatTemplate(no_chat_template(model or context.model))
 
-    def submit(self, sub: WorkloadSubmission) -> SubmitResponse:
-        """Raises ModelUnavailable, UnknownModel or NoChatTemplate; then nothing is stored."""
+    def submit(self, sub: WorkloadHeader, rows: Optional[Iterable[RowIn]] = None) -> SubmitResponse:
+        """Store a workload with ``rows`` (default: the submission's own). Raises ModelUnavailable,
+        UnknownModel or NoChatTemplate, or what ``rows`` raises; then nothing is stored."""
         context = self.context_of(sub.model, sub.context)
-        if any(r.messages is not None for r in sub.rows):
-            self.check_chat(context, sub.model)
+        if rows is None:
+            assert isinstance(sub, WorkloadSubmission)
+            rows = sub.rows
         return self.insert_workload(sub.name, context, sub.model, sub.sampling, sub.batch_size,
-                                    sub.output, sub.openai, sub.rows)
+                                    sub.output, sub.openai, self._chat_checked(rows, context, sub.model))
+
+    def _chat_checked(self, rows: Iterable[RowIn], context: ContextSpec, model: Optional[str]) -> Iterator[RowIn]:
+        """``rows``; the first chat row raises NoChatTemplate if the model has no chat template."""
+        checked = False
+        for row in rows:
+            if row.messages is not None and not checked:
+                self.check_chat(context, model)
+                checked = True
+            yield row
 
     def insert_workload(self, name: str, context: ContextSpec, model: Optional[str],
                         sampling: SamplingSettings, batch_size: int, output: str,
                         openai: Optional[OpenAIOutput], rows: Iterable[RowIn]) -> SubmitResponse:
-        """Store a workload and its rows in one transaction, streaming ``rows`` in chunks."""
+        """Store a workload as its rows arrive: ``STAGE_CHUNK`` rows per transaction into staged
+        batches (never leased; the writer is free between chunks, so workers and other
+        submissions go on), then one transaction adds the workload and queues its batches. If
+        ``rows`` raises, what was staged is removed: nothing of the workload stays."""
         ctx_id = context.context_id
         wl_id = "wl-" + uuid.uuid4().hex[:12]
-        n_rows = n_batches = 0
-        with self.store.transaction() as db:
-            db.execute("INSERT OR IGNORE INTO contexts VALUES (?, ?)", (ctx_id, context.model_dump_json()))
-            db.execute(
-                "INSERT INTO workloads (workload_id, name, context_id, sampling, batch_size, output,"
-                " rows_total, state, created_at, model_name, openai) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (wl_id, name, ctx_id, sampling.model_dump_json(), batch_size, output, 0,
-                 WorkloadState.RUNNING.value, self.clock(), model,
-                 openai.model_dump_json() if openai else None))
-            chunk: list[tuple[object, ...]] = []
-            batch_id = 0
-            for row in rows:
-                if n_rows % batch_size == 0:
-                    batch_id = db.execute("INSERT INTO batches (workload_id, context_id) VALUES (?, ?)",
-                                          (wl_id, ctx_id)).lastrowid or 0
-                    n_batches += 1
-                chunk.append((wl_id, n_rows, row.row_id, row.prompt or "", batch_id, row_request(row, sampling)))
-                n_rows += 1
-                if len(chunk) >= INSERT_CHUNK:
-                    self._insert_rows(db, chunk)
-            self._insert_rows(db, chunk)
+        n_rows = n_batches = batch_id = 0
+        staged = BatchState.STAGED.value
+        it = iter(rows)
+        try:
+            while chunk := list(islice(it, STAGE_CHUNK)):
+                values: list[tuple[object, ...]] = []
+                with self.store.transaction() as db:
+                    for row in chunk:
+                        if n_rows % batch_size == 0:
+                            batch_id = db.execute("INSERT INTO batches (workload_id, context_id, state) VALUES (?,?,?)",
+                                                  (wl_id, ctx_id, staged)).lastrowid or 0
+                            n_batches += 1
+                        values.append((wl_id, n_rows, row.row_id, row.prompt or "", batch_id,
+                                       row_request(row, sampling)))
+                        n_rows += 1
+                    db.executemany("INSERT INTO rows (workload_id, idx, row_id, prompt, batch_id, request)"
+                                   " VALUES (?,?,?,?,?,?)", values)
             if n_rows == 0:
                 raise ValueError("a workload needs at least one row")
-            db.execute("UPDATE workloads SET rows_total=? WHERE workload_id=?", (n_rows, wl_id))
+            with self.store.transaction() as db:
+                db.execute("INSERT OR IGNORE INTO contexts VALUES (?, ?)", (ctx_id, context.model_dump_json()))
+                db.execute(
+                    "INSERT INTO workloads (workload_id, name, context_id, sampling, batch_size, output,"
+                    " rows_total, state, created_at, model_name, openai) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (wl_id, name, ctx_id, sampling.model_dump_json(), batch_size, output, n_rows,
+                     WorkloadState.RUNNING.value, self.clock(), model,
+                     openai.model_dump_json() if openai else None))
+                db.execute("UPDATE batches SET state=? WHERE workload_id=? AND state=?",
+                           (BatchState.QUEUED.value, wl_id, staged))
+        except BaseException:
+            self.discard_staged(wl_id)
+            raise
         return SubmitResponse(workload_id=wl_id, context_id=ctx_id, rows=n_rows, batches=n_batches)
 
-    @staticmethod
-    def _insert_rows(db: sqlite3.Connection, chunk: list[tuple[object, ...]]) -> None:
-        db.executemany(
-            "INSERT INTO rows (workload_id, idx, row_id, prompt, batch_id, request) VALUES (?,?,?,?,?,?)", chunk)
-        chunk.clear()
+    def discard_staged(self, wl_id: Optional[str] = None) -> int:
+        """Remove the staged batches and rows of a submission that did not complete (all of
+        them: what a crash left mid-ingest), a few hundred batches per transaction."""
+        staged, removed = BatchState.STAGED.value, 0
+        while True:
+            with self.store.transaction() as db:
+                ids = [r[0] for r in db.execute(
+                    "SELECT batch_id FROM batches WHERE state=? AND (?2 IS NULL OR workload_id=?2) LIMIT 500",
+                    (staged, wl_id))]
+                if not ids:
+                    return removed
+                marks, bound = in_list(ids)
+                db.execute(f"DELETE FROM rows WHERE batch_id IN {marks}", bound)
+                db.execute(f"DELETE FROM batches WHERE batch_id IN {marks}", bound)
+                removed += len(ids)
 
     def workload_status(self, wl_id: str) -> WorkloadStatus:
         with self.store.read() as db:

@@ -101,6 +101,7 @@ from pcm_service.protocol.workloads import (
     SamplingSettings,
     StructuredOutput,
     SubmitResponse,
+    WorkloadHeader,
     WorkloadStatus,
     WorkloadSubmission,
 )
@@ -185,6 +186,7 @@ __all__ = [
     "WorkerStatus",
     "WorkloadState",
     "WorkloadStatus",
+    "WorkloadHeader",
     "WorkloadSubmission",
     "glidein_os",
 ]

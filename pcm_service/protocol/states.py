@@ -52,6 +52,7 @@ class WorkloadState(str, enum.Enum):
 
 
 class BatchState(str, enum.Enum):
+    STAGED = "staged"  # its workload is still arriving: not leased until the last row is stored
     QUEUED = "queued"  # waiting for a worker with its context
     LEASED = "leased"  # held by a worker
     DONE = "done"  # every row has its final result

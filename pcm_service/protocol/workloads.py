@@ -132,8 +132,10 @@ class OpenAIOutput(Strict):
     expires_at: Optional[float] = None  # end of the completion window (rows left: batch_expired)
 
 
-class WorkloadSubmission(Strict):
-    """``context`` names a model directory; ``model`` instead names a registered model."""
+class WorkloadHeader(Strict):
+    """A workload but its rows: ``context`` names a model directory; ``model`` instead names a
+    registered model. A streamed submission (NDJSON) is this on its first line, then one
+    ``RowIn`` per line."""
 
     name: str = Field(min_length=1)
     context: Optional[ContextSpec] = None
@@ -142,13 +144,18 @@ class WorkloadSubmission(Strict):
     batch_size: Positive
     output: str = Field(min_length=1)
     openai: Optional[OpenAIOutput] = None
-    rows: list[RowIn] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _context_or_model(self) -> "WorkloadSubmission":
+    def _context_or_model(self) -> "WorkloadHeader":
         if (self.context is None) == (self.model is None):
             raise ValueError("give exactly one of context (a model directory) or model (a registered name)")
         return self
+
+
+class WorkloadSubmission(WorkloadHeader):
+    """A workload and all its rows in one body."""
+
+    rows: list[RowIn] = Field(min_length=1)
 
     @field_validator("rows")
     @classmethod
@@ -159,6 +166,9 @@ class WorkloadSubmission(Strict):
                 raise ValueError(f"row {i}: duplicate row id {row.row_id!r}")
             seen.add(row.row_id)
         return rows
+
+    def header(self) -> WorkloadHeader:
+        return WorkloadHeader(**{f: getattr(self, f) for f in WorkloadHeader.model_fields})
 
 
 class SubmitResponse(Strict):
