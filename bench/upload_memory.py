@@ -12,41 +12,16 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import openai
+from support.memory import PeakRss, rss_mb
 from support.serve import ServeProcess
 
 from pcm_service.protocol import NamedModel
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
-class PeakRss:
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak, self._stop = pid, rss_mb(pid), threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, rss_mb(self.pid))
-
-    def __enter__(self) -> "PeakRss":
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
 
 
 def main() -> None:

@@ -4,16 +4,17 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 import httpx
 from pydantic import BaseModel
 
-from pcm_service.protocol import API_PREFIX
+from pcm_service.protocol import API_PREFIX, NDJSON, RowIn, SubmitResponse, WorkloadHeader
 from pcm_service.tls import CA_FILE_ENV, client_context, is_tls_failure, tls_hint
 
 DEFAULT_SERVICE_URL = "http://127.0.0.1:8642"
 T = TypeVar("T", bound=BaseModel)
+STREAM_ROWS = 1000  # rows per piece of a streamed submission
 
 
 def default_service_url() -> str:
@@ -95,6 +96,40 @@ class ServiceClient:
             raise _error(resp)
         data = resp.json()
         return response.model_validate(data) if response is not None else data
+
+    def submit_stream(self, header: WorkloadHeader, rows: Iterable[RowIn],
+                      progress: Optional[Callable[[int], None]] = None) -> SubmitResponse:
+        """Submit a workload as NDJSON, each row encoded as it is read from ``rows``, so neither
+        end holds it whole; ``progress`` gets the rows sent so far. Not retried (the rows are
+        read once); if ``rows`` raises, the request is cut off and the service keeps nothing."""
+
+        def body() -> Iterator[bytes]:
+            yield header.model_dump_json().encode() + b"\n"
+            lines: list[str] = []
+            sent = 0
+            for row in rows:
+                lines.append(row.model_dump_json(exclude_none=True))
+                if len(lines) >= STREAM_ROWS:
+                    sent += len(lines)
+                    yield ("\n".join(lines) + "\n").encode()
+                    lines.clear()
+                    if progress:
+                        progress(sent)
+            if lines:
+                yield ("\n".join(lines) + "\n").encode()
+                if progress:
+                    progress(sent + len(lines))
+
+        try:
+            resp = self._http.post(API_PREFIX + "/workloads/stream", content=body(),
+                                   headers={**self._headers, "content-type": NDJSON})
+        except httpx.TransportError as e:
+            if is_tls_failure(e):
+                raise ServiceTLSError(self.url, self.ca_file, e) from None
+            raise ServiceUnreachable(self.url, e) from None
+        if resp.status_code >= 400:
+            raise _error(resp)
+        return SubmitResponse.model_validate(resp.json())
 
     def healthy(self) -> bool:
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Iterable, Iterator, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -22,6 +22,7 @@ from pcm_service.protocol import (
     RowIn,
     SamplingSettings,
     Strict,
+    WorkloadHeader,
     WorkloadSubmission,
 )
 from pcm_service.weights.modelpaths import has_chat_template, no_chat_template
@@ -87,12 +88,12 @@ def _fill(template: str, fields: list[str], obj: dict[str, object], where: str, 
     return template.format_map({f: obj[f] for f in fields})
 
 
-def read_rows(spec: InputSpec, path: Path) -> list[RowIn]:
-    """Read the JSONL inputs and render each row's prompt or messages, in file order."""
+def iter_rows(spec: InputSpec, path: Path) -> Iterator[RowIn]:
+    """Read the JSONL inputs and render each row's prompt or messages, in file order, one line
+    at a time; a bad line raises WorkloadError naming it (after the rows before it were yielded)."""
     fields = _template_fields(spec.template) if spec.template is not None else []
     msg_fields = [_template_fields(m.content, f"inputs.messages[{i}].content")
                   for i, m in enumerate(spec.messages or [])]
-    rows: list[RowIn] = []
     seen: set[str] = set()
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -123,14 +124,17 @@ def read_rows(spec: InputSpec, path: Path) -> list[RowIn]:
                     raise WorkloadError("inputs.id_field", f"{where} has no field {spec.id_field!r}")
                 row_id = str(obj[spec.id_field])
             else:
-                row_id = str(obj.get("custom_id", len(rows)))
+                row_id = str(obj.get("custom_id", len(seen)))
             if row_id in seen:
                 raise WorkloadError("inputs.id_field", f"{where} repeats row id {row_id!r}")
             seen.add(row_id)
-            rows.append(RowIn(row_id=row_id, prompt=prompt, messages=messages))
-    if not rows:
+            yield RowIn(row_id=row_id, prompt=prompt, messages=messages)
+    if not seen:
         raise WorkloadError("inputs.path", f"{path} has no rows")
-    return rows
+
+
+def read_rows(spec: InputSpec, path: Path) -> list[RowIn]:
+    return list(iter_rows(spec, path))
 
 
 def error_file_for(output: Path) -> Path:
@@ -147,20 +151,21 @@ def model_dir_error(model_dir: Path) -> Optional[str]:
 
 
 def openai_rows(path: Path, field: str, defaults: Optional[SamplingSettings] = None
-                ) -> tuple[BatchFileSummary, list[RowIn]]:
-    """An OpenAI Batch input file, checked whole first: any bad line → WorkloadError naming
-    the first lines at fault (nothing is submitted)."""
+                ) -> tuple[BatchFileSummary, Iterator[RowIn]]:
+    """An OpenAI Batch input file, checked whole first (one pass, line by line): any bad line →
+    WorkloadError naming the first lines at fault (nothing is submitted); then its rows, read
+    again as they are consumed."""
     summary = check_batch_file(path, defaults=defaults)
     if summary.errors:
         shown = "; ".join(str(e) for e in summary.errors[:5])
         more = f" (and {summary.error_count - 5} more)" if summary.error_count > 5 else ""
         raise WorkloadError(field, f"{shown}{more}" if field == "file" else f"{path.name} {shown}{more}")
     assert summary.endpoint is not None
-    return summary, list(read_batch_rows(path, summary.endpoint, defaults))
+    return summary, read_batch_rows(path, summary.endpoint, defaults)
 
 
 def load_batch_file(path: Path, model: Optional[str], engine: EngineSettings, batch_size: int,
-                    output: Optional[Path]) -> WorkloadSubmission:
+                    output: Optional[Path]) -> tuple[WorkloadHeader, Iterator[RowIn]]:
     """`pcm submit/run batch.jsonl --model NAME|DIR`: an OpenAI Batch input file as a workload.
     A directory is used as the model (lines keep their ``model`` name in the output); a name
     selects a model registered with the service (default: the lines' own ``model``)."""
@@ -180,12 +185,13 @@ def load_batch_file(path: Path, model: Optional[str], engine: EngineSettings, ba
         if summary.has_chat and not has_chat_template(model_dir):
             raise WorkloadError("--model", no_chat_template(model_dir))
         context, name = ContextSpec(model=str(model_dir), engine=engine), None
-    return WorkloadSubmission(name=path.stem, context=context, model=name, sampling=SamplingSettings(),
-                              batch_size=batch_size, output=str(output), openai=spec, rows=rows)
+    return WorkloadHeader(name=path.stem, context=context, model=name, sampling=SamplingSettings(),
+                          batch_size=batch_size, output=str(output), openai=spec), rows
 
 
-def load_workload(path: str | Path) -> WorkloadSubmission:
-    """Validate a workload file and everything it points at; paths resolve beside it."""
+def load_workload_stream(path: str | Path) -> tuple[WorkloadHeader, Iterator[RowIn]]:
+    """Validate a workload file and everything it points at (paths resolve beside it); its rows
+    are read as they are consumed, a bad one raising WorkloadError naming its line."""
     wl_path = Path(path)
     wf = load_yaml_model(wl_path, WorkloadFile, WorkloadError)
     base = wl_path.resolve().parent
@@ -202,17 +208,28 @@ def load_workload(path: str | Path) -> WorkloadSubmission:
         raise WorkloadError("output", f"{output} is a directory; name a file")
 
     openai = None
+    rows: Iterator[RowIn]
     if wf.inputs.format == "openai":
         summary, rows = openai_rows(input_path, "inputs.path", wf.sampling)
         assert summary.endpoint is not None
         errors = (base / wf.error_output).resolve() if wf.error_output else error_file_for(output)
         openai = OpenAIOutput(endpoint=summary.endpoint, model=summary.model, error_output=str(errors))
+        chat = summary.has_chat
     else:
-        rows = read_rows(wf.inputs, input_path)
-    if any(r.messages is not None for r in rows) and not has_chat_template(model_dir):
+        rows = iter_rows(wf.inputs, input_path)
+        chat = wf.inputs.messages is not None
+    if chat and not has_chat_template(model_dir):
         raise WorkloadError("model", no_chat_template(model_dir))
     context = ContextSpec(model=str(model_dir), engine=wf.engine)  # the service adds the digest
-    return WorkloadSubmission(
-        name=wf.name, context=context, sampling=wf.sampling,
-        batch_size=wf.batch_size, output=str(output), openai=openai, rows=rows,
-    )
+    return WorkloadHeader(name=wf.name, context=context, sampling=wf.sampling, batch_size=wf.batch_size,
+                          output=str(output), openai=openai), rows
+
+
+def whole(header: WorkloadHeader, rows: Iterable[RowIn]) -> WorkloadSubmission:
+    """A submission with every row in it (one JSON body, or a `pcm run` in one process)."""
+    return WorkloadSubmission(**{f: getattr(header, f) for f in WorkloadHeader.model_fields}, rows=list(rows))
+
+
+def load_workload(path: str | Path) -> WorkloadSubmission:
+    """A workload file with all its rows read: every line checked before anything is submitted."""
+    return whole(*load_workload_stream(path))

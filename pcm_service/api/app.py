@@ -15,7 +15,7 @@ from pcm_service.api.auth import BearerToken, api_token, pool_token
 from pcm_service.api.changes import Changes
 from pcm_service.api.errors import BodyLimit, StrictJSONRoute, install_error_handlers
 from pcm_service.api.openai_routes import FILES_PATH, openai_router, validate_batch
-from pcm_service.api.user_routes import SUBMIT_PATH, user_router
+from pcm_service.api.user_routes import STREAM_PATH, SUBMIT_PATH, user_router
 from pcm_service.api.worker_routes import worker_router
 from pcm_service.core import ServiceCore
 from pcm_service.executors import Executor, NativeExecutor
@@ -65,7 +65,7 @@ def create_app(core: ServiceCore, pool: str, api: str, executor: Optional[Execut
     install_error_handlers(app)
     cfg = core.config
     app.add_middleware(BodyLimit, limit_for=lambda path: cfg.max_submission_bytes
-                       if path in (SUBMIT_PATH, FILES_PATH) else cfg.max_request_bytes)
+                       if path in (SUBMIT_PATH, STREAM_PATH, FILES_PATH) else cfg.max_request_bytes)
     app.state.core = core
 
     @app.get("/healthz")

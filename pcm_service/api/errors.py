@@ -26,6 +26,7 @@ _DESCRIPTIONS = {
     409: "Conflicts with the current state",
     410: "Gone for good (a retired worker)",
     413: "The request body is larger than the service accepts",
+    415: "The body is not in the media type the route takes",
     416: "The Range cannot be served",
     422: "The request does not match the schema (every field at fault is listed)",
     503: "Busy: try again or elsewhere",

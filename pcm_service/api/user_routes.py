@@ -2,14 +2,18 @@
 status, demand, the factory's limits and reports."""
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Iterable, Optional
+
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from pcm_service.api.errors import AUTH, BODY, ApiError, StrictJSONRoute, errors
+from pcm_service.api.ingest import IngestError, body_chunks, parse_submission
 from pcm_service.core import NoChatTemplate, ServiceCore, UnknownModel, UnknownWorkload
 from pcm_service.executors import Executor
 from pcm_service.protocol import (
     API_PREFIX,
+    NDJSON,
     Demand,
     ErrorCode,
     FactoryLimits,
@@ -18,15 +22,31 @@ from pcm_service.protocol import (
     ModelManifest,
     ModelRegistration,
     NamedModel,
+    RowIn,
     ServiceStatus,
     SubmitResponse,
+    WorkloadHeader,
     WorkloadStatus,
     WorkloadSubmission,
 )
 from pcm_service.weights.modelpaths import ModelUnavailable
 
 SUBMIT_PATH = f"{API_PREFIX}/workloads"
+STREAM_PATH = f"{API_PREFIX}/workloads/stream"  # NDJSON: the WorkloadHeader, then one RowIn per line
 SERVED_MODELS_PATH = f"{API_PREFIX}/served-models"  # models by name (OpenAI's view: GET /v1/models)
+
+
+def _stored(core: ServiceCore, sub: WorkloadHeader, rows: Optional[Iterable[RowIn]] = None) -> SubmitResponse:
+    field = "model" if sub.model is not None else "context.model"
+    try:
+        return core.submit(sub, rows)
+    except ModelUnavailable as e:
+        raise ApiError(400, ErrorCode.MODEL_UNAVAILABLE, f"{field}: {e}", field) from None
+    except UnknownModel as e:
+        raise ApiError(400, ErrorCode.MODEL_NOT_FOUND, f"model: no model named {e} is registered"
+                       " (pcm model list)", "model") from None
+    except NoChatTemplate as e:
+        raise ApiError(400, ErrorCode.NO_CHAT_TEMPLATE, str(e), "rows.messages") from None
 
 
 def user_router(core: ServiceCore, executor: Executor) -> APIRouter:
@@ -34,16 +54,25 @@ def user_router(core: ServiceCore, executor: Executor) -> APIRouter:
 
     @router.post(SUBMIT_PATH, status_code=201, responses={**BODY, **errors(400)})
     async def submit(sub: WorkloadSubmission) -> SubmitResponse:
-        field = "model" if sub.model is not None else "context.model"
-        try:
-            return await run_in_threadpool(core.submit, sub)
-        except ModelUnavailable as e:
-            raise ApiError(400, ErrorCode.MODEL_UNAVAILABLE, f"{field}: {e}", field) from None
-        except UnknownModel as e:
-            raise ApiError(400, ErrorCode.MODEL_NOT_FOUND, f"model: no model named {e} is registered"
-                           " (pcm model list)", "model") from None
-        except NoChatTemplate as e:
-            raise ApiError(400, ErrorCode.NO_CHAT_TEMPLATE, str(e), "rows.messages") from None
+        return await run_in_threadpool(_stored, core, sub)
+
+    @router.post(STREAM_PATH, status_code=201, responses={**BODY, **errors(400, 415)})
+    async def submit_stream(request: Request) -> SubmitResponse:
+        """A workload whose rows stream in: stored as they arrive, acknowledged once all are."""
+        media = request.headers.get("content-type", "").split(";")[0].strip()
+        if media != NDJSON:
+            raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                           f"send the workload as {NDJSON} (got {media or 'no content type'})")
+        stream = request.stream()
+
+        def ingest() -> SubmitResponse:
+            try:
+                header, rows = parse_submission(body_chunks(stream))
+                return _stored(core, header, rows)
+            except IngestError as e:
+                raise ApiError(400, ErrorCode.INVALID_VALUE, str(e), e.field) from None
+
+        return await run_in_threadpool(ingest)
 
     @router.post(SERVED_MODELS_PATH, status_code=201, responses={**BODY, **errors(400)})
     async def add_served_model(model: NamedModel) -> NamedModel:

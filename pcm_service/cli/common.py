@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Optional
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 
 from pcm_service.client import ServiceClient, ServiceError, default_service_url
-from pcm_service.protocol import EngineSettings, WorkloadStatus, WorkloadSubmission
+from pcm_service.protocol import EngineSettings, RowIn, WorkloadHeader, WorkloadStatus, WorkloadSubmission
 from pcm_service.tls import CA_FILE_ENV
 from pcm_service.tokens import API, Token, TokenError, client_token
-from pcm_service.workload import WorkloadError, load_batch_file, load_workload
+from pcm_service.workload import WorkloadError, load_batch_file, load_workload_stream, whole
 
 if TYPE_CHECKING:
     from factory.drill import EvictionSettings
@@ -58,8 +60,17 @@ class UserClient(ServiceClient):
         self.token_source = token.source if token else None
 
     def request(self, *args: Any, **kw: Any) -> Any:
-        try:
+        with self._auth_hints():
             return super().request(*args, **kw)
+
+    def submit_stream(self, *args: Any, **kw: Any) -> Any:
+        with self._auth_hints():
+            return super().submit_stream(*args, **kw)
+
+    @contextmanager
+    def _auth_hints(self) -> Iterator[None]:
+        try:
+            yield
         except ServiceError as e:
             if e.status not in (401, 403):
                 raise
@@ -142,17 +153,29 @@ def engine_settings(args: list[str]) -> EngineSettings:
         fail(f"--engine-arg {err['loc'][0]}: {err['msg']}", code=2)
 
 
-def load_workload_file(path: Path, model: Optional[str] = None, engine_args: Optional[list[str]] = None,
-                       batch_size: int = 16, output: Optional[Path] = None) -> WorkloadSubmission:
-    """A workload YAML file, or an OpenAI Batch input file (``.jsonl``); exit 2 naming the
-    field (and line) of the first problem, before anything is submitted."""
+def load_workload_stream_file(path: Path, model: Optional[str] = None, engine_args: Optional[list[str]] = None,
+                              batch_size: int = 16, output: Optional[Path] = None
+                              ) -> tuple[WorkloadHeader, Iterator[RowIn]]:
+    """A workload YAML file, or an OpenAI Batch input file (``.jsonl``), and its rows, read as
+    they are consumed; exit 2 naming the field of the first problem found before any row."""
     try:
         if path.suffix == ".jsonl":
             return load_batch_file(path, model, engine_settings(engine_args or []), batch_size, output)
         if model is not None or engine_args:
             fail(f"{path}: --model and --engine-arg are for OpenAI batch files (.jsonl); a workload"
                  " file names its model and engine itself", code=2)
-        return load_workload(path)
+        return load_workload_stream(path)
+    except WorkloadError as e:
+        fail(f"{path}: {e}", code=2)
+
+
+def load_workload_file(path: Path, model: Optional[str] = None, engine_args: Optional[list[str]] = None,
+                       batch_size: int = 16, output: Optional[Path] = None) -> WorkloadSubmission:
+    """The same with every row read: exit 2 naming the field (and line) of the first problem,
+    before anything is submitted."""
+    header, rows = load_workload_stream_file(path, model, engine_args, batch_size, output)
+    try:
+        return whole(header, rows)
     except WorkloadError as e:
         fail(f"{path}: {e}", code=2)
 
@@ -168,6 +191,23 @@ def progress_bar():  # type: ignore[no-untyped-def]
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]:.1f} rows/s"), TimeElapsedColumn(), console=console)
+
+
+@contextmanager
+def sending_progress(label: str) -> Iterator[Callable[[int], None]]:
+    """Rows sent so far and their rate, while a submission streams to the service."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    t0 = time.monotonic()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}: {task.completed:,.0f} rows sent"),
+                  TextColumn("{task.fields[rate]:,.0f} rows/s"), TimeElapsedColumn(), console=console,
+                  transient=True) as bar:
+        task = bar.add_task(f"submitting {label}", total=None, rate=0.0)
+
+        def sent(n: int) -> None:
+            bar.update(task, completed=n, rate=n / max(time.monotonic() - t0, 1e-6))
+
+        yield sent
 
 
 def progress_until_done(fetch, total: int, label: str) -> WorkloadStatus:  # type: ignore[no-untyped-def]

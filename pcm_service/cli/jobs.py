@@ -18,13 +18,15 @@ from pcm_service.cli.common import (
     client_for,
     console,
     fail,
-    load_workload_file,
+    load_workload_stream_file,
     out,
     progress_until_done,
     report_done,
+    sending_progress,
 )
 from pcm_service.client import ServiceError
 from pcm_service.protocol import ServiceStatus, SubmitResponse, WorkloadStatus
+from pcm_service.workload import WorkloadError
 
 
 def submit(workload: Path = typer.Argument(..., help="Workload YAML file, or an OpenAI Batch input file (.jsonl)"),
@@ -34,10 +36,13 @@ def submit(workload: Path = typer.Argument(..., help="Workload YAML file, or an 
            ca_file: Optional[Path] = CaFileOpt,
            wait: bool = typer.Option(False, "--wait", help="Show progress until the output is written")) -> None:
     """Submit a workload to a running service."""
-    sub = load_workload_file(workload, model, engine_arg, batch_size, output)
+    header, rows = load_workload_stream_file(workload, model, engine_arg, batch_size, output)
     client = client_for(service, token_file, ca_file)
-    try:
-        resp: SubmitResponse = client.request("POST", "/workloads", sub, SubmitResponse)
+    try:  # rows are read, checked and sent as they go: a million rows never sit in memory
+        with sending_progress(header.name) as sent:
+            resp: SubmitResponse = client.submit_stream(header, rows, sent)
+    except WorkloadError as e:  # a bad line: the request was cut off, the service kept nothing
+        fail(f"{workload}: {e}", code=2)
     except ServiceError as e:
         fail(e.detail, code=2 if 400 <= e.status < 500 else 1)
     console.print(f"submitted {resp.workload_id}: {resp.rows} rows in {resp.batches} batches"
@@ -47,7 +52,7 @@ def submit(workload: Path = typer.Argument(..., help="Workload YAML file, or an 
         def fetch() -> WorkloadStatus:
             time.sleep(0.5)
             return client.request("GET", f"/workloads/{resp.workload_id}", response=WorkloadStatus)
-        report_done(progress_until_done(fetch, resp.rows, sub.name))
+        report_done(progress_until_done(fetch, resp.rows, header.name))
 
 
 def status(service: Optional[str] = ServiceOpt, token_file: Optional[Path] = TokenFileOpt,

@@ -92,6 +92,7 @@ from pcm_service.protocol.workers import (
 )
 from pcm_service.protocol.workloads import (
     MAX_LOGPROBS,
+    NDJSON,
     ChatMessage,
     ContextSpec,
     EngineSettings,
@@ -186,6 +187,7 @@ __all__ = [
     "WorkerStatus",
     "WorkloadState",
     "WorkloadStatus",
+    "NDJSON",
     "WorkloadHeader",
     "WorkloadSubmission",
     "glidein_os",

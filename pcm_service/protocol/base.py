@@ -60,12 +60,13 @@ class ErrorCode(str, enum.Enum):
     CONFLICT = "conflict"  # 409: not in this state (e.g. cancelling a completed batch)
     INVALID_TYPE = "invalid_type"  # 400: OpenAI's code for a value of the wrong type
     INVALID_FILE_FORMAT = "invalid_file_format"  # 400: an upload that is not JSONL
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # 415: a body in a format the route does not take
 
 
 # the code an error answer gets from its status alone, where the answer says no more
 CODE_OF_STATUS = {401: ErrorCode.MISSING_TOKEN, 403: ErrorCode.WRONG_TOKEN, 404: ErrorCode.NOT_FOUND,
                   405: ErrorCode.METHOD_NOT_ALLOWED, 413: ErrorCode.REQUEST_TOO_LARGE,
-                  416: ErrorCode.RANGE_NOT_SATISFIABLE, 503: ErrorCode.BUSY}
+                  415: ErrorCode.UNSUPPORTED_MEDIA_TYPE, 416: ErrorCode.RANGE_NOT_SATISFIABLE, 503: ErrorCode.BUSY}
 
 
 class ErrorItem(Strict):

@@ -132,6 +132,9 @@ class OpenAIOutput(Strict):
     expires_at: Optional[float] = None  # end of the completion window (rows left: batch_expired)
 
 
+NDJSON = "application/x-ndjson"  # a streamed submission's media type
+
+
 class WorkloadHeader(Strict):
     """A workload but its rows: ``context`` names a model directory; ``model`` instead names a
     registered model. A streamed submission (NDJSON) is this on its first line, then one
@@ -166,9 +169,6 @@ class WorkloadSubmission(WorkloadHeader):
                 raise ValueError(f"row {i}: duplicate row id {row.row_id!r}")
             seen.add(row.row_id)
         return rows
-
-    def header(self) -> WorkloadHeader:
-        return WorkloadHeader(**{f: getattr(self, f) for f in WorkloadHeader.model_fields})
 
 
 class SubmitResponse(Strict):

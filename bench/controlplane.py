@@ -1,0 +1,142 @@
+"""The control plane alone: a real `pcm serve` and K simulated workers that speak the worker
+protocol over HTTP (register, engine ready, heartbeats, lease, report) and answer every row at
+once, so what is measured is the service: rows/s and batch round trips (lease + report) per
+second, and the service's CPU per 1,000 rows.
+
+    python bench/controlplane.py [--workers 16,64,256] [--batch-sizes 10,100] [--seconds 20]
+
+The workers run as asyncio tasks in ``--procs`` client processes (one HTTP connection each).
+Client and service share this machine's cores, so the figures are lower bounds for the
+service on its own machine. Goals (issue 15), with K = 256: >= 20,000 rows/s at batch size
+100, >= 500 round trips/s at batch size 10, and no drop as K grows from 16 to 256.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import httpx  # noqa: E402
+from support.serve import ServeProcess  # noqa: E402
+
+from pcm_service.protocol import ContextState, RowIn, WorkloadHeader  # noqa: E402
+
+READY = ContextState.READY.value
+
+
+async def worker(http: httpx.AsyncClient, ctx: str, stop_at: float, hb_every: float, counts: list[int]) -> None:
+    """One simulated worker: lease one batch, report all its rows at once, repeat."""
+    wid = (await http.post("/workers", json={"host": "sim", "pid": os.getpid()})).json()["worker_id"]
+    await http.post(f"/workers/{wid}/library", json={"context_id": ctx, "state": READY, "seconds": 0.0})
+    seq, next_hb = 0, time.monotonic() + hb_every
+    while time.monotonic() < stop_at:
+        if time.monotonic() >= next_hb:
+            await http.post(f"/workers/{wid}/heartbeat", json={
+                "context_id": ctx, "context_state": READY, "inflight_batches": 0, "batches": [], "lease_seq": seq})
+            next_hb += hb_every
+        r = (await http.post(f"/workers/{wid}/lease", json={
+            "context_id": ctx, "context_state": READY, "max_batches": 1})).json()
+        seq = r["lease_seq"]
+        if not r["batches"]:
+            await asyncio.sleep(0.05)
+            continue
+        reports = [{"batch_id": b["batch_id"], "results": [
+            {"idx": row["idx"], "text": "True", "finish_reason": "stop", "prompt_tokens": 9, "completion_tokens": 1}
+            for row in b["rows"]]} for b in r["batches"]]
+        resp = await http.post(f"/workers/{wid}/reports", json={"reports": reports})
+        resp.raise_for_status()
+        counts[0] += sum(len(b["rows"]) for b in r["batches"])
+        counts[1] += 1
+
+
+def client_process(url: str, token: str, ctx: str, n: int, start_at: float, seconds: float,
+                   hb_every: float, out: Any) -> None:
+    async def run() -> list[int]:
+        counts = [0, 0]
+        limits = httpx.Limits(max_connections=min(n, 64), max_keepalive_connections=min(n, 64))
+        async with httpx.AsyncClient(base_url=url + "/v1/pcm", limits=limits, timeout=120,
+                                     headers={"authorization": f"Bearer {token}"}) as http:
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+            stop_at = time.monotonic() + seconds
+            await asyncio.gather(*(worker(http, ctx, stop_at, hb_every, counts) for _ in range(n)))
+        return counts
+
+    out.put(asyncio.run(run()))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_case(serve: ServeProcess, model: Path, k: int, batch: int, args: argparse.Namespace) -> dict[str, float]:
+    client = serve.client(timeout=600)
+    n_rows = args.rows or int(25_000 * args.seconds)
+    rows = (RowIn(row_id=str(i), prompt=f"claim {i}") for i in range(n_rows))
+    header = WorkloadHeader(name=f"cp-{k}-{batch}", context={"model": str(model)},  # type: ignore[arg-type]
+                            batch_size=batch, output=str(serve.state_dir.parent / f"out-{k}-{batch}.jsonl"))
+    sub = client.submit_stream(header, rows)
+    procs, q = [], mp.get_context("spawn").Queue()
+    start_at = time.time() + 3.0  # every process connected before the clock starts
+    per = [k // args.procs + (i < k % args.procs) for i in range(args.procs)]
+    for n in per:
+        if n:
+            p = mp.get_context("spawn").Process(target=client_process, args=(
+                serve.url, serve.pool_token, sub.context_id, n, start_at, args.seconds, args.heartbeat, q))
+            p.start()
+            procs.append(p)
+    assert serve.proc is not None
+    time.sleep(max(0.0, start_at - time.time()))
+    cpu0 = cpu_seconds(serve.proc.pid)
+    results = [q.get(timeout=args.seconds + 300) for _ in procs]
+    cpu = cpu_seconds(serve.proc.pid) - cpu0
+    for p in procs:
+        p.join()
+    done = sum(r[0] for r in results)
+    trips = sum(r[1] for r in results)
+    return {"rows_s": done / args.seconds, "trips_s": trips / args.seconds,
+            "cpu_per_1k": cpu / max(done, 1) * 1000, "rows": done}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", default="16,64,256")
+    p.add_argument("--batch-sizes", default="10,100")
+    p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per case")
+    p.add_argument("--rows", type=int, default=0, help="rows queued per case (default: 25,000 per second measured)")
+    p.add_argument("--procs", type=int, default=2, help="client processes")
+    p.add_argument("--heartbeat", type=float, default=2.0, help="seconds between a worker's heartbeats")
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="pcm-controlplane-"))
+    model = tmp / "models" / "m"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"stand-in")
+    table = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        for k in [int(w) for w in args.workers.split(",")]:
+            serve = ServeProcess(tmp / f"state-{k}-{batch}", "--worker-timeout", "600",
+                                 model_roots=[tmp / "models"]).start()
+            try:
+                r = run_case(serve, model, k, batch, args)
+            finally:
+                serve.stop()
+            table.append((k, batch, r))
+            print(f"K={k:4d} batch={batch:4d}: {r['rows_s']:9,.0f} rows/s {r['trips_s']:7,.0f} round trips/s"
+                  f"  service CPU {r['cpu_per_1k']:.3f} s per 1,000 rows", flush=True)
+    print(json.dumps([{"workers": k, "batch_size": b, **r} for k, b, r in table]))
+
+
+if __name__ == "__main__":
+    main()

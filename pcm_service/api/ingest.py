@@ -1,0 +1,92 @@
+"""Streamed submissions: ``POST /v1/pcm/workloads/stream`` with an NDJSON body, a
+``WorkloadHeader`` on its first line and one ``RowIn`` per line after it.
+
+The service reads the body as it arrives and stores rows as they are read (a few thousand
+per transaction), so a million-row workload never sits in memory: neither as one JSON
+document nor as one pydantic model. A bad line ends the request with a 400 naming the line
+and the field; what was stored of it is removed (nothing of the workload stays).
+"""
+from __future__ import annotations
+
+from typing import AsyncIterator, Iterable, Iterator, Optional
+
+import anyio.from_thread
+from pydantic import ValidationError
+
+from pcm_service.protocol import RowIn, WorkloadHeader
+
+
+class IngestError(ValueError):
+    """A line of a streamed submission that cannot be accepted."""
+
+    def __init__(self, line: int, field: str, message: str) -> None:
+        super().__init__(f"line {line}: {field}: {message}")
+        self.line = line
+        self.field = field
+        self.message = message
+
+
+def ndjson_lines(chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of a byte stream split anywhere, blank lines skipped."""
+    lineno, tail = 0, b""
+    for chunk in chunks:
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop()
+        for line in lines:
+            lineno += 1
+            if line.strip():
+                yield lineno, line
+    if tail.strip():
+        yield lineno + 1, tail
+
+
+def _first_problem(e: ValidationError, prefix: str) -> tuple[str, str]:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    field = f"{prefix}.{loc}" if prefix and loc else (loc or prefix or "body")
+    return field, str(err.get("msg", "")).removeprefix("Value error, ")
+
+
+def parse_submission(chunks: Iterable[bytes]) -> tuple[WorkloadHeader, Iterator[RowIn]]:
+    """The header (read now) and the rows (validated as they are read; the iterator raises
+    IngestError at the first bad line)."""
+    lines = ndjson_lines(chunks)
+    first = next(lines, None)
+    if first is None:
+        raise IngestError(1, "body", "empty: the first line must be the workload (name, context or model,"
+                                     " batch_size, output, ...), then one row per line")
+    try:
+        header = WorkloadHeader.model_validate_json(first[1])
+    except ValidationError as e:
+        raise IngestError(first[0], *_first_problem(e, "")) from None
+    return header, _rows(lines)
+
+
+def _rows(lines: Iterator[tuple[int, bytes]]) -> Iterator[RowIn]:
+    seen: set[str] = set()
+    for lineno, line in lines:
+        try:
+            row = RowIn.model_validate_json(line)
+        except ValidationError as e:
+            raise IngestError(lineno, *_first_problem(e, "row")) from None
+        if row.row_id in seen:
+            raise IngestError(lineno, "row.row_id", f"duplicate row id {row.row_id!r}")
+        seen.add(row.row_id)
+        yield row
+    if not seen:
+        raise IngestError(1, "rows", "no rows: give one row per line after the workload line")
+
+
+def body_chunks(stream: AsyncIterator[bytes]) -> Iterator[bytes]:
+    """The request body as a plain iterator, for a worker thread: each chunk is awaited on the
+    event loop (anyio's from_thread), so the body is read only as fast as rows are stored."""
+
+    async def next_chunk() -> Optional[bytes]:
+        try:
+            return await stream.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    while (chunk := anyio.from_thread.run(next_chunk)) is not None:
+        if chunk:
+            yield chunk
