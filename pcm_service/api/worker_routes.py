@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable, Optional, TypeVar
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from pcm_service.api.changes import Changes
 from pcm_service.api.errors import AUTH, BODY, WORKER, ApiError, StrictJSONRoute, errors, unknown_worker
@@ -49,6 +50,12 @@ def call(fn: Callable[..., T], *args: Any) -> T:
         raise unknown_worker(e) from None
 
 
+def as_json(model: BaseModel) -> Response:
+    """The answer of a hot route, serialised once (FastAPI would dump, validate and dump again
+    what the route returns; ``response_model`` still documents it)."""
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
 def worker_router(core: ServiceCore, changes: Changes, executor: Executor) -> APIRouter:
     router = APIRouter(route_class=StrictJSONRoute)
 
@@ -85,18 +92,19 @@ def worker_router(core: ServiceCore, changes: Changes, executor: Executor) -> AP
     def register(reg: WorkerRegistration) -> RegisterResponse:
         return core.register(reg)
 
-    @router.post(f"{API_PREFIX}/workers/{{worker_id}}/heartbeat", responses=WORKER)
-    def heartbeat(worker_id: str, hb: Heartbeat) -> HeartbeatResponse:
-        return call(core.heartbeat, worker_id, hb)
+    @router.post(f"{API_PREFIX}/workers/{{worker_id}}/heartbeat", response_model=HeartbeatResponse,
+                 responses=WORKER)
+    def heartbeat(worker_id: str, hb: Heartbeat) -> Response:
+        return as_json(call(core.heartbeat, worker_id, hb))
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/library", responses=WORKER)
     def library(worker_id: str, ev: LibraryEvent) -> dict[str, bool]:
         call(core.library_event, worker_id, ev)
         return {"ok": True}
 
-    @router.post(f"{API_PREFIX}/workers/{{worker_id}}/lease", responses=WORKER)
-    def lease(worker_id: str, req: LeaseRequest) -> LeaseResponse:
-        return call(core.lease_batch, worker_id, req)
+    @router.post(f"{API_PREFIX}/workers/{{worker_id}}/lease", response_model=LeaseResponse, responses=WORKER)
+    def lease(worker_id: str, req: LeaseRequest) -> Response:
+        return as_json(call(core.lease_batch, worker_id, req))
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/idle", responses=WORKER)
     def idle(worker_id: str, rep: IdleReport) -> RetireDecision:
@@ -115,10 +123,10 @@ def worker_router(core: ServiceCore, changes: Changes, executor: Executor) -> AP
     def report(worker_id: str, rep: BatchReport) -> ReportResponse:
         return record(worker_id, rep)
 
-    @router.post(f"{API_PREFIX}/workers/{{worker_id}}/reports", responses=WORKER)
-    def reports(worker_id: str, reps: BatchReports) -> ReportResponse:
+    @router.post(f"{API_PREFIX}/workers/{{worker_id}}/reports", response_model=ReportResponse, responses=WORKER)
+    def reports(worker_id: str, reps: BatchReports) -> Response:
         """Several batches' reports, recorded in one transaction."""
-        return record(worker_id, *reps.reports)
+        return as_json(record(worker_id, *reps.reports))
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/fetch", responses=WORKER)
     async def fetch(worker_id: str, req: FetchRequest) -> FetchPlan:

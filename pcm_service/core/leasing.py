@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from functools import lru_cache
 from typing import Optional
 
 from pcm_service.core.placement import PlacementOps
@@ -24,6 +25,7 @@ from pcm_service.protocol import (
     RowTask,
     SamplingSettings,
     WorkerState,
+    WorkloadState,
 )
 from pcm_service.store import in_list
 
@@ -37,6 +39,12 @@ def row_task(r: sqlite3.Row) -> RowTask:
     return RowTask(idx=r["idx"], row_id=r["row_id"], prompt=None if messages else r["prompt"],
                    messages=[ChatMessage.model_validate(m, strict=False) for m in messages] if messages else None,
                    sampling=SamplingSettings.model_validate(sampling, strict=False) if sampling else None)
+
+
+@lru_cache(maxsize=256)
+def sampling_of(stored: str) -> SamplingSettings:
+    """A workload's sampling settings, parsed once per workload, not once per leased batch."""
+    return SamplingSettings.model_validate_json(stored)
 
 
 class LeaseOps(PlacementOps):
@@ -76,28 +84,30 @@ class LeaseOps(PlacementOps):
             if req.context_id is None or req.context_state != ContextState.READY:
                 return LeaseResponse(assign_context=self._assign(db, worker_id))
             seq = w["lease_seq"] + 1
-            db.execute("UPDATE workers SET lease_seq=? WHERE worker_id=?", (seq, worker_id))
-            leases: list[BatchLease] = []
-            for b in db.execute("SELECT b.*, w.sampling FROM batches b JOIN workloads w USING (workload_id)"
-                                " WHERE b.state=? AND b.context_id=? ORDER BY b.batch_id LIMIT ?",
-                                (BatchState.QUEUED.value, req.context_id, req.max_batches)).fetchall():
-                db.execute("UPDATE batches SET state=?, worker_id=?, lease_seq=?, leased_at=? WHERE batch_id=?",
-                           (BatchState.LEASED.value, worker_id, seq, now, b["batch_id"]))
-                rows = [row_task(r) for r in db.execute(
-                    "SELECT idx, row_id, prompt, request FROM rows WHERE batch_id=? AND state=? ORDER BY idx",
-                    (b["batch_id"], RowState.PENDING.value))]
-                leases.append(BatchLease(batch_id=b["batch_id"], workload_id=b["workload_id"],
-                                         context_id=b["context_id"],
-                                         sampling=SamplingSettings.model_validate_json(b["sampling"]),
-                                         rows=rows))
-            if leases:
-                db.execute("UPDATE workers SET last_busy=? WHERE worker_id=?", (now, w["worker_id"]))
-                self.throughput.leased(worker_id, now)
-            elif w["inflight"] == 0 and req.max_batches > 0:
-                other = self._assign(db, worker_id, current=req.context_id)
-                if other is not None:
-                    return LeaseResponse(assign_context=other, lease_seq=seq)
-            return LeaseResponse(batches=leases, lease_seq=seq)
+            queued = db.execute("SELECT b.batch_id, b.workload_id, w.sampling FROM batches b"
+                                " JOIN workloads w USING (workload_id) WHERE b.state=? AND b.context_id=?"
+                                " ORDER BY b.batch_id LIMIT ?",
+                                (BatchState.QUEUED.value, req.context_id, req.max_batches)).fetchall()
+            db.execute("UPDATE workers SET lease_seq=?, last_busy=CASE WHEN ? THEN ? ELSE last_busy END"
+                       " WHERE worker_id=?", (seq, bool(queued), now, worker_id))
+            if not queued:
+                if w["inflight"] == 0 and req.max_batches > 0:
+                    other = self._assign(db, worker_id, current=req.context_id)
+                    if other is not None:
+                        return LeaseResponse(assign_context=other, lease_seq=seq)
+                return LeaseResponse(lease_seq=seq)
+            marks, ids = in_list(b["batch_id"] for b in queued)
+            db.execute(f"UPDATE batches SET state=?, worker_id=?, lease_seq=?, leased_at=? WHERE batch_id IN {marks}",
+                       (BatchState.LEASED.value, worker_id, seq, now, *ids))
+            rows: dict[int, list[RowTask]] = {i: [] for i in ids}
+            for r in db.execute(f"SELECT batch_id, idx, row_id, prompt, request FROM rows"
+                                f" WHERE batch_id IN {marks} AND state=? ORDER BY batch_id, idx",
+                                (*ids, RowState.PENDING.value)):
+                rows[r["batch_id"]].append(row_task(r))
+        self.throughput.leased(worker_id, now)
+        return LeaseResponse(lease_seq=seq, batches=[
+            BatchLease(batch_id=b["batch_id"], workload_id=b["workload_id"], context_id=req.context_id,
+                       sampling=sampling_of(b["sampling"]), rows=rows[b["batch_id"]]) for b in queued])
 
     def report(self, worker_id: str, *reports: BatchReport) -> ReportResponse:
         """Record row results (the first result for a row wins, later ones are dropped); requeue
@@ -118,28 +128,32 @@ class LeaseOps(PlacementOps):
 
     def _record(self, db: sqlite3.Connection, now: float, worker_id: str, rep: BatchReport) -> int:
         """One batch's report; how many of its results were the rows' first."""
-        b = db.execute("SELECT * FROM batches WHERE batch_id=?", (rep.batch_id,)).fetchone()
+        b = db.execute("SELECT batch_id, workload_id, worker_id FROM batches WHERE batch_id=?",
+                       (rep.batch_id,)).fetchone()
         if b is None:
             raise LookupError(f"unknown batch {rep.batch_id}")
-        accepted = failed = 0
-        for r in rep.results:
-            cur = db.execute(
-                "UPDATE rows SET state=?, text=?, finish_reason=?, prompt_tokens=?,"
-                " completion_tokens=?, error=?, error_code=?, choices=?, worker_id=?, finished_at=?"
-                " WHERE batch_id=? AND idx=? AND state=?",
-                (RowState.DONE.value, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens,
-                 r.error, RowErrorCode.REJECTED.value if r.error else None,
-                 json.dumps([c.model_dump(mode="json") for c in r.choices]) if r.choices else None,
-                 worker_id, now, rep.batch_id, r.idx, RowState.PENDING.value))
-            accepted += cur.rowcount
-            failed += cur.rowcount if r.error else 0
-        count_done(db, now, b["workload_id"], accepted, failed)
+        done, pending, rejected = RowState.DONE.value, RowState.PENDING.value, RowErrorCode.REJECTED.value
+        counts = [0, 0]  # first results: texts, errors
+        split = ([r for r in rep.results if not r.error], [r for r in rep.results if r.error])
+        for failed, results in enumerate(split):
+            if results:
+                counts[failed] = db.executemany(
+                    "UPDATE rows SET state=?, text=?, finish_reason=?, prompt_tokens=?,"
+                    " completion_tokens=?, error=?, error_code=?, choices=?, worker_id=?, finished_at=?"
+                    " WHERE batch_id=? AND idx=? AND state=?",
+                    [(done, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.error,
+                      rejected if failed else None,
+                      json.dumps([c.model_dump(mode="json") for c in r.choices]) if r.choices else None,
+                      worker_id, now, rep.batch_id, r.idx, pending) for r in results]).rowcount
+        accepted = counts[0] + counts[1]
+        state = count_done(db, now, b["workload_id"], accepted, counts[1])
         if rep.crashed:
             self._count_crashes(db, now, b, rep.crashed)
         if not settle_batch(db, rep.batch_id) and (rep.returned or rep.crashed) \
                 and b["worker_id"] == worker_id:
             requeue(db, "batch_id=?", (rep.batch_id,))
-        self._settle_cancelling(db, now, b["workload_id"])
+        if state != WorkloadState.RUNNING:  # (None: nothing counted, its state unread)
+            self._settle_cancelling(db, now, b["workload_id"])
         return accepted
 
     def _count_crashes(self, db: sqlite3.Connection, now: float, b: sqlite3.Row, idx: list[int]) -> None:

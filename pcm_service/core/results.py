@@ -44,15 +44,16 @@ def fail_rows(db: sqlite3.Connection, now: float, batch_id: int, wl_id: str, cod
     return n
 
 
-def count_done(db: sqlite3.Connection, now: float, wl_id: str, done: int, failed: int) -> None:
+def count_done(db: sqlite3.Connection, now: float, wl_id: str, done: int, failed: int) -> Optional[WorkloadState]:
+    """Count finished rows; the workload's state before (None: nothing counted). The last row
+    of a running workload completes it."""
     if not done:
-        return
-    db.execute("UPDATE workloads SET rows_done=rows_done+?, rows_failed=rows_failed+?"
-               " WHERE workload_id=?", (done, failed, wl_id))
-    wl = db.execute("SELECT rows_done, rows_total, state FROM workloads WHERE workload_id=?",
-                    (wl_id,)).fetchone()
+        return None
+    wl = db.execute("UPDATE workloads SET rows_done=rows_done+?, rows_failed=rows_failed+?"
+                    " WHERE workload_id=? RETURNING rows_done, rows_total, state", (done, failed, wl_id)).fetchone()
     if wl["rows_done"] >= wl["rows_total"] and wl["state"] == WorkloadState.RUNNING.value:
         complete(db, now, wl_id)
+    return WorkloadState(wl["state"])
 
 
 def settle_batch(db: sqlite3.Connection, batch_id: int) -> bool:
