@@ -5,7 +5,8 @@ second, and the service's CPU per 1,000 rows.
 
     python bench/controlplane.py [--workers 16,64,256] [--batch-sizes 10,100] [--seconds 20]
 
-The workers run as asyncio tasks in ``--procs`` client processes (one HTTP connection each).
+The workers run as asyncio tasks in ``--procs`` client processes, each with its own
+keep-alive HTTP connection.
 Client and service share this machine's cores, so the figures are lower bounds for the
 service on its own machine. Goals (issue 15), with K = 256: >= 20,000 rows/s at batch size
 100, >= 500 round trips/s at batch size 10, and no drop as K grows from 16 to 256.
@@ -27,7 +28,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-import httpx  # noqa: E402
 from support.serve import ServeProcess  # noqa: E402
 
 from pcm_service.protocol import ContextState, RowIn, WorkloadHeader  # noqa: E402
@@ -35,18 +35,46 @@ from pcm_service.protocol import ContextState, RowIn, WorkloadHeader  # noqa: E4
 READY = ContextState.READY.value
 
 
-async def worker(http: httpx.AsyncClient, ctx: str, stop_at: float, hb_every: float, counts: list[int]) -> None:
+class Http:
+    """A minimal HTTP/1.1 keep-alive client over one asyncio connection: the load generator
+    must cost far less per request than the service (httpx's async pool costs as much)."""
+
+    def __init__(self, host: str, port: int, token: str) -> None:
+        self.host, self.port = host, port
+        self.head = f"Host: {host}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+
+    async def open(self) -> "Http":
+        self.r, self.w = await asyncio.open_connection(self.host, self.port)
+        return self
+
+    async def post(self, path: str, body: Any) -> Any:
+        data = json.dumps(body).encode()
+        self.w.write(f"POST /v1/pcm{path} HTTP/1.1\r\n{self.head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        status = int((await self.r.readline()).split()[1])
+        length = 0
+        while (line := await self.r.readline()) != b"\r\n":
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        payload = await self.r.readexactly(length)
+        if status >= 400:
+            raise RuntimeError(f"{path}: {status} {payload[:200]!r}")
+        return json.loads(payload)
+
+    def close(self) -> None:
+        self.w.close()
+
+
+async def worker(http: Http, ctx: str, stop_at: float, hb_every: float, counts: list[int]) -> None:
     """One simulated worker: lease one batch, report all its rows at once, repeat."""
-    wid = (await http.post("/workers", json={"host": "sim", "pid": os.getpid()})).json()["worker_id"]
-    await http.post(f"/workers/{wid}/library", json={"context_id": ctx, "state": READY, "seconds": 0.0})
+    wid = (await http.post("/workers", {"host": "sim", "pid": os.getpid()}))["worker_id"]
+    await http.post(f"/workers/{wid}/library", {"context_id": ctx, "state": READY, "seconds": 0.0})
     seq, next_hb = 0, time.monotonic() + hb_every
     while time.monotonic() < stop_at:
         if time.monotonic() >= next_hb:
-            await http.post(f"/workers/{wid}/heartbeat", json={
+            await http.post(f"/workers/{wid}/heartbeat", {
                 "context_id": ctx, "context_state": READY, "inflight_batches": 0, "batches": [], "lease_seq": seq})
             next_hb += hb_every
-        r = (await http.post(f"/workers/{wid}/lease", json={
-            "context_id": ctx, "context_state": READY, "max_batches": 1})).json()
+        r = await http.post(f"/workers/{wid}/lease", {"context_id": ctx, "context_state": READY, "max_batches": 1})
         seq = r["lease_seq"]
         if not r["batches"]:
             await asyncio.sleep(0.05)
@@ -54,8 +82,7 @@ async def worker(http: httpx.AsyncClient, ctx: str, stop_at: float, hb_every: fl
         reports = [{"batch_id": b["batch_id"], "results": [
             {"idx": row["idx"], "text": "True", "finish_reason": "stop", "prompt_tokens": 9, "completion_tokens": 1}
             for row in b["rows"]]} for b in r["batches"]]
-        resp = await http.post(f"/workers/{wid}/reports", json={"reports": reports})
-        resp.raise_for_status()
+        await http.post(f"/workers/{wid}/reports", {"reports": reports})
         counts[0] += sum(len(b["rows"]) for b in r["batches"])
         counts[1] += 1
 
@@ -64,12 +91,13 @@ def client_process(url: str, token: str, ctx: str, n: int, start_at: float, seco
                    hb_every: float, out: Any) -> None:
     async def run() -> list[int]:
         counts = [0, 0]
-        limits = httpx.Limits(max_connections=min(n, 64), max_keepalive_connections=min(n, 64))
-        async with httpx.AsyncClient(base_url=url + "/v1/pcm", limits=limits, timeout=120,
-                                     headers={"authorization": f"Bearer {token}"}) as http:
-            await asyncio.sleep(max(0.0, start_at - time.time()))
-            stop_at = time.monotonic() + seconds
-            await asyncio.gather(*(worker(http, ctx, stop_at, hb_every, counts) for _ in range(n)))
+        host, port = url.removeprefix("http://").split(":")
+        conns = [await Http(host, int(port), token).open() for _ in range(n)]  # one per worker
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        stop_at = time.monotonic() + seconds
+        await asyncio.gather(*(worker(c, ctx, stop_at, hb_every, counts) for c in conns))
+        for c in conns:
+            c.close()
         return counts
 
     out.put(asyncio.run(run()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable, Optional, TypeVar
 
+import anyio
 from fastapi import APIRouter, Header, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
@@ -39,6 +40,7 @@ from pcm_service.weights.chunks import CHUNK_RE, read_pieces
 from pcm_service.weights.ranges import RangeNotSatisfiable, byte_range
 
 T = TypeVar("T")
+HOT_THREADS = 4
 BYTES: dict[str, Any] = {"content": {"application/octet-stream": {}}}
 
 
@@ -58,6 +60,13 @@ def as_json(model: BaseModel) -> Response:
 
 def worker_router(core: ServiceCore, changes: Changes, executor: Executor) -> APIRouter:
     router = APIRouter(route_class=StrictJSONRoute)
+    # the routes every worker calls all the time each take the store's one writer: a few
+    # threads for them, not one per waiting request (hundreds of threads queued on one lock
+    # cost more CPU per request the more workers there are)
+    hot_limiter = anyio.CapacityLimiter(HOT_THREADS)
+
+    async def hot(fn: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(lambda: fn(*args), limiter=hot_limiter)
 
     @router.get(EXECUTOR_PATH, responses=AUTH)
     def executor_info() -> ExecutorInfo:
@@ -94,8 +103,8 @@ def worker_router(core: ServiceCore, changes: Changes, executor: Executor) -> AP
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/heartbeat", response_model=HeartbeatResponse,
                  responses=WORKER)
-    def heartbeat(worker_id: str, hb: Heartbeat) -> Response:
-        return as_json(call(core.heartbeat, worker_id, hb))
+    async def heartbeat(worker_id: str, hb: Heartbeat) -> Response:
+        return as_json(await hot(call, core.heartbeat, worker_id, hb))
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/library", responses=WORKER)
     def library(worker_id: str, ev: LibraryEvent) -> dict[str, bool]:
@@ -103,8 +112,8 @@ def worker_router(core: ServiceCore, changes: Changes, executor: Executor) -> AP
         return {"ok": True}
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/lease", response_model=LeaseResponse, responses=WORKER)
-    def lease(worker_id: str, req: LeaseRequest) -> Response:
-        return as_json(call(core.lease_batch, worker_id, req))
+    async def lease(worker_id: str, req: LeaseRequest) -> Response:
+        return as_json(await hot(call, core.lease_batch, worker_id, req))
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/idle", responses=WORKER)
     def idle(worker_id: str, rep: IdleReport) -> RetireDecision:
@@ -124,9 +133,9 @@ def worker_router(core: ServiceCore, changes: Changes, executor: Executor) -> AP
         return record(worker_id, rep)
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/reports", response_model=ReportResponse, responses=WORKER)
-    def reports(worker_id: str, reps: BatchReports) -> Response:
+    async def reports(worker_id: str, reps: BatchReports) -> Response:
         """Several batches' reports, recorded in one transaction."""
-        return as_json(record(worker_id, *reps.reports))
+        return as_json(await hot(record, worker_id, *reps.reports))
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/fetch", responses=WORKER)
     async def fetch(worker_id: str, req: FetchRequest) -> FetchPlan:
