@@ -95,8 +95,11 @@ class StatusProbe:
 
     def summary(self) -> str:
         s = sorted(self.seconds)
-        return (f"{len(s)} calls, median {statistics.median(s) * 1000:.1f} ms, max {s[-1] * 1000:.1f} ms"
-                if s else "no calls")
+        if not s:
+            return "no calls"
+        p95 = s[min(len(s) - 1, int(0.95 * len(s)))]
+        return (f"{len(s)} calls, median {statistics.median(s) * 1000:.1f} ms, 95th percentile"
+                f" {p95 * 1000:.1f} ms, max {s[-1] * 1000:.1f} ms")
 
 
 def submit_streamed(serve: ServeProcess, wl: Path) -> tuple[float, float, str]:
@@ -126,7 +129,8 @@ def finish_output(serve: ServeProcess, wl_id: str) -> tuple[float, int]:
         db.execute("UPDATE workloads SET rows_done=? WHERE workload_id=?", (n, wl_id))
     db.close()
     http = httpx.Client(base_url=serve.url + "/v1/pcm", timeout=600,
-                        headers={"authorization": f"Bearer {serve.pool_token}"})
+                        headers={"authorization": f"Bearer {serve.pool_token}",
+                                 "content-type": "application/json"})
 
     def post(path: str, body: BaseModel) -> Any:
         r = http.post(path, content=body.model_dump_json())
@@ -186,16 +190,16 @@ def main() -> None:
             write_inputs(small, args.json_rows, args.prompt_bytes)
             sub = load_workload(write_workload(tmp, "small", small))
             client = serve.client()
-            before = rss_mb(serve.proc.pid)
+            before_stream = rss_mb(serve.proc.pid)
+            with PeakRss(serve.proc.pid) as stream_rss:
+                stream_seconds, _, _ = submit_streamed(serve, write_workload(tmp, "small2", small))
+            before_json = rss_mb(serve.proc.pid)
             with PeakRss(serve.proc.pid) as json_rss:
                 t0 = time.monotonic()
                 client.request("POST", "/workloads", sub)
                 json_seconds = time.monotonic() - t0
             del sub
-            with PeakRss(serve.proc.pid) as stream_rss:
-                t0 = time.monotonic()
-                stream_seconds, _, _ = submit_streamed(serve, write_workload(tmp, "small2", small))
-            json_growth, stream_growth = json_rss.peak - before, stream_rss.peak - before
+            json_growth, stream_growth = json_rss.peak - before_json, stream_rss.peak - before_stream
             json_line = (f"\n{args.json_rows:,} rows, service RSS growth: one JSON body {json_growth:.0f} MiB"
                          f" ({json_seconds:.1f} s), streamed {max(stream_growth, 0):.0f} MiB ({stream_seconds:.1f} s);"
                          f" JSON / streamed = {json_growth / max(stream_growth, 1):.1f}x")
