@@ -1,7 +1,8 @@
 """The control plane alone: a real `pcm serve` and K simulated workers that speak the worker
 protocol over HTTP (register, engine ready, heartbeats, lease, report) and answer every row at
 once, so what is measured is the service: rows/s and batch round trips (lease + report) per
-second, and the service's CPU per 1,000 rows.
+second (one batch per lease and per report unless
+``--batches-per-lease``), and the service's CPU per 1,000 rows.
 
     python bench/controlplane.py [--workers 16,64,256] [--batch-sizes 10,100] [--seconds 20]
 
@@ -64,8 +65,9 @@ class Http:
         self.w.close()
 
 
-async def worker(http: Http, ctx: str, stop_at: float, hb_every: float, counts: list[int]) -> None:
-    """One simulated worker: lease one batch, report all its rows at once, repeat."""
+async def worker(http: Http, ctx: str, stop_at: float, hb_every: float, per_lease: int,
+                 counts: list[int]) -> None:
+    """One simulated worker: lease ``per_lease`` batches, report all their rows at once, repeat."""
     wid = (await http.post("/workers", {"host": "sim", "pid": os.getpid()}))["worker_id"]
     await http.post(f"/workers/{wid}/library", {"context_id": ctx, "state": READY, "seconds": 0.0})
     seq, next_hb = 0, time.monotonic() + hb_every
@@ -74,7 +76,8 @@ async def worker(http: Http, ctx: str, stop_at: float, hb_every: float, counts: 
             await http.post(f"/workers/{wid}/heartbeat", {
                 "context_id": ctx, "context_state": READY, "inflight_batches": 0, "batches": [], "lease_seq": seq})
             next_hb += hb_every
-        r = await http.post(f"/workers/{wid}/lease", {"context_id": ctx, "context_state": READY, "max_batches": 1})
+        r = await http.post(f"/workers/{wid}/lease", {"context_id": ctx, "context_state": READY,
+                                                          "max_batches": per_lease})
         seq = r["lease_seq"]
         if not r["batches"]:
             await asyncio.sleep(0.05)
@@ -84,18 +87,18 @@ async def worker(http: Http, ctx: str, stop_at: float, hb_every: float, counts: 
             for row in b["rows"]]} for b in r["batches"]]
         await http.post(f"/workers/{wid}/reports", {"reports": reports})
         counts[0] += sum(len(b["rows"]) for b in r["batches"])
-        counts[1] += 1
+        counts[1] += len(r["batches"])
 
 
 def client_process(url: str, token: str, ctx: str, n: int, start_at: float, seconds: float,
-                   hb_every: float, out: Any) -> None:
+                   hb_every: float, per_lease: int, out: Any) -> None:
     async def run() -> list[int]:
         counts = [0, 0]
         host, port = url.removeprefix("http://").split(":")
         conns = [await Http(host, int(port), token).open() for _ in range(n)]  # one per worker
         await asyncio.sleep(max(0.0, start_at - time.time()))
         stop_at = time.monotonic() + seconds
-        await asyncio.gather(*(worker(c, ctx, stop_at, hb_every, counts) for c in conns))
+        await asyncio.gather(*(worker(c, ctx, stop_at, hb_every, per_lease, counts) for c in conns))
         for c in conns:
             c.close()
         return counts
@@ -110,7 +113,7 @@ def cpu_seconds(pid: int) -> float:
 
 def run_case(serve: ServeProcess, model: Path, k: int, batch: int, args: argparse.Namespace) -> dict[str, float]:
     client = serve.client(timeout=600)
-    n_rows = args.rows or int(25_000 * args.seconds)
+    n_rows = args.rows or int(50_000 * args.seconds)
     rows = (RowIn(row_id=str(i), prompt=f"claim {i}") for i in range(n_rows))
     header = WorkloadHeader(name=f"cp-{k}-{batch}", context={"model": str(model)},  # type: ignore[arg-type]
                             batch_size=batch, output=str(serve.state_dir.parent / f"out-{k}-{batch}.jsonl"))
@@ -121,7 +124,8 @@ def run_case(serve: ServeProcess, model: Path, k: int, batch: int, args: argpars
     for n in per:
         if n:
             p = mp.get_context("spawn").Process(target=client_process, args=(
-                serve.url, serve.pool_token, sub.context_id, n, start_at, args.seconds, args.heartbeat, q))
+                serve.url, serve.pool_token, sub.context_id, n, start_at, args.seconds, args.heartbeat,
+                args.batches_per_lease, q))
             p.start()
             procs.append(p)
     assert serve.proc is not None
@@ -142,9 +146,12 @@ def main() -> None:
     p.add_argument("--workers", default="16,64,256")
     p.add_argument("--batch-sizes", default="10,100")
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per case")
-    p.add_argument("--rows", type=int, default=0, help="rows queued per case (default: 25,000 per second measured)")
+    p.add_argument("--rows", type=int, default=0, help="rows queued per case (default: 50,000 per second measured)")
     p.add_argument("--procs", type=int, default=2, help="client processes")
     p.add_argument("--heartbeat", type=float, default=2.0, help="seconds between a worker's heartbeats")
+    p.add_argument("--batches-per-lease", type=int, default=1,
+                   help="batches a worker leases (and reports) per request; a real agent leases what"
+                        " keeps 2 x max_num_seqs rows in flight")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pcm-controlplane-"))
     model = tmp / "models" / "m"
@@ -161,7 +168,7 @@ def main() -> None:
             finally:
                 serve.stop()
             table.append((k, batch, r))
-            print(f"K={k:4d} batch={batch:4d}: {r['rows_s']:9,.0f} rows/s {r['trips_s']:7,.0f} round trips/s"
+            print(f"K={k:4d} batch={batch:4d}: {r['rows_s']:9,.0f} rows/s {r['trips_s']:7,.0f} batch round trips/s"
                   f"  service CPU {r['cpu_per_1k']:.3f} s per 1,000 rows", flush=True)
     print(json.dumps([{"workers": k, "batch_size": b, **r} for k, b, r in table]))
 
