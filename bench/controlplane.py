@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from support.models import fake_model  # noqa: E402
 from support.serve import ServeProcess  # noqa: E402
 
 from pcm_service.protocol import ContextState, RowIn, WorkloadHeader  # noqa: E402
@@ -155,9 +156,7 @@ def main() -> None:
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pcm-controlplane-"))
     model = tmp / "models" / "m"
-    model.mkdir(parents=True)
-    (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"stand-in")
+    fake_model(model)
     table = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for k in [int(w) for w in args.workers.split(",")]:

@@ -35,6 +35,7 @@ import httpx  # noqa: E402
 import yaml  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 from support.memory import PeakRss, rss_mb  # noqa: E402
+from support.models import fake_model  # noqa: E402
 from support.serve import ServeProcess  # noqa: E402
 
 from pcm_service.protocol import (  # noqa: E402
@@ -165,9 +166,7 @@ def main() -> None:
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pcm-ingest-bench-"))
     model = tmp / "models" / "m"
-    model.mkdir(parents=True)
-    (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"stand-in")
+    fake_model(model)
     inputs = tmp / "inputs.jsonl"
     write_inputs(inputs, args.rows, args.prompt_bytes)
     size_mb = inputs.stat().st_size / 2**20

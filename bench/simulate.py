@@ -35,6 +35,9 @@ from typing import Any, Callable, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from support.models import fake_model  # noqa: E402
 
 from factory.backends.base import Glidein, GlideinBackend, GlideinState  # noqa: E402
 from factory.config import FactoryConfig  # noqa: E402
@@ -447,9 +450,7 @@ def main() -> None:
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="which of " + ", ".join(SCENARIOS))
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pcm-sim-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-    (work / "models" / "m").mkdir(parents=True)
-    (work / "models" / "m" / "config.json").write_text("{}")
-    (work / "models" / "m" / "model.safetensors").write_bytes(b"stand-in")
+    fake_model(work / "models" / "m")
     try:
         results = []
         print(f"{'scenario':<15} {'makespan min':>12} {'paper min':>9} {'ratio':>6} {'engine starts':>13}"

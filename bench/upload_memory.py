@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import openai
 from support.memory import PeakRss, rss_mb
+from support.models import fake_model
 from support.serve import ServeProcess
 
 from pcm_service.protocol import NamedModel
@@ -30,9 +31,7 @@ def main() -> None:
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pcm-upload-bench-"))
     model = tmp / "models" / "m"
-    model.mkdir(parents=True)
-    (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"stand-in")
+    fake_model(model)
     (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
     batch = tmp / "big.jsonl"
     with batch.open("w") as fh:
