@@ -121,7 +121,7 @@ class ServiceClient:
                     progress(sent + len(lines))
 
         try:
-            resp = self._http.post(API_PREFIX + "/workloads/stream", content=body(),
+            resp = self._http.post(API_PREFIX + "/workload-streams", content=body(),
                                    headers={**self._headers, "content-type": NDJSON})
         except httpx.TransportError as e:
             if is_tls_failure(e):

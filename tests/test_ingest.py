@@ -93,18 +93,18 @@ def test_bad_row_sent_to_the_api_is_a_400_naming_line_and_field(serve, tmp_path)
     lines = [json.dumps(header)] + [json.dumps({"row_id": str(i), "prompt": "p"}) for i in range(5000)]
     lines[4001] = json.dumps({"row_id": "4000", "prompt": 7})
     http = httpx.Client(base_url=serve.url, headers={"authorization": f"Bearer {serve.api_token}"})
-    r = http.post("/v1/pcm/workloads/stream", content="\n".join(lines), headers={"content-type": NDJSON})
+    r = http.post("/v1/pcm/workload-streams", content="\n".join(lines), headers={"content-type": NDJSON})
     assert r.status_code == 400, r.text
     body = r.json()
     assert body["field"] == "row.prompt" and "line 4002" in body["detail"], body
     lines[4001] = json.dumps({"row_id": "3", "prompt": "p"})
-    r = http.post("/v1/pcm/workloads/stream", content="\n".join(lines), headers={"content-type": NDJSON})
+    r = http.post("/v1/pcm/workload-streams", content="\n".join(lines), headers={"content-type": NDJSON})
     assert r.status_code == 400 and "line 4002: row.row_id: duplicate row id '3'" in r.json()["detail"], r.text
-    r = http.post("/v1/pcm/workloads/stream", content="\n".join(lines), headers={"content-type": "application/json"})
+    r = http.post("/v1/pcm/workload-streams", content="\n".join(lines), headers={"content-type": "application/json"})
     assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type", r.text
     assert stored(serve) == (0, 0, 0)
     lines[4001] = json.dumps({"row_id": "4000", "prompt": "p"})
-    r = http.post("/v1/pcm/workloads/stream", content="\n".join(lines), headers={"content-type": NDJSON})
+    r = http.post("/v1/pcm/workload-streams", content="\n".join(lines), headers={"content-type": NDJSON})
     assert r.status_code == 201 and r.json()["rows"] == 5000, r.text
 
 

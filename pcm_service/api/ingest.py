@@ -1,4 +1,4 @@
-"""Streamed submissions: ``POST /v1/pcm/workloads/stream`` with an NDJSON body, a
+"""Streamed submissions: ``POST /v1/pcm/workload-streams`` with an NDJSON body, a
 ``WorkloadHeader`` on its first line and one ``RowIn`` per line after it.
 
 The service reads the body as it arrives and stores rows as they are read (a few thousand

@@ -32,7 +32,10 @@ from pcm_service.protocol import (
 from pcm_service.weights.modelpaths import ModelUnavailable
 
 SUBMIT_PATH = f"{API_PREFIX}/workloads"
-STREAM_PATH = f"{API_PREFIX}/workloads/stream"  # NDJSON: the WorkloadHeader, then one RowIn per line
+# NDJSON: the WorkloadHeader, then one RowIn per line (not under /workloads/: {workload_id} is there)
+STREAM_PATH = f"{API_PREFIX}/workload-streams"
+NDJSON_BODY = {"requestBody": {"required": True, "description": "line 1: a WorkloadHeader; then one RowIn per line",
+                               "content": {NDJSON: {"schema": {"type": "string"}}}}}
 SERVED_MODELS_PATH = f"{API_PREFIX}/served-models"  # models by name (OpenAI's view: GET /v1/models)
 
 
@@ -56,7 +59,7 @@ def user_router(core: ServiceCore, executor: Executor) -> APIRouter:
     async def submit(sub: WorkloadSubmission) -> SubmitResponse:
         return await run_in_threadpool(_stored, core, sub)
 
-    @router.post(STREAM_PATH, status_code=201, responses={**BODY, **errors(400, 415)})
+    @router.post(STREAM_PATH, status_code=201, responses={**BODY, **errors(400, 415)}, openapi_extra=NDJSON_BODY)
     async def submit_stream(request: Request) -> SubmitResponse:
         """A workload whose rows stream in: stored as they arrive, acknowledged once all are."""
         media = request.headers.get("content-type", "").split(";")[0].strip()

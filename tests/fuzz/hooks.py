@@ -17,6 +17,8 @@ CHECKED = Path(os.environ["PCM_FUZZ_CHECKED"])  # one line per rejected request 
 TOKENS = {kind: Path(os.environ[f"PCM_FUZZ_{kind.upper()}_TOKEN_FILE"]).read_text().strip()
           for kind in ("pool", "api")}
 _before: dict[str, Any] = {}
+# a streamed submission (POST /v1/pcm/workload-streams) is NDJSON text: sent as generated
+schemathesis.serializer.alias("application/x-ndjson", "text/plain")
 
 
 def snapshot() -> dict[str, list[tuple[Any, ...]]]:
