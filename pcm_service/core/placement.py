@@ -2,11 +2,12 @@
 
 Workers spread over the contexts in proportion to the work each has left (in seconds, from
 the rows left and the measured rows/s per worker): a context nobody runs comes first, then
-the one whose workers each have the most work once this one joins. A context already warm
-on other workers is only started if they will not finish it before the newcomer's engine is
-ready and has paid for itself (the same rule as the demand model's, for one more worker); a
-worker whose disk already holds the model gets ready sooner, so it is preferred and its
-start is judged by the engine's load time alone.
+the one whose workers each have the most work once this one joins. A worker done with its
+context switches to another only if the workers already warm for it will not finish it
+before its new engine is ready and has paid for itself (the demand model's rule, for one
+more worker; a new worker is not asked again: the demand model decided by that rule that it
+was worth starting); a worker whose disk already holds the model gets ready sooner, so it
+is preferred and its start is judged by the engine's load time alone.
 """
 from __future__ import annotations
 
@@ -59,9 +60,12 @@ def worth_starting(c: ContextWork, time_to_ready: float, policy: DemandPolicy) -
 
 
 def choose_context(options: list[ContextWork], time_to_ready: float, load_time: float,
-                   policy: DemandPolicy) -> Optional[ContextSpec]:
-    """The context for a worker to start (None: none is worth a start now)."""
-    worth = [c for c in options if worth_starting(c, load_time if c.cached else time_to_ready, policy)]
+                   policy: DemandPolicy, switching: bool = True) -> Optional[ContextSpec]:
+    """The context for a worker to start (None: none is worth a start now). A worker that would
+    drop its engine for it (``switching``) must find it worth the start; a new worker takes any
+    context with queued work (the demand model, by the same rule, decided it was worth having)."""
+    worth = [c for c in options if c.queued_batches and (not switching or worth_starting(
+        c, load_time if c.cached else time_to_ready, policy))]
     if not worth:
         return None
 
@@ -107,7 +111,7 @@ class PlacementOps(CoreBase):
                    for c, (n, first) in queued.items()]
         policy = self.ramp.policy
         t_ready = time_to_ready(db) or policy.ready_estimate
-        return choose_context(options, t_ready, load_time(db) or t_ready, policy)
+        return choose_context(options, t_ready, load_time(db) or t_ready, policy, switching=current is not None)
 
     def _holds_model(self, held: set[str], spec: ContextSpec) -> bool:
         try:
