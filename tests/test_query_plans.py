@@ -31,6 +31,10 @@ def plan_scans(conn: sqlite3.Connection, sql: str) -> list[str]:
             if d.startswith("SCAN ") and d.split()[1] in BIG_TABLES]
 
 
+def plan_uses(conn: sqlite3.Connection, sql: str, index: str) -> bool:
+    return any(f"USING INDEX {index} " in d for *_, d in conn.execute("EXPLAIN QUERY PLAN " + sql))
+
+
 def test_lease_report_heartbeat_use_indexes_and_few_statements(tmp_path: Path) -> None:
     core = ServiceCore(tmp_path / "state", ServiceConfig(model_roots=(tmp_path,)), clock=FakeClock())
     try:
@@ -57,6 +61,10 @@ def test_lease_report_heartbeat_use_indexes_and_few_statements(tmp_path: Path) -
             "SELECT", "UPDATE", "DELETE", "INSERT")]
         scans = {s: plan_scans(core.store._conn, s) for s in statements}
         assert not any(scans.values()), {s: p for s, p in scans.items() if p}
+        # a row's result finds the row by its primary key, not by walking its batch's index
+        # entries (which made a report of n rows cost n² steps)
+        row_updates = {s for s in report_sql if s.startswith("UPDATE rows") and "idx=" in s}
+        assert row_updates and all(plan_uses(core.store._conn, s, "sqlite_autoindex_rows_1") for s in row_updates)
         # a lease: a few statements for 4 batches of 100 rows; a report: a few per batch and none
         # per row besides its update (one executemany per batch, traced once per row)
         assert len([s for s in lease_sql if not s.startswith(("BEGIN", "COMMIT"))]) <= 5, lease_sql

@@ -7,7 +7,7 @@ from functools import lru_cache
 from typing import Optional
 
 from pcm_service.core.placement import PlacementOps
-from pcm_service.core.results import count_done, fail_rows, requeue, settle_batch
+from pcm_service.core.results import ROW_OF_BATCH, count_done, fail_rows, requeue, settle_batch
 from pcm_service.protocol import (
     OPEN_BATCH_STATES,
     BatchLease,
@@ -140,11 +140,11 @@ class LeaseOps(PlacementOps):
                 counts[failed] = db.executemany(
                     "UPDATE rows SET state=?, text=?, finish_reason=?, prompt_tokens=?,"
                     " completion_tokens=?, error=?, error_code=?, choices=?, worker_id=?, finished_at=?"
-                    " WHERE batch_id=? AND idx=? AND state=?",
+                    f" WHERE {ROW_OF_BATCH}",
                     [(done, r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.error,
                       rejected if failed else None,
                       json.dumps([c.model_dump(mode="json") for c in r.choices]) if r.choices else None,
-                      worker_id, now, rep.batch_id, r.idx, pending) for r in results]).rowcount
+                      worker_id, now, b["workload_id"], r.idx, rep.batch_id, pending) for r in results]).rowcount
         accepted = counts[0] + counts[1]
         state = count_done(db, now, b["workload_id"], accepted, counts[1])
         if rep.crashed:
@@ -157,9 +157,8 @@ class LeaseOps(PlacementOps):
         return accepted
 
     def _count_crashes(self, db: sqlite3.Connection, now: float, b: sqlite3.Row, idx: list[int]) -> None:
-        for i in idx:
-            db.execute("UPDATE rows SET crashes=crashes+1 WHERE batch_id=? AND idx=? AND state=?",
-                       (b["batch_id"], i, RowState.PENDING.value))
+        db.executemany(f"UPDATE rows SET crashes=crashes+1 WHERE {ROW_OF_BATCH}",
+                       [(b["workload_id"], i, b["batch_id"], RowState.PENDING.value) for i in idx])
         poisoned = [r["idx"] for r in db.execute(
             "SELECT idx FROM rows WHERE batch_id=? AND state=? AND crashes>=?",
             (b["batch_id"], RowState.PENDING.value, self.config.poison_after))]
