@@ -6,9 +6,11 @@ import sqlite3
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from pcm_service.protocol import BatchState, RowState, WorkerKind
+
+T = TypeVar("T")
 
 # workers that run rows: every kind but the TaskVine manager, which only holds leases
 # (bind MANAGER_KIND to it)
@@ -212,6 +214,9 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        if getattr(self._local, "grouped", False):  # one call of run_group: its savepoint is the transaction
+            yield self._conn
+            return
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             outer, self._local.writing = getattr(self._local, "writing", False), True
@@ -223,6 +228,43 @@ class Store:
             finally:
                 self._local.writing = outer
             self._conn.execute("COMMIT")
+
+    def run_group(self, calls: Sequence[Callable[[], T]]) -> list[T | Exception]:
+        """Run ``calls`` in one transaction, each in its own savepoint (a call that raises is
+        undone alone and gets its exception back), committed once: a group commit, one fsync
+        for them all. Nothing is returned before that commit."""
+        outcomes: list[T | Exception] = []
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._local.grouped = self._local.writing = True
+            self._local.after = []
+            try:
+                for fn in calls:
+                    self._conn.execute("SAVEPOINT call")
+                    try:
+                        outcomes.append(fn())
+                    except Exception as e:
+                        self._conn.execute("ROLLBACK TO call")
+                        outcomes.append(e)
+                    self._conn.execute("RELEASE call")
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                self._local.after.clear()
+                raise
+            finally:
+                self._local.grouped = self._local.writing = False
+        hooks, self._local.after = self._local.after, []
+        for hook in hooks:
+            hook()
+        return outcomes
+
+    def after_commit(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` once what this thread wrote is committed (at once outside a group)."""
+        if getattr(self._local, "grouped", False):
+            self._local.after.append(hook)
+        else:
+            hook()
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:

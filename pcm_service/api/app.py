@@ -13,6 +13,7 @@ from fastapi.routing import APIRoute
 
 from pcm_service.api.auth import BearerToken, api_token, pool_token
 from pcm_service.api.changes import Changes
+from pcm_service.api.committer import GroupCommitter
 from pcm_service.api.errors import BodyLimit, StrictJSONRoute, install_error_handlers
 from pcm_service.api.openai_routes import FILES_PATH, openai_router, validate_batch
 from pcm_service.api.user_routes import STREAM_PATH, SUBMIT_PATH, user_router
@@ -45,6 +46,7 @@ def create_app(core: ServiceCore, pool: str, api: str, executor: Optional[Execut
         raise ValueError("create_app needs both the pool token and the API token")
     stop = threading.Event()
     changes = Changes()
+    committer = GroupCommitter(core.store)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -58,6 +60,7 @@ def create_app(core: ServiceCore, pool: str, api: str, executor: Optional[Execut
         yield
         stop.set()
         executor.stop()
+        committer.stop()
         t.join(timeout=5)
 
     app = FastAPI(title="PCM service", version="1", lifespan=lifespan)
@@ -72,7 +75,7 @@ def create_app(core: ServiceCore, pool: str, api: str, executor: Optional[Execut
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    app.include_router(worker_router(core, changes, executor), dependencies=[Depends(pool_token(pool))])
+    app.include_router(worker_router(core, changes, executor, committer), dependencies=[Depends(pool_token(pool))])
     app.include_router(user_router(core, executor), dependencies=[Depends(api_token(api))])
     app.include_router(openai_router(core), dependencies=[Depends(api_token(api))])
     _check_every_route_has_a_token(app)

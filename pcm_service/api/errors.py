@@ -160,11 +160,14 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope["path"])
-        too_large = ApiError(413, ErrorCode.REQUEST_TOO_LARGE,
-                             f"the request body is larger than this service accepts here ({limit} bytes)")
+
+        def too_large() -> ApiError:
+            return ApiError(413, ErrorCode.REQUEST_TOO_LARGE,
+                            f"the request body is larger than this service accepts here ({limit} bytes)")
+
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            body = ErrorBody(code=too_large.code, detail=str(too_large.detail))
+            body = ErrorBody(code=ErrorCode.REQUEST_TOO_LARGE, detail=str(too_large().detail))
             await error_response(413, body, {"Connection": "close"}, scope["path"])(scope, receive, send)
             return
         received = 0
@@ -175,7 +178,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise too_large  # inside the route: the error handler answers 413
+                    raise too_large()  # inside the route: the error handler answers 413
             return message
 
         await self.app(scope, limited, send)

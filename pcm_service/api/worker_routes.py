@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable, Optional, TypeVar
 
-import anyio
 from fastapi import APIRouter, Header, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from pcm_service.api.changes import Changes
+from pcm_service.api.committer import GroupCommitter
 from pcm_service.api.errors import AUTH, BODY, WORKER, ApiError, StrictJSONRoute, errors, unknown_worker
 from pcm_service.core import ServiceCore, UnknownWorker
 from pcm_service.executors import Executor
@@ -40,7 +40,6 @@ from pcm_service.weights.chunks import CHUNK_RE, read_pieces
 from pcm_service.weights.ranges import RangeNotSatisfiable, byte_range
 
 T = TypeVar("T")
-HOT_THREADS = 2  # bench/controlplane.py: 1, 2, 4 and 200 threads within its noise (±20 %)
 BYTES: dict[str, Any] = {"content": {"application/octet-stream": {}}}
 
 
@@ -58,15 +57,10 @@ def as_json(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-def worker_router(core: ServiceCore, changes: Changes, executor: Executor) -> APIRouter:
+def worker_router(core: ServiceCore, changes: Changes, executor: Executor, committer: GroupCommitter) -> APIRouter:
     router = APIRouter(route_class=StrictJSONRoute)
-    # the routes every worker calls all the time each take the store's one writer: a few
-    # threads for them, not one per waiting request (hundreds of threads queued on one lock
-    # cost more CPU per request the more workers there are)
-    hot_limiter = anyio.CapacityLimiter(HOT_THREADS)
-
-    async def hot(fn: Callable[..., T], *args: Any) -> T:
-        return await anyio.to_thread.run_sync(lambda: fn(*args), limiter=hot_limiter)
+    # the routes every worker calls all the time: group-committed on one thread
+    hot = committer.call
 
     @router.get(EXECUTOR_PATH, responses=AUTH)
     def executor_info() -> ExecutorInfo:

@@ -122,8 +122,7 @@ class LeaseOps(PlacementOps):
             db.execute("UPDATE workers SET rows_done=rows_done+?, last_busy=? WHERE worker_id=?",
                        (accepted, now, worker_id))
         self.throughput.rows(worker_id, accepted, now)
-        with self._progress:
-            self._progress.notify_all()
+        self.store.after_commit(self._notify_progress)
         return ReportResponse(accepted=accepted, duplicates=results - accepted)
 
     def _record(self, db: sqlite3.Connection, now: float, worker_id: str, rep: BatchReport) -> int:
@@ -166,6 +165,10 @@ class LeaseOps(PlacementOps):
             fail_rows(db, now, b["batch_id"], b["workload_id"], RowErrorCode.FAILED,
                       f"poisoned: the library process died {self.config.poison_after} times while"
                       " running this row; not retried", poisoned)
+
+    def _notify_progress(self) -> None:
+        with self._progress:
+            self._progress.notify_all()
 
     def wait_for_progress(self, timeout: float) -> None:
         """Block until some row result arrives (or ``timeout``): lets in-process callers await progress."""
