@@ -23,6 +23,7 @@ from factory.config import (
     load_factory_config,
 )
 from factory.drill import EvictionDrill
+from factory.metrics import FactoryMetrics
 from pcm_service.client import ServiceClient, ServiceError
 from pcm_service.protocol import (
     FactoryDecision,
@@ -121,6 +122,7 @@ class Factory:
         self.reported_held: set[str] = set()
         self.stop_event = threading.Event()
         self.drill = EvictionDrill(config.eviction) if config.eviction else None
+        self.metrics = FactoryMetrics(config.name)
 
     # ----- configuration ----------------------------------------------------------
     def apply_config_limits(self) -> Optional[FactoryLimits]:
@@ -173,13 +175,17 @@ class Factory:
         glideins = self.backend.glideins()
         now = self.clock()
         self._note(glideins)
+        self.metrics.saw(glideins)
+        self.metrics.wanted.set(demand.workers_wanted)
         d = decide(demand.workers_wanted, glideins, status.workers, self.policy(demand.limits), now,
                    keep=self.window.keep(now, demand.workers_wanted))
         if d.remove:
             self.backend.remove(d.remove)
+            self.metrics.removed.inc(len(d.remove))
             log.info("%s: removed %s", d.reason, ", ".join(d.remove))
         if d.submit:
             ids = self.backend.submit(d.submit)
+            self.metrics.submitted.inc(len(ids))
             log.info("%s: %s", d.reason, ", ".join(ids))
         if not self.decisions or d.submit or d.remove or d.reason != self.decisions[-1].reason:
             self.decisions.append(d)
@@ -194,6 +200,7 @@ class Factory:
         if victim is not None and victim.glidein_id:
             evicted = self.drill.decision(now, wanted, victim)
             self.backend.evict(victim.glidein_id, hard=self.drill.settings.signal == "kill")
+            self.metrics.evicted.inc()
             log.warning("%s", evicted.reason)
             self.decisions.append(evicted)
 
@@ -220,11 +227,15 @@ class Factory:
         n = 0
         while not self.stop_event.is_set() and (cycles is None or n < cycles):
             try:
-                self.cycle()
+                with self.metrics.cycle_seconds.time():
+                    self.cycle()
             except ServiceError as e:
+                self.metrics.service_failures.inc()
                 log.warning("factory cycle skipped: %s", e.detail)
             except BackendError as e:
+                self.metrics.backend_failures.inc()
                 log.error("factory cycle skipped: %s", e)
+            self.metrics.cycles.inc()
             n += 1
             self.stop_event.wait(self.config.interval)
 

@@ -35,7 +35,9 @@ class TokenKind:
 
 POOL = TokenKind("pool token", "pool.token", "PCM_POOL_TOKEN_FILE", "PCM_POOL_TOKEN")
 API = TokenKind("API token", "api.token", "PCM_API_TOKEN_FILE", "PCM_API_TOKEN")
-SECRET_ENV = (POOL.value_env, API.value_env)  # removed from the environment of child workers
+# read-only: GET /metrics and nothing else (what Prometheus is given)
+METRICS = TokenKind("metrics token", "metrics.token", "PCM_METRICS_TOKEN_FILE", "PCM_METRICS_TOKEN")
+SECRET_ENV = (POOL.value_env, API.value_env, METRICS.value_env)  # removed from the environment of child workers
 
 
 @dataclass(frozen=True)

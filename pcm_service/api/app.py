@@ -11,10 +11,11 @@ import anyio.to_thread
 from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
 
-from pcm_service.api.auth import BearerToken, api_token, pool_token
+from pcm_service.api.auth import BearerToken, ReadToken, api_token, pool_token
 from pcm_service.api.changes import Changes
 from pcm_service.api.committer import GroupCommitter
 from pcm_service.api.errors import BodyLimit, StrictJSONRoute, install_error_handlers
+from pcm_service.api.metrics import ServiceMetrics, metrics_router
 from pcm_service.api.openai_routes import FILES_PATH, openai_router, validate_batch
 from pcm_service.api.user_routes import STREAM_PATH, SUBMIT_PATH, user_router
 from pcm_service.api.worker_routes import worker_router
@@ -38,15 +39,18 @@ def _reaper(core: ServiceCore, stop: threading.Event) -> None:
             log.exception("reaper cycle failed")
 
 
-def create_app(core: ServiceCore, pool: str, api: str, executor: Optional[Executor] = None) -> FastAPI:
+def create_app(core: ServiceCore, pool: str, api: str, executor: Optional[Executor] = None,
+               metrics_token: Optional[str] = None) -> FastAPI:
     """The service's app. ``pool``, ``api``: the two tokens, never interchangeable; ``executor``
-    runs leased batches (default: native, PCM's agents pull them over HTTP)."""
+    runs leased batches (default: native, PCM's agents pull them over HTTP); ``metrics_token``
+    may read ``/metrics`` (and nothing else), as the API token may."""
     executor = executor or NativeExecutor()
     if not pool or not api:
         raise ValueError("create_app needs both the pool token and the API token")
     stop = threading.Event()
     changes = Changes()
     committer = GroupCommitter(core.store)
+    metrics = ServiceMetrics(core)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -75,9 +79,11 @@ def create_app(core: ServiceCore, pool: str, api: str, executor: Optional[Execut
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    app.include_router(worker_router(core, changes, executor, committer), dependencies=[Depends(pool_token(pool))])
+    app.include_router(worker_router(core, changes, executor, committer, metrics),
+                       dependencies=[Depends(pool_token(pool))])
     app.include_router(user_router(core, executor), dependencies=[Depends(api_token(api))])
     app.include_router(openai_router(core), dependencies=[Depends(api_token(api))])
+    app.include_router(metrics_router(metrics), dependencies=[Depends(ReadToken(metrics_token, api))])
     _check_every_route_has_a_token(app)
     return app
 

@@ -2,6 +2,8 @@
 the OpenAPI document names the scheme each operation takes (PoolToken or ApiToken)."""
 from __future__ import annotations
 
+from typing import Optional
+
 from fastapi import Request
 from fastapi.security import HTTPBearer
 
@@ -33,3 +35,17 @@ def pool_token(token: str) -> BearerToken:
 
 def api_token(token: str) -> BearerToken:
     return BearerToken(token, "API token", "ApiToken", "The API token: users, the CLI and the factory")
+
+
+class ReadToken(BearerToken):
+    """``GET /metrics``: the read-only metrics token (what Prometheus is given) or the API token."""
+
+    def __init__(self, metrics: Optional[str], api: str) -> None:
+        super().__init__(api, "metrics token or API token", "MetricsToken",
+                         "The metrics token (read-only: /metrics) or the API token")
+        self.metrics = metrics
+
+    async def __call__(self, request: Request) -> None:
+        if self.metrics and check_bearer(request.headers.get("authorization"), self.metrics) is None:
+            return
+        await super().__call__(request)

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from pcm_service.api.changes import Changes
 from pcm_service.api.committer import GroupCommitter
 from pcm_service.api.errors import AUTH, BODY, WORKER, ApiError, StrictJSONRoute, errors, unknown_worker
+from pcm_service.api.metrics import ServiceMetrics
 from pcm_service.core import ServiceCore, UnknownWorker
 from pcm_service.executors import Executor
 from pcm_service.protocol import (
@@ -57,7 +58,8 @@ def as_json(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-def worker_router(core: ServiceCore, changes: Changes, executor: Executor, committer: GroupCommitter) -> APIRouter:
+def worker_router(core: ServiceCore, changes: Changes, executor: Executor, committer: GroupCommitter,
+                  metrics: ServiceMetrics) -> APIRouter:
     router = APIRouter(route_class=StrictJSONRoute)
     # the routes every worker calls all the time: group-committed on one thread
     hot = committer.call
@@ -107,7 +109,8 @@ def worker_router(core: ServiceCore, changes: Changes, executor: Executor, commi
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/lease", response_model=LeaseResponse, responses=WORKER)
     async def lease(worker_id: str, req: LeaseRequest) -> Response:
-        return as_json(await hot(call, core.lease_batch, worker_id, req))
+        with metrics.lease_seconds.time():
+            return as_json(await hot(call, core.lease_batch, worker_id, req))
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/idle", responses=WORKER)
     def idle(worker_id: str, rep: IdleReport) -> RetireDecision:
@@ -124,12 +127,14 @@ def worker_router(core: ServiceCore, changes: Changes, executor: Executor, commi
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/report", responses=WORKER)
     def report(worker_id: str, rep: BatchReport) -> ReportResponse:
-        return record(worker_id, rep)
+        with metrics.report_seconds.time():
+            return record(worker_id, rep)
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/reports", response_model=ReportResponse, responses=WORKER)
     async def reports(worker_id: str, reps: BatchReports) -> Response:
         """Several batches' reports, recorded in one transaction."""
-        return as_json(await hot(record, worker_id, *reps.reports))
+        with metrics.report_seconds.time():
+            return as_json(await hot(record, worker_id, *reps.reports))
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/fetch", responses=WORKER)
     async def fetch(worker_id: str, req: FetchRequest) -> FetchPlan:

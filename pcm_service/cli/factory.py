@@ -5,7 +5,7 @@ import signal
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from pydantic import ValidationError
@@ -27,6 +27,9 @@ from pcm_service.cli.common import (
 )
 from pcm_service.client import ServiceClient, ServiceError
 from pcm_service.protocol import Demand, FactoryLimits, FactoryView, GlideinState
+
+if TYPE_CHECKING:
+    from factory.daemon import Factory
 
 factory_app = typer.Typer(help="The glidein factory: run it, tune its limits, inspect it.",
                           no_args_is_help=True)
@@ -62,6 +65,10 @@ def factory_run(config: Optional[Path] = typer.Option(
                 evict_every: Optional[float] = EvictEveryOpt,
                 evict_signal: str = EvictSignalOpt,
                 evict_count: Optional[int] = EvictCountOpt,
+                metrics_port: Optional[int] = typer.Option(
+                    None, min=0, max=65535, help="Serve the factory's Prometheus metrics on this port"
+                    " (GET /metrics with the metrics token or the API token)"),
+                metrics_host: str = typer.Option("127.0.0.1", help="Address of --metrics-port"),
                 verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run the factory daemon: glideins follow the service's demand within min/max."""
     from factory.backends import BackendError, make_backend
@@ -92,6 +99,8 @@ def factory_run(config: Optional[Path] = typer.Option(
     except BackendError as e:
         fail(str(e), code=1)
     fac = Factory(client, be, cfg, config_path=config)
+    if metrics_port is not None:
+        _serve_metrics(fac, metrics_host, metrics_port, token_file)
     try:
         fac.apply_config_limits()
         limits = (_limits(client, min_workers, max_workers, per_cycle)
@@ -163,3 +172,15 @@ def factory_show(service: Optional[str] = ServiceOpt, token_file: Optional[Path]
             dec.add_row(time.strftime("%H:%M:%S", time.localtime(x.at)), str(x.wanted), str(x.submit),
                         ",".join(x.remove) or "-", x.reason)
         out.print(gl, dec)
+
+
+def _serve_metrics(fac: "Factory", host: str, port: int, token_file: Optional[Path]) -> None:
+    from factory.metrics import serve_metrics
+    from pcm_service.tokens import API, METRICS, TokenError, client_token
+
+    try:
+        tokens = [t.value for t in (client_token(METRICS), client_token(API, token_file)) if t is not None]
+        server = serve_metrics(fac.metrics, host, port, tokens)
+    except (TokenError, ValueError, OSError) as e:
+        fail(f"--metrics-port {port}: {e}", code=2)
+    console.print(f"factory metrics on http://{host}:{server.server_port}/metrics", highlight=False)

@@ -40,6 +40,10 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
               None, help="Users must present this file's token [env PCM_API_TOKEN_FILE; else env"
                          " PCM_API_TOKEN, else STATE_DIR/api.token, made on first start]",
               envvar="PCM_API_TOKEN_FILE"),
+          metrics_token_file: Optional[Path] = typer.Option(
+              None, help="Prometheus may read /metrics (only) with this file's token [env"
+                         " PCM_METRICS_TOKEN_FILE; else env PCM_METRICS_TOKEN, else STATE_DIR/metrics.token,"
+                         " made on first start]; the API token reads it too", envvar="PCM_METRICS_TOKEN_FILE"),
           chunk_size: float = typer.Option(
               DEFAULT_CHUNK_SIZE / MIB, min=0.001,
               help="Largest model chunk in MiB (a model gets >= 64 chunks, >= 1 MiB)"),
@@ -66,11 +70,12 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
     from pcm_service.api import create_app
     from pcm_service.core import ServiceCore
     from pcm_service.tls import TLSError, check_server_files
-    from pcm_service.tokens import API, POOL, TokenError, service_token
+    from pcm_service.tokens import API, METRICS, POOL, TokenError, service_token
 
     try:
         pool_token = service_token(POOL, pool_token_file, state_dir)
         api_token = service_token(API, api_token_file, state_dir)
+        metrics_token = service_token(METRICS, metrics_token_file, state_dir)
     except TokenError as e:
         fail(str(e), code=2)
     for root in model_root:
@@ -86,7 +91,7 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
     setup_logging(verbose)
     transfers = TransferPolicy(chunk_size=int(chunk_size * MIB), origin_rate=origin_rate * 1e6,
                                origin_slots=origin_slots)
-    secrets = tuple(p for p in (pool_token.path, api_token.path, tls_key) if p is not None)
+    secrets = tuple(p for p in (pool_token.path, api_token.path, metrics_token.path, tls_key) if p is not None)
     core = ServiceCore(state_dir, ServiceConfig(
         heartbeat_interval=heartbeat_interval, worker_timeout=worker_timeout, idle_timeout=idle_timeout,
         transfers=transfers, model_roots=tuple(model_root), secret_paths=secrets,
@@ -99,6 +104,8 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
                      " local.token_file or htcondor.token_file: {file}")
     _print_token_use("API token", api_token, "clients (submit, status, factory):"
                      " --token-file {file} or PCM_API_TOKEN_FILE={file}")
+    _print_token_use("metrics token", metrics_token, "Prometheus (GET /metrics):"
+                     " authorization: {{credentials_file: {file}}}")
     if scheme == "http" and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving plain HTTP on %s: bearer tokens cross the network in clear;"
                     " use --tls-cert/--tls-key (see `pcm tls init`)", host)
@@ -112,7 +119,7 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
         console.print(f"executor: TaskVine manager on port {info.port}"
                       f"{f', project {info.project}' if info.project else ''} (workers: vine_worker --password"
                       " POOL_TOKEN_FILE, or glideins running `pcm worker`)", highlight=False)
-    uvicorn.run(create_app(core, pool_token.value, api_token.value, runner), host=host, port=port,
+    uvicorn.run(create_app(core, pool_token.value, api_token.value, runner, metrics_token.value), host=host, port=port,
                 log_level="warning", ssl_certfile=str(tls_cert) if tls_cert else None,
                 ssl_keyfile=str(tls_key) if tls_key else None)
 

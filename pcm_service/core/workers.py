@@ -134,6 +134,12 @@ class WorkerOps(CoreBase):
         starts = {r["worker_id"]: r["n"] for r in rows}
         return {worker_id: starts.get(worker_id, 0)} if worker_id else starts
 
+    def engine_ready_seconds(self) -> list[float]:
+        """Each engine start's seconds from the library's start to ready (every worker, ever)."""
+        with self.store.read() as db:
+            return [r[0] for r in db.execute("SELECT seconds FROM library_events WHERE state=?",
+                                             (ContextState.READY.value,))]
+
     def retire(self, worker_id: str, state: WorkerState = WorkerState.RETIRED) -> int:
         """A worker left (or was declared lost): its unfinished batches go back to the queue. A
         batch lost ``max_losses`` times with its worker is failed: it may be what kills them."""

@@ -50,6 +50,10 @@ class ServeProcess:
         return self.state_dir / "pool.token"
 
     @property
+    def metrics_token(self) -> str:
+        return (self.state_dir / "metrics.token").read_text().strip()
+
+    @property
     def api_token(self) -> str:
         return self.api_token_file.read_text().strip()
 
