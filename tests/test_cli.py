@@ -26,6 +26,10 @@ def test_factory_set_then_show_and_status(serve, write_workload) -> None:
     assert st["workloads"][0]["rows_total"] == 20
     assert st["demand"]["workers_wanted"] == 1  # 4 batches, 1 worker per 4
     r = cli(serve, "status")
+    row = next(line for line in r.output.splitlines() if line.startswith("wl-"))
+    assert r.exit_code == 0 and row.split()[2:5] == ["0", "20", "0%"], r.output
+    assert "Demand:   1 worker (min 1, max 3), 20 rows left" in r.output
+    r = cli(serve, "status", "--wide")
     assert r.exit_code == 0 and "0/20 (0%)" in r.output and "Demand: 1 workers" in r.output
 
 

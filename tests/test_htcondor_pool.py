@@ -6,7 +6,6 @@ real vLLM CPU engine, a real `pcm serve` that requires the pool token.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -264,8 +263,8 @@ def test_gpu_request_lands_only_on_a_matching_gpu(
     assert len(rejected) == 1
     assert sorted(a["JobStatus"] for a in pool.jobs(fp.name, ["JobStatus"])) == [1, 2]
     assert len(service_status(serve.url).workers) == 1
-    st = subprocess.run([sys.executable, "-m", "pcm_service.cli", "status", "--service", serve.url],
-                        capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    st = subprocess.run([sys.executable, "-m", "pcm_service.cli", "status", "--service", serve.url, "--wide"],
+                        capture_output=True, text=True)
     assert worker.gpus[0] in st.stdout and "without a worker" in st.stdout, st.stdout
 
 

@@ -28,6 +28,8 @@ from pcm_service.client import ServiceError
 from pcm_service.protocol import ServiceStatus, SubmitResponse, WorkloadStatus
 from pcm_service.workload import WorkloadError
 
+WIDE = 200  # columns of `pcm status --wide`
+
 
 def submit(workload: Path = typer.Argument(..., help="Workload YAML file, or an OpenAI Batch input file (.jsonl)"),
            model: Optional[str] = ModelOpt, engine_arg: list[str] = EngineArgOpt,
@@ -60,11 +62,25 @@ def status(service: Optional[str] = ServiceOpt, token_file: Optional[Path] = Tok
            watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until interrupted"),
            interval: float = typer.Option(2.0, help="Refresh interval for --watch"),
            as_json: bool = typer.Option(False, "--json", help="Print the raw status as JSON"),
+           wide: bool = typer.Option(False, "--wide", help="Every column, full ids, hold reasons (wide terminals)"),
            all_workers: bool = typer.Option(False, "--all", help="Include retired and lost workers")) -> None:
-    """Show workers (state, context) and workloads (rows done/total, rate)."""
+    """Workloads (done/total, rows/s, ETA), the pool (glideins, workers, contexts, demand), workers."""
+    from rich.console import Console, Group, RenderableType
+
+    from pcm_service.cli.status_compact import RecentRates, render_compact
     from pcm_service.cli.status_view import render_status
 
     client = client_for(service, token_file, ca_file)
+    rates = RecentRates()
+
+    def render(st: ServiceStatus, watching: bool = False) -> RenderableType:
+        if wide:
+            return render_status(st)
+        if not watching:
+            return render_compact(st)
+        rates.add(st)
+        head = f"Every {interval:g}s: pcm status, {time.strftime('%H:%M:%S')}; rows/s over the last minute"
+        return Group(head, "", render_compact(st, rates))
 
     def fetch() -> ServiceStatus:
         try:
@@ -76,14 +92,15 @@ def status(service: Optional[str] = ServiceOpt, token_file: Optional[Path] = Tok
         out.print_json(fetch().model_dump_json())
         return
     if not watch:
-        out.print(render_status(fetch()))
+        # --wide: as wide as the tables need (the terminal wraps them), never cut to fit it
+        (Console(width=max(out.width, WIDE)) if wide else out).print(render(fetch()))
         return
     from rich.live import Live
 
-    with Live(render_status(fetch()), console=out, auto_refresh=False) as live:
+    with Live(render(fetch(), True), console=out, auto_refresh=False, screen=False) as live:
         try:
             while True:
                 time.sleep(interval)
-                live.update(render_status(fetch()), refresh=True)
+                live.update(render(fetch(), True), refresh=True)
         except KeyboardInterrupt:
             pass
