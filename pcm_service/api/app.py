@@ -17,13 +17,16 @@ from pcm_service.api.committer import GroupCommitter
 from pcm_service.api.errors import BodyLimit, StrictJSONRoute, install_error_handlers
 from pcm_service.api.metrics import ServiceMetrics, metrics_router
 from pcm_service.api.openai_routes import FILES_PATH, openai_router, validate_batch
+from pcm_service.api.page import LOGIN_PATH, LOGOUT_PATH, PAGE_PATH, PageToken, page_routers
 from pcm_service.api.user_routes import STREAM_PATH, SUBMIT_PATH, user_router
 from pcm_service.api.worker_routes import worker_router
 from pcm_service.core import ServiceCore
 from pcm_service.executors import Executor, NativeExecutor
 
 log = logging.getLogger("pcm.service")
-OPEN = {"/healthz"}  # the one route without a token (besides the API's own description)
+# the routes without a token (besides the API's own description): health, and the status
+# page with its login and logout (the page holds no data; its data route takes a token)
+OPEN = {"/healthz", PAGE_PATH, LOGIN_PATH, LOGOUT_PATH}
 
 
 def _reaper(core: ServiceCore, stop: threading.Event) -> None:
@@ -84,6 +87,9 @@ def create_app(core: ServiceCore, pool: str, api: str, executor: Optional[Execut
     app.include_router(user_router(core, executor), dependencies=[Depends(api_token(api))])
     app.include_router(openai_router(core), dependencies=[Depends(api_token(api))])
     app.include_router(metrics_router(metrics), dependencies=[Depends(ReadToken(metrics_token, api))])
+    page, page_data = page_routers(core, api)
+    app.include_router(page)
+    app.include_router(page_data, dependencies=[Depends(PageToken(api))])
     _check_every_route_has_a_token(app)
     return app
 
