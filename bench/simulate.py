@@ -42,6 +42,7 @@ from support.models import fake_model  # noqa: E402
 from factory.backends.base import Glidein, GlideinBackend, GlideinState  # noqa: E402
 from factory.config import FactoryConfig  # noqa: E402
 from factory.daemon import Factory  # noqa: E402
+from pcm_service.cli.plots import draw_pool, draw_rows, pyplot  # noqa: E402
 from pcm_service.core import ServiceConfig, ServiceCore, UnknownWorker  # noqa: E402
 from pcm_service.protocol import (  # noqa: E402
     BatchReport,
@@ -402,7 +403,7 @@ def simulate(sc: Scenario, work: Path) -> dict[str, Any]:
     sim.trace.append((sim.t, *sim.pool(), st.rows_done))
     result = {"scenario": sc.name, "batch_size": sc.batch_size, "makespan_min": sim.t / 60,
               "rows": st.rows_done, "failed": st.rows_failed, "engine_starts": starts,
-              "peak_gpus": max(g for _, g, _, _ in sim.trace), "trace": sim.trace}
+              "peak_gpus": max(g for _, g, _, _ in sim.trace), "history": core.history()}
     core.close()
     shutil.rmtree(state, ignore_errors=True)
     return result
@@ -418,23 +419,14 @@ PAPER_MIN = {"static-reload": 180, "static-kept": 48, "opportunistic": 13}
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib  # pip install -e '.[bench]'
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
-    for ax, r in zip(axes[0], results, strict=True):
-        t = [x[0] / 60 for x in r["trace"]]
-        ax.plot(t, [x[1] for x in r["trace"]], color="tab:blue", label="GPUs held")
-        ax.plot(t, [x[2] for x in r["trace"]], color="tab:blue", alpha=0.35, lw=0.8, label="with an engine")
-        ax.set_xlabel("minutes")
-        ax.set_ylabel("GPUs", color="tab:blue")
-        ax.legend(loc="center right", fontsize=8)
-        ax2 = ax.twinx()
-        ax2.plot(t, [x[3] / 1000 for x in r["trace"]], color="tab:orange")
-        ax2.set_ylabel("thousand rows done", color="tab:orange")
-        ax.set_title(f"{r['scenario']}: {r['makespan_min']:.0f} min")
+    """Each scenario's pool by worker state and rows done, drawn by `pcm report`'s own code
+    from the service's records of the simulated run."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, len(results), figsize=(5 * len(results), 6.4), squeeze=False)
+    for col, r in enumerate(results):
+        draw_pool(axes[0][col], r["history"])
+        axes[0][col].set_title(f"{r['scenario']}: {r['makespan_min']:.0f} min")
+        draw_rows(axes[1][col], r["history"])
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

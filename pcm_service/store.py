@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
@@ -98,6 +99,21 @@ CREATE TABLE IF NOT EXISTS workers (
     last_busy REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS workers_by_glidein ON workers (glidein_id);
+-- every change of a worker's state or of its context's, for `pcm report`: written by the
+-- triggers below at the service's clock (pcm_now(), a function of the writer connection)
+CREATE TABLE IF NOT EXISTS worker_history (
+    worker_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    state TEXT NOT NULL,
+    context_state TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS worker_registered AFTER INSERT ON workers BEGIN
+    INSERT INTO worker_history VALUES (NEW.worker_id, pcm_now(), NEW.state, NEW.context_state);
+END;
+CREATE TRIGGER IF NOT EXISTS worker_changed AFTER UPDATE OF state, context_state ON workers
+WHEN OLD.state IS NOT NEW.state OR OLD.context_state IS NOT NEW.context_state BEGIN
+    INSERT INTO worker_history VALUES (NEW.worker_id, pcm_now(), NEW.state, NEW.context_state);
+END;
 CREATE TABLE IF NOT EXISTS library_events (
     event_id INTEGER PRIMARY KEY AUTOINCREMENT,
     worker_id TEXT NOT NULL,
@@ -190,6 +206,7 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = self._connect()
+        self.set_clock(time.time)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(SCHEMA)
@@ -198,6 +215,10 @@ class Store:
         self._local = threading.local()  # .writing: this thread is inside transaction(); .reader
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+
+    def set_clock(self, clock: Callable[[], float]) -> None:
+        """The time the triggers write (``pcm_now()``): the service's clock, simulated or not."""
+        self._conn.create_function("pcm_now", 0, clock)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)

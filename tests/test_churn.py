@@ -14,6 +14,9 @@ from support import REPO
 from support.state import db, files_containing
 from support.workloads import N_REFERENCE, assert_exactly_once_and_identical, expected, write_engine_workload
 
+from pcm_service.cli.plots import PLOTS, states_over_time
+from pcm_service.protocol import LIVE_WORKER_STATES, RunHistory, WorkerState
+
 pytestmark = pytest.mark.engine
 N_ROWS = N_REFERENCE
 KILLS = 2
@@ -52,3 +55,15 @@ def test_no_token_in_any_file_after_the_run(drilled_run: Path) -> None:
     state = drilled_run / "state" / "service"
     secrets = [(state / "api.token").read_text().strip(), (state / "pool.token").read_text().strip()]
     assert files_containing(drilled_run, secrets) == []
+
+
+def test_the_run_wrote_plots_where_each_eviction_is_a_drop_of_the_pool(drilled_run: Path) -> None:
+    report = drilled_run / "state" / "report"
+    assert all((report / name).stat().st_size > 10_000 for name in PLOTS) and (report / "index.html").is_file()
+    h = RunHistory.model_validate_json((report / "history.json").read_text())
+    times, counts = states_over_time(h, lambda c: c.state, LIVE_WORKER_STATES)
+    live = [sum(c[i] for c in counts.values()) for i in range(len(times))]
+    lost_at = [c.at for c in h.workers if c.state == WorkerState.LOST]
+    assert len(lost_at) == KILLS
+    drops = [i for i in range(1, len(live)) if live[i] < live[i - 1]]
+    assert len(drops) >= KILLS  # each kill, and each retirement at the end, lowers the pool

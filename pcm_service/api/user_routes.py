@@ -23,6 +23,7 @@ from pcm_service.protocol import (
     ModelRegistration,
     NamedModel,
     RowIn,
+    RunHistory,
     ServiceStatus,
     SubmitResponse,
     WorkloadHeader,
@@ -101,6 +102,14 @@ def user_router(core: ServiceCore, executor: Executor) -> APIRouter:
             return core.workload_status(workload_id)
         except UnknownWorkload:
             raise ApiError(404, ErrorCode.NOT_FOUND, f"unknown workload {workload_id}") from None
+
+    @router.get(f"{API_PREFIX}/history", responses={**AUTH, **errors(404, 422)})
+    def history(workload_id: Optional[str] = None) -> RunHistory:
+        """The run over time (worker states, engine starts, rows done, bytes moved): `pcm report`."""
+        try:
+            return core.history(workload_id)
+        except UnknownWorkload:
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"unknown workload {workload_id}", "workload_id") from None
 
     @router.get(f"{API_PREFIX}/status", responses={**AUTH, **errors(422)})
     def status(all: bool = False) -> ServiceStatus:

@@ -16,6 +16,7 @@ app = typer.Typer(help="PCM: throughput LLM inference on opportunistic HTCondor 
 app.command()(serve.serve)
 app.command()(jobs.submit)
 app.command()(jobs.status)
+app.command()(jobs.report)
 app.command()(run.run)
 app.command()(worker.worker)
 app.add_typer(factory_app, name="factory")

@@ -22,6 +22,7 @@ from pcm_service.core import ServiceConfig, ServiceCore
 from pcm_service.protocol import (
     ExecutorKind,
     FactoryLimits,
+    RunHistory,
     WorkloadState,
     WorkloadStatus,
     WorkloadSubmission,
@@ -76,6 +77,7 @@ class RunResult:
     state_dir: Path
     makespan: float
     library_starts: dict[str, int]
+    history: RunHistory  # the run over time, for `pcm report`'s plots
 
 
 def run_workload(sub: WorkloadSubmission, state_dir: Path, workers: int = 1,
@@ -112,7 +114,8 @@ def run_workload(sub: WorkloadSubmission, state_dir: Path, workers: int = 1,
         starts = service.core.library_starts()
         factory.stop()
         factory_thread.join(timeout=10)
-        return RunResult(status=st, state_dir=state_dir, makespan=makespan, library_starts=starts)
+        return RunResult(status=st, state_dir=state_dir, makespan=makespan, library_starts=starts,
+                         history=service.core.history(wl.workload_id))
     finally:
         factory.stop()
         backend.close()

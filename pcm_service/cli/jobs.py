@@ -104,3 +104,22 @@ def status(service: Optional[str] = ServiceOpt, token_file: Optional[Path] = Tok
                 live.update(render(fetch(), True), refresh=True)
         except KeyboardInterrupt:
             pass
+
+
+def report(workload_id: Optional[str] = typer.Argument(None, help="One workload's span (default: the whole service)"),
+           output: Path = typer.Option(Path("pcm-report"), "--output", "-o", help="Directory for the plots"),
+           service: Optional[str] = ServiceOpt, token_file: Optional[Path] = TokenFileOpt,
+           ca_file: Optional[Path] = CaFileOpt) -> None:
+    """Plots of a run from the service's records (pool by worker state, rows done, engine starts,
+    context states, weight bytes by source) and an index.html with a summary table."""
+    from pcm_service.cli.plots import write_report
+    from pcm_service.protocol import RunHistory
+
+    client = client_for(service, token_file, ca_file)
+    try:
+        history = client.request("GET", "/history", response=RunHistory,
+                                 **({"workload_id": workload_id} if workload_id else {}))
+    except ServiceError as e:
+        fail(e.detail)
+    written = write_report(history, output)
+    out.print(f"report: {written[0]} ({len(written) - 1} plots in {output})", highlight=False)

@@ -65,6 +65,10 @@ def run(workload: Path = typer.Argument(..., help="Workload YAML file, or an Ope
             fail(f"interrupted; state and logs kept in {sdir}", code=130)
     console.print(f"makespan {res.makespan:.1f}s; engine starts per worker: "
                   f"{json.dumps(res.library_starts)}", highlight=False)
+    from pcm_service.cli.plots import write_report
+
+    written = write_report(res.history, sdir / "report")
+    console.print(f"plots of the run: {written[0]}", highlight=False)
     if sub.openai is None:
         from pcm_service.cli.summary import print_summary
 

@@ -14,6 +14,7 @@ from pcm_service.core.batches import BatchOps
 from pcm_service.core.config import ServiceConfig
 from pcm_service.core.demand import Ramp, ThroughputMeter
 from pcm_service.core.factories import FactoryRegistry
+from pcm_service.core.history import HistoryOps
 from pcm_service.core.leasing import LeaseOps
 from pcm_service.core.models import ModelOps
 from pcm_service.core.pool_ops import FactoryOps
@@ -33,7 +34,7 @@ def _now() -> float:
     return time.time()
 
 
-class ServiceCore(WorkloadOps, ModelOps, BatchOps, WorkerOps, LeaseOps, FactoryOps):
+class ServiceCore(WorkloadOps, ModelOps, BatchOps, WorkerOps, LeaseOps, FactoryOps, HistoryOps):
     def __init__(self, state_dir: str | Path, config: Optional[ServiceConfig] = None,
                  clock: Callable[[], float] = _now) -> None:
         self.state_dir = Path(state_dir)
@@ -41,6 +42,7 @@ class ServiceCore(WorkloadOps, ModelOps, BatchOps, WorkerOps, LeaseOps, FactoryO
         self.config = config or ServiceConfig()
         self.clock = clock
         self.store = Store(self.state_dir / "pcm.sqlite3")
+        self.store.set_clock(clock)
         self.factories = FactoryRegistry(self.store)
         models = ModelPolicy.of(self.config.model_roots, (self.state_dir, *self.config.secret_paths))
         self.replicas = ReplicaMap(self.store, self.config.transfers, clock, models)

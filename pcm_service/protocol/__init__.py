@@ -35,6 +35,7 @@ from pcm_service.protocol.factory import (
     FactoryView,
     Glidein,
 )
+from pcm_service.protocol.history import BytesMoved, EngineStart, RowsDone, RunHistory, WorkerChange
 from pcm_service.protocol.states import (
     LIVE_WORKER_STATES,
     OPEN_BATCH_STATES,
@@ -191,4 +192,9 @@ __all__ = [
     "WorkloadHeader",
     "WorkloadSubmission",
     "glidein_os",
+    "BytesMoved",
+    "EngineStart",
+    "RowsDone",
+    "RunHistory",
+    "WorkerChange",
 ]
