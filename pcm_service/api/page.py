@@ -52,7 +52,7 @@ def page_routers(core: ServiceCore, api: str) -> tuple[APIRouter, APIRouter]:
                                            " style-src 'unsafe-inline'; frame-ancestors 'none'"})
 
     @open_.post(LOGIN_PATH, status_code=204, responses=errors(403, 422))
-    def login(request: Request, token: str = Form(..., description="The API token")) -> Response:
+    def login(request: Request, token: str = Form(..., min_length=1, description="The API token")) -> Response:
         """Log the status page in: a session cookie that reads the page's data."""
         if not hmac.compare_digest(token.strip().encode(), api.encode()):
             raise ApiError(403, ErrorCode.WRONG_TOKEN, "wrong API token", "token")
