@@ -16,6 +16,8 @@ from pcm_service.tokens import POOL, TokenError, read_token, token_file
 from pcm_service.yamlmodel import FieldError, load_yaml_model
 
 ENTRY_SCRIPT = Path(__file__).resolve().parent.parent / "worker_image" / "entry.sh"
+# what a glidein with PCM_ENV=packed runs first (standard-library Python): transferred beside it
+BOOTSTRAP_SCRIPT = ENTRY_SCRIPT.with_name("bootstrap.py")
 
 
 class FactoryConfigError(FieldError):
@@ -39,7 +41,8 @@ class HTCondorSettings(Strict):
     requirements: Optional[str] = None  # ClassAd expression, and-ed with HTCondor's own
     accounting_group: Optional[str] = None
     accounting_group_user: Optional[str] = None
-    environment: dict[str, str] = Field(default_factory=dict)  # e.g. PCM_VENV, PCM_IMAGE
+    # PCM_VENV (a shared path), PCM_IMAGE (Apptainer) or PCM_ENV=packed (from the service)
+    environment: dict[str, str] = Field(default_factory=dict)
     worker_args: list[str] = Field(default_factory=list)  # extra `pcm worker` flags
     submit: dict[str, str] = Field(default_factory=dict)  # any other submit commands, verbatim
 

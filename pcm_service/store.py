@@ -96,7 +96,8 @@ CREATE TABLE IF NOT EXISTS workers (
     registered_at REAL NOT NULL,
     left_at REAL,
     last_heartbeat REAL NOT NULL,
-    last_busy REAL NOT NULL
+    last_busy REAL NOT NULL,
+    environment TEXT  -- the packed environment's digest (NULL: a venv or an image)
 );
 CREATE INDEX IF NOT EXISTS workers_by_glidein ON workers (glidein_id);
 -- every change of a worker's state or of its context's, for `pcm report`: written by the
@@ -194,7 +195,8 @@ CREATE TABLE IF NOT EXISTS settings (
 """
 
 ADDED_COLUMNS = [("workloads", "model_name"), ("workloads", "openai"), ("rows", "request"),
-                 ("rows", "choices"), ("rows", "error_code"), ("workers", "kind")]
+                 ("rows", "choices"), ("rows", "error_code"), ("workers", "kind"),
+                 ("workers", "environment")]
 
 
 class Store:

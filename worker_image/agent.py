@@ -104,7 +104,7 @@ class WorkerAgent:
             host=socket.gethostname(), pid=os.getpid(), glidein_id=self.glidein_id,
             resources=detect_resources(), blob_url=(self.peers.url or self.blobs.url) if self.blobs else None,
             upload_slots=self.peers.upload_slots if self.blobs else 0,
-            chunks=self.store.held()), RegisterResponse)
+            chunks=self.store.held(), environment=os.environ.get("PCM_ENV_DIGEST", "")), RegisterResponse)
         self.worker_id = self.reg.worker_id
         self.ledger.registered()
         log.info("registered as %s with %s", self.worker_id, self.client.url)

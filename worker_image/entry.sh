@@ -5,8 +5,12 @@
 # vine_worker against the service's TaskVine manager instead of PCM's agent.
 #   entry.sh SERVICE_URL [pcm worker flags: --glidein-id C.P --token-file F ...]
 # Environment (from the factory config's htcondor.environment, never secrets):
-#   PCM_VENV   a prebuilt venv on a shared filesystem, or
-#   PCM_IMAGE  an Apptainer image (worker_image/pcm-worker.def), or neither: `pcm` on PATH.
+#   PCM_VENV        a prebuilt venv on a shared filesystem, or
+#   PCM_IMAGE       an Apptainer image (worker_image/pcm-worker.def), or
+#   PCM_ENV=packed  the service's packed environment (`pcm serve --worker-env`), fetched from
+#                   peers and the service by bootstrap.py (transferred beside this script) and
+#                   unpacked into PCM_ENV_CACHE (a node-local directory the site keeps) or the
+#                   job's scratch directory; or none of these: `pcm` on PATH.
 set -euo pipefail
 service=${1:?usage: entry.sh SERVICE_URL [pcm worker flags]}
 shift
@@ -25,7 +29,19 @@ if [ -z "${PCM_GLIDEIN_ID:-}" ] && [ -n "${_CONDOR_JOB_AD:-}" ] && [ -r "$_CONDO
   [ -n "$c" ] && export PCM_GLIDEIN_ID="$c.$p"
 fi
 
-if [ -n "${PCM_IMAGE:-}" ]; then
+if [ "${PCM_ENV:-}" = packed ]; then
+  boot=$scratch/bootstrap.py
+  [ -r "$boot" ] || boot=$(dirname "$0")/bootstrap.py
+  # the worker flags hold --token-file/--ca-file: the bootstrap reads the same files
+  token=""; ca=""; prev=""
+  for a in "$@"; do
+    [ "$prev" = --token-file ] && token=$a
+    [ "$prev" = --ca-file ] && ca=$a
+    prev=$a
+  done
+  cmd=(python3 "$boot" --service "$service" --work-dir "$scratch/pcm-worker" ${token:+--token-file "$token"}
+       ${ca:+--ca-file "$ca"} -- -m pcm_service.cli worker)
+elif [ -n "${PCM_IMAGE:-}" ]; then
   cmd=(apptainer exec --nv --bind "$scratch" "$PCM_IMAGE" pcm worker)
 elif [ -n "${PCM_VENV:-}" ]; then
   cmd=("$PCM_VENV/bin/pcm" worker)

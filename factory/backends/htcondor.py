@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from factory.backends.base import BackendError, Glidein, GlideinBackend, GlideinState
-from factory.config import FactoryConfig, HTCondorSettings
+from factory.config import BOOTSTRAP_SCRIPT, FactoryConfig, HTCondorSettings
 
 log = logging.getLogger("pcm.factory.htcondor")
 
@@ -75,6 +75,8 @@ def glidein_description(s: HTCondorSettings, service_url: str, factory_name: str
     if ca_file:  # what the worker trusts for an https:// service, transferred like the token
         inputs.append(ca_file)
         args += ["--ca-file", Path(ca_file).name]
+    if s.environment.get("PCM_ENV") == "packed":
+        inputs.append(str(BOOTSTRAP_SCRIPT))
     if inputs:
         d["transfer_input_files"] = ",".join(inputs)
     if s.request_gpus:

@@ -3,9 +3,9 @@ the model weights they fetch (manifests, plans, the origin's chunks)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Path, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
@@ -21,6 +21,7 @@ from pcm_service.protocol import (
     EXECUTOR_PATH,
     BatchReport,
     BatchReports,
+    BootstrapFetchRequest,
     ErrorCode,
     ExecutorInfo,
     FetchPlan,
@@ -35,12 +36,16 @@ from pcm_service.protocol import (
     RegisterResponse,
     ReportResponse,
     RetireDecision,
+    WorkerEnvironment,
     WorkerRegistration,
 )
 from pcm_service.weights.chunks import CHUNK_RE, read_pieces
 from pcm_service.weights.ranges import RangeNotSatisfiable, byte_range
 
 T = TypeVar("T")
+R = TypeVar("R", bound=FetchRequest)
+# a bootstrapping glidein's name in transfer plans: never a worker id
+Receiver = Annotated[str, Path(pattern=r"^boot-[A-Za-z0-9._-]{1,120}$")]
 BYTES: dict[str, Any] = {"content": {"application/octet-stream": {}}}
 
 
@@ -136,15 +141,14 @@ def worker_router(core: ServiceCore, changes: Changes, executor: Executor, commi
         with metrics.report_seconds.time():
             return as_json(await hot(record, worker_id, *reps.reports))
 
-    @router.post(f"{API_PREFIX}/workers/{{worker_id}}/fetch", responses=WORKER)
-    async def fetch(worker_id: str, req: FetchRequest) -> FetchPlan:
+    async def long_poll(plan_for: Callable[[R], FetchPlan], req: R) -> FetchPlan:
         """A transfer plan; with ``wait`` it long-polls until a source frees up."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + req.wait
         while True:
             ev = changes.event
             try:
-                plan = await run_in_threadpool(call, core.fetch_plan, worker_id, req)
+                plan = await run_in_threadpool(plan_for, req)
             except KeyError:
                 raise ApiError(404, ErrorCode.NOT_FOUND, f"unknown model manifest {req.manifest_digest}",
                                "manifest_digest") from None
@@ -157,6 +161,30 @@ def worker_router(core: ServiceCore, changes: Changes, executor: Executor, commi
                 await asyncio.wait_for(ev.wait(), left)
             except asyncio.TimeoutError:
                 pass
+
+    @router.post(f"{API_PREFIX}/workers/{{worker_id}}/fetch", responses=WORKER)
+    async def fetch(worker_id: str, req: FetchRequest) -> FetchPlan:
+        """A transfer plan for a model's weights."""
+        return await long_poll(lambda r: call(core.fetch_plan, worker_id, r), req)
+
+    @router.get(f"{API_PREFIX}/environment", responses={**AUTH, **errors(404)})
+    def environment() -> WorkerEnvironment:
+        """The packed environment glideins bootstrap from (``pcm serve --worker-env``)."""
+        if core.replicas.environment is None:
+            raise ApiError(404, ErrorCode.NOT_FOUND, "this service ships no worker environment:"
+                           " start it with --worker-env FILE (made by `pcm env pack`)")
+        return core.replicas.environment
+
+    @router.post(f"{API_PREFIX}/bootstrap/{{receiver}}/fetch", responses={**AUTH, **errors(404, 422)})
+    async def bootstrap_fetch(receiver: Receiver, req: BootstrapFetchRequest) -> FetchPlan:
+        """A transfer plan for a glidein fetching the environment (it has no worker id yet)."""
+        return await long_poll(lambda r: core.replicas.plan_bootstrap(receiver, r), req)
+
+    @router.delete(f"{API_PREFIX}/bootstrap/{{receiver}}", responses={**AUTH, **errors(422)})
+    def bootstrap_done(receiver: Receiver) -> dict[str, bool]:
+        """The glidein has the environment (or gave up): it no longer fetches nor serves."""
+        core.replicas.end_bootstrap(receiver)
+        return {"ok": True}
 
     @router.delete(f"{API_PREFIX}/workers/{{worker_id}}", responses={**AUTH, **errors(422)})
     def retire(worker_id: str) -> dict[str, int]:

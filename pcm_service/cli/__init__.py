@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from pcm_service.cli import jobs, models, run, serve, setup, worker
+from pcm_service.cli import envpack, jobs, models, run, serve, setup, worker
 from pcm_service.cli.factory import factory_app
 
 app = typer.Typer(help="PCM: throughput LLM inference on opportunistic HTCondor GPU slots.",
@@ -30,6 +30,10 @@ app.add_typer(model_app, name="model")
 tls_app = typer.Typer(help="TLS for the service's API.", no_args_is_help=True)
 tls_app.command("init")(setup.tls_init)
 app.add_typer(tls_app, name="tls")
+env_app = typer.Typer(help="The worker environment, packed and shipped to glideins like the weights.",
+                      no_args_is_help=True)
+env_app.command("pack")(envpack.pack_command)
+app.add_typer(env_app, name="env")
 
 
 def main() -> None:

@@ -63,6 +63,9 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
               help="Largest workload submission in MiB (it holds every row)"),
           executor: ExecutorKind = ExecutorOpt, vine_port: int = VinePortOpt,
           vine_project: Optional[str] = VineProjectOpt,
+          worker_env: Optional[Path] = typer.Option(
+              None, "--worker-env", help="A packed worker environment (`pcm env pack`): glideins started with"
+              " PCM_ENV=packed fetch it in chunks from here and their peers"),
           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run the PCM service (HTTP API + SQLite state; the origin copy of model weights)."""
     import uvicorn
@@ -78,6 +81,8 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
         metrics_token = service_token(METRICS, metrics_token_file, state_dir)
     except TokenError as e:
         fail(str(e), code=2)
+    if worker_env is not None and not worker_env.is_file():
+        fail(f"--worker-env {worker_env}: no such file; make one with `pcm env pack -o {worker_env}`", code=2)
     for root in model_root:
         if not root.is_dir():
             fail(f"--model-root {root}: not a directory", code=2)
@@ -96,6 +101,10 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
         heartbeat_interval=heartbeat_interval, worker_timeout=worker_timeout, idle_timeout=idle_timeout,
         transfers=transfers, model_roots=tuple(model_root), secret_paths=secrets,
         max_request_bytes=int(max_request_mb * MIB), max_submission_bytes=int(max_submission_mb * MIB)))
+    if worker_env is not None:
+        env = core.replicas.register_environment(worker_env)
+        console.print(f"worker environment: {worker_env.resolve()} ({env.bytes / MIB:.0f} MiB,"
+                      f" digest {env.digest[:12]})", highlight=False)
     scheme = "https" if tls_cert else "http"
     console.print(f"PCM service on {scheme}://{host}:{port} (state in {state_dir.resolve()})", highlight=False)
     roots = ", ".join(str(r.resolve()) for r in model_root) or "none: every model path is refused"

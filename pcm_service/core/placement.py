@@ -89,6 +89,12 @@ class PlacementOps(CoreBase):
         marks, ids = in_list(list(queued))
         specs = {r["context_id"]: ContextSpec.model_validate_json(r["spec"]) for r in db.execute(
             f"SELECT context_id, spec FROM contexts WHERE context_id IN {marks}", ids)}
+        env = db.execute("SELECT environment FROM workers WHERE worker_id=?", (worker_id,)).fetchone()
+        # a context made for a packed environment runs only in a worker started from it
+        runnable = {c for c, spec in specs.items() if not spec.environment or spec.environment == env[0]}
+        queued = {c: q for c, q in queued.items() if c in runnable}
+        if not queued:
+            return None
         left = {r[0]: r[1] for r in db.execute(
             f"SELECT context_id, SUM(rows_total - rows_done) FROM workloads WHERE state=? AND context_id IN {marks}"
             " GROUP BY context_id", (WorkloadState.RUNNING.value, *ids))}

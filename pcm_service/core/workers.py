@@ -38,9 +38,9 @@ class WorkerOps(CoreBase):
         with self.store.transaction() as db:
             db.execute(
                 "INSERT INTO workers (worker_id, host, pid, glidein_id, kind, resources, state, context_state,"
-                " registered_at, last_heartbeat, last_busy) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " registered_at, last_heartbeat, last_busy, environment) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (worker_id, reg.host, reg.pid, reg.glidein_id, reg.kind.value, reg.resources.model_dump_json(),
-                 WorkerState.STARTING.value, ContextState.ABSENT.value, now, now, now))
+                 WorkerState.STARTING.value, ContextState.ABSENT.value, now, now, now, reg.environment or None))
             self.replicas.add_worker(db, worker_id, reg)
         return RegisterResponse(worker_id=worker_id, heartbeat_interval=self.config.heartbeat_interval,
                                 idle_timeout=self.config.idle_timeout)

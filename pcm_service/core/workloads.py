@@ -50,6 +50,8 @@ class WorkloadOps(CoreBase):
         assert spec is not None
         spec = spec.model_copy(deep=True)
         spec.model_digest = self.replicas.register_model(spec.model).digest
+        env = self.replicas.environment
+        spec.environment = env.digest if env is not None else ""
         return spec
 
     def check_chat(self, context: ContextSpec, model: Optional[str]) -> None:

@@ -60,6 +60,7 @@ from pcm_service.protocol.status import (
 )
 from pcm_service.protocol.weights import (
     ORIGIN,
+    BootstrapFetchRequest,
     ChunkAssignment,
     FetchPlan,
     FetchProgress,
@@ -69,6 +70,7 @@ from pcm_service.protocol.weights import (
     ModelRegistration,
     TransferResult,
     TransferStats,
+    WorkerEnvironment,
 )
 from pcm_service.protocol.workers import (
     BatchLease,
@@ -120,6 +122,7 @@ __all__ = [
     "ChatMessage",
     "ChatRole",
     "Choice",
+    "BootstrapFetchRequest",
     "ChunkAssignment",
     "ContextSpec",
     "ContextState",
@@ -181,6 +184,7 @@ __all__ = [
     "TopLogprob",
     "TransferResult",
     "TransferStats",
+    "WorkerEnvironment",
     "VineWorkerView",
     "WorkerKind",
     "WorkerRegistration",

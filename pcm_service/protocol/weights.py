@@ -70,6 +70,21 @@ class FetchRequest(Strict):
     wait: float = Field(default=0.0, ge=0, le=30)  # block this long for a free source
 
 
+class BootstrapFetchRequest(FetchRequest):
+    """A glidein bootstrapping its environment (no worker yet): it may pass chunks on at once."""
+
+    blob_url: Optional[str] = None
+    upload_slots: Count = 0
+
+
+class WorkerEnvironment(Strict):
+    """The packed environment workers run in (``pcm serve --worker-env``): what a bootstrap fetches."""
+
+    digest: str  # its manifest's digest: contexts and node caches are keyed by it
+    archive: str  # the archive's file name
+    bytes: Count
+
+
 class ChunkAssignment(Strict):
     chunk: str
     length: Count

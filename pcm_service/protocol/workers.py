@@ -25,6 +25,7 @@ class WorkerRegistration(Strict):
     upload_slots: Count = 0  # transfers its blob server serves at once
     chunks: list[str] = Field(default_factory=list)  # verified chunks already in its cache
     kind: WorkerKind = Field(default=WorkerKind.AGENT, strict=False)
+    environment: str = ""  # the digest of the packed environment it runs in ("": a venv or image)
 
 
 class RegisterResponse(Strict):

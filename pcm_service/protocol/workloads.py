@@ -85,12 +85,16 @@ class ContextSpec(Strict):
     model: str  # absolute path of a Hugging Face-format model directory (the origin copy)
     model_digest: str = ""  # the digest of the model's manifest; the service sets it on submit
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    # the packed worker environment's digest when the service ships one (``pcm serve
+    # --worker-env``), set on submit: a change of environment is a new context
+    environment: str = ""
 
     @property
     def context_id(self) -> str:
-        blob = json.dumps(
-            {"model": self.model_digest, "engine": self.engine.model_dump()}, sort_keys=True
-        )
+        parts: dict[str, object] = {"model": self.model_digest, "engine": self.engine.model_dump()}
+        if self.environment:
+            parts["environment"] = self.environment
+        blob = json.dumps(parts, sort_keys=True)
         return "ctx-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

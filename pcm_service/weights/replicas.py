@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple, Optional
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
     ORIGIN,
+    BootstrapFetchRequest,
     ChunkAssignment,
     FetchPlan,
     FetchProgress,
@@ -27,9 +28,10 @@ from pcm_service.protocol import (
     ModelManifest,
     TransferResult,
     TransferStats,
+    WorkerEnvironment,
     WorkerRegistration,
 )
-from pcm_service.store import Store, in_list
+from pcm_service.store import Store
 from pcm_service.weights.chunks import (
     DEFAULT_CHUNK_SIZE,
     ModelFiles,
@@ -41,6 +43,7 @@ from pcm_service.weights.chunks import (
 from pcm_service.weights.modelpaths import ModelPolicy, ModelUnavailable
 
 log = logging.getLogger("pcm.replicas")
+BOOTSTRAP_SILENCE = 60.0  # a bootstrapping glidein silent this long is gone (it asks every second)
 
 
 @dataclass
@@ -81,6 +84,9 @@ class ReplicaMap:
         self._avoid: dict[str, float] = {}  # source → until when
         self._origin_copies: Counter[str] = Counter()
         self._fetching: dict[str, str] = {}  # worker → manifest digest it is fetching
+        self._booting: dict[str, float] = {}  # glideins bootstrapping their environment → last call
+        self.environment: Optional[WorkerEnvironment] = None
+        self._environment_path = ""
         self._load_models()
 
     # ----- models ----------------------------------------------------------------
@@ -90,6 +96,8 @@ class ReplicaMap:
             rows = db.execute("SELECT digest, path, manifest FROM models").fetchall()
         dropped = []
         for r in rows:
+            if Path(r["path"]).is_file():
+                continue  # an environment archive: indexed when the service is started with it
             m = ModelManifest.model_validate_json(r["manifest"])
             try:
                 files = self.models.check(r["path"])
@@ -111,17 +119,28 @@ class ReplicaMap:
             rel, off, length = locs[0]
             self._origin[chunk] = (files[rel], off, length)
 
+    def register_environment(self, archive: Path) -> WorkerEnvironment:
+        """Make the packed worker environment an origin copy, shipped in chunks like weights."""
+        self._environment_path = str(archive.resolve())
+        m = self._register(self._environment_path, {archive.name: archive.resolve()})
+        self.environment = WorkerEnvironment(digest=m.digest, archive=archive.name, bytes=m.total_bytes)
+        return self.environment
+
     def register_model(self, path: str | Path) -> ModelManifest:
         """Make a model directory an origin copy (only if the model policy allows it); its
         manifest is rebuilt only when the files changed. Raises ModelUnavailable."""
-        files = self.models.check(path)
-        real = str(Path(path).resolve())
+        return self._register(str(Path(path).resolve()), self.models.check(path))
+
+    def _register(self, real: str, files: ModelFiles) -> ModelManifest:
         sig = stat_signature(files)
         size = self.policy.chunk_size
         with self.store.read() as db:
-            row = db.execute("SELECT digest FROM models WHERE path=? AND signature=? AND chunk_size=?",
+            row = db.execute("SELECT digest, manifest FROM models WHERE path=? AND signature=? AND chunk_size=?",
                              (real, sig, size)).fetchone()
-        if row is not None and row["digest"] in self._manifests:
+        if row is not None:
+            if row["digest"] not in self._manifests:
+                with self._lock:
+                    self._index(ModelManifest.model_validate_json(row["manifest"]), files)
             return self._manifests[row["digest"]]
         total = sum(f.stat().st_size for f in files.values())
         m = build_manifest(files, swarm_chunk_size(total, size, self.policy.min_chunks))
@@ -160,6 +179,31 @@ class ReplicaMap:
                 db.execute("DELETE FROM peers WHERE worker_id=?", (worker_id,))
         self.on_change()
 
+    # ----- glideins bootstrapping ------------------------------------------------
+    def plan_bootstrap(self, receiver: str, req: BootstrapFetchRequest) -> FetchPlan:
+        """A plan for a glidein fetching the environment before it runs a worker; while it
+        keeps asking, the chunks it verified are offered to others from its own server."""
+        if self.environment is None or req.manifest_digest != self.environment.digest:
+            raise KeyError(req.manifest_digest)
+        now = self.clock()
+        for r, seen in list(self._booting.items()):
+            if now - seen > BOOTSTRAP_SILENCE:
+                self.end_bootstrap(r)
+        self._booting[receiver] = now
+        if req.blob_url and req.upload_slots > 0:
+            with self.store.transaction() as db:
+                db.execute("INSERT OR REPLACE INTO peers VALUES (?,?,?)",
+                           (receiver, req.blob_url.rstrip("/"), req.upload_slots))
+        return self.plan(receiver, FetchRequest(manifest_digest=req.manifest_digest, results=req.results,
+                                                want=req.want))
+
+    def end_bootstrap(self, receiver: str) -> None:
+        self._booting.pop(receiver, None)
+        self.drop_worker(receiver)
+
+    def bootstrap_progress(self) -> dict[str, FetchProgress]:
+        return {r: p for r in list(self._booting) if (p := self.progress(r)) is not None}
+
     # ----- planning --------------------------------------------------------------
     def plan(self, worker_id: str, req: FetchRequest) -> FetchPlan:
         m = self.manifest(req.manifest_digest)
@@ -191,11 +235,11 @@ class ReplicaMap:
         if not needed:
             return []
         holders: dict[str, list[_Holder]] = defaultdict(list)
-        live, states = in_list(LIVE_WORKER_STATES)
-        for r in db.execute(f"SELECT r.chunk, r.worker_id, p.url, p.slots FROM replicas r"
-                            f" JOIN peers p USING (worker_id) JOIN workers w USING (worker_id)"
-                            f" WHERE w.state IN {live} AND r.worker_id != ?", (*states, worker_id)):
-            if r["chunk"] in lengths:
+        live = {s.value for s in LIVE_WORKER_STATES}
+        for r in db.execute("SELECT r.chunk, r.worker_id, p.url, p.slots, w.state FROM replicas r"
+                            " JOIN peers p USING (worker_id) LEFT JOIN workers w USING (worker_id)"
+                            " WHERE r.worker_id != ?", (worker_id,)):
+            if r["chunk"] in lengths and (r["state"] in live or r["worker_id"] in self._booting):
                 holders[r["chunk"]].append(_Holder(r["worker_id"], r["url"], r["slots"]))
         load = Counter(t.source for t in self._active.values())
         inflight = Counter(c for (_, c) in self._active)
