@@ -173,7 +173,8 @@ def pack(out: Path, venv: Optional[Path] = None, base: Optional[Path] = None, ex
             "platform": sysconfig.get_platform(), "old_prefixes": plan.old_prefixes,
             "relocate": sorted(plan.relocate), "library_path": "lib", "created": created,
             "members": len(plan.members)}
-    total = sum(p.lstat().st_size for p in plan.members.values())
+    total = sum((p.stat() if p.is_symlink() and os.path.isabs(os.readlink(p)) else p.lstat()).st_size
+                for p in plan.members.values())
     tmp = out.with_name(f".{out.name}.partial")
     done = 0
     with tarfile.open(tmp, "w:gz", compresslevel=compresslevel, format=tarfile.PAX_FORMAT) as tar:
