@@ -13,6 +13,7 @@ from pcm_service.core.demand import DemandPolicy
 from pcm_service.core.placement import ContextWork, choose_context
 from pcm_service.protocol import (
     BatchReport,
+    BatchState,
     ContextSpec,
     ContextState,
     LeaseRequest,
@@ -131,3 +132,30 @@ def test_choice_follows_work_per_worker_and_start_cost() -> None:
     assert choose_context([work(1, 200, 10.0)], 60, 30, p) is None
     # the same work, cached on this worker: only the engine's load (5 s) to pay
     assert choose_context([work(1, 200, 10.0, cached=True)], 60, 5, p) is not None
+
+
+def test_a_new_environment_is_a_new_context_run_only_by_workers_started_from_it(core, tmp_path) -> None:
+    """With a packed worker environment, a context names its digest: a worker from another
+    environment (a venv, or an older pack) is given none of its work; one started from it is."""
+    before = submit(core, tmp_path, "a", 20)
+    archive = tmp_path / "pcm-env.tar.gz"
+    archive.write_bytes(b"a packed environment" * 1000)
+    env = core.replicas.register_environment(archive)
+    after = submit(core, tmp_path, "a", 20)  # the same model and engine, now in the packed environment
+    assert after != before
+    with core.store.read() as db:
+        spec = ContextSpec.model_validate_json(
+            db.execute("SELECT spec FROM contexts WHERE context_id=?", (after,)).fetchone()[0])
+    assert spec.environment == env.digest
+    venv_worker = core.register(WorkerRegistration(host="h", pid=1)).worker_id
+    assert core.lease_batch(venv_worker, LeaseRequest(max_batches=0)).assign_context.context_id == before
+    old_pack = core.register(WorkerRegistration(host="h", pid=2, environment="0" * 64)).worker_id
+    assert core.lease_batch(old_pack, LeaseRequest(max_batches=0)).assign_context.context_id == before
+    packed = core.register(WorkerRegistration(host="h", pid=3, environment=env.digest)).worker_id
+    assert core.lease_batch(packed, LeaseRequest(max_batches=0)).assign_context.context_id in (before, after)
+    # once the venv workload is done, the packed worker gets the new context and the others nothing
+    with core.store.transaction() as db:
+        db.execute("UPDATE batches SET state=? WHERE context_id=?", (BatchState.DONE.value, before))
+    assert core.lease_batch(packed, LeaseRequest(max_batches=0)).assign_context.context_id == after
+    assert core.lease_batch(venv_worker, LeaseRequest(max_batches=0)).assign_context is None
+    assert core.lease_batch(old_pack, LeaseRequest(max_batches=0)).assign_context is None

@@ -197,7 +197,8 @@ def fetch(svc: Service, archive: Archive, receiver: str, digest: str, blob_url: 
             active.discard(c)
             lock.notify_all()
 
-    body = {"manifest_digest": digest, "blob_url": blob_url, "upload_slots": slots}
+    body = {"manifest_digest": digest, "blob_url": blob_url, "upload_slots": slots,
+            "glidein_id": os.environ.get("PCM_GLIDEIN_ID") or None}
     last = time.monotonic()
     while not archive.complete():
         with lock:

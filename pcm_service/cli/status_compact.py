@@ -12,6 +12,7 @@ from rich.table import Table
 
 from pcm_service.protocol import (
     ContextState,
+    Glidein,
     GlideinState,
     ServiceStatus,
     WorkerState,
@@ -152,10 +153,21 @@ def render_compact(st: ServiceStatus, rates: Optional[RecentRates] = None) -> Gr
     parts: list[object] = [workload_table(st, rates), "", *pool_lines(st)]
     with_worker = {w.glidein_id for w in st.workers}
     waiting = [g for g in st.glideins if g.glidein_id not in with_worker and g.state != GlideinState.EXITED]
+    envs = {b.glidein_id: b.progress for b in st.bootstrapping if b.glidein_id}
+    if st.bootstrapping:
+        held = sum(b.progress.bytes_held for b in st.bootstrapping)
+        total = sum(b.progress.bytes_total for b in st.bootstrapping)
+        parts.append(f"Environment: {plural(len(st.bootstrapping), 'glidein')} fetching,"
+                     f" {held / 2**20:.0f}/{total / 2**20:.0f} MiB")
     if waiting:
         now = time.time()
+
+        def env(g: Glidein) -> str:
+            p = envs.get(g.glidein_id)
+            return f" env {100 * p.chunks_held // p.chunks_total}%" if p is not None and p.chunks_total else ""
+
         shown = ", ".join(f"{g.glidein_id} {g.state.value}" + (f" {duration(now - g.since)}" if g.since else "")
-                          for g in waiting[:3])
+                          + env(g) for g in waiting[:3])
         more = f" (+{len(waiting) - 3})" if len(waiting) > 3 else ""
         parts.append(f"No worker yet: {shown}{more}")
     parts += ["", worker_table(st) if st.workers else "No workers."]

@@ -159,4 +159,4 @@ class WorkloadOps(CoreBase):
                                    if w["context_state"] == fetching else None) for w in workers],
             workloads=[workload_status(r, now) for r in workloads],
             demand=self.demand(), glideins=self.factories.glideins(now),
-            transfers=self.replicas.stats())
+            transfers=self.replicas.stats(), bootstrapping=self.replicas.bootstrap_progress())

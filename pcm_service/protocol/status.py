@@ -9,7 +9,7 @@ from pcm_service.protocol.base import Count, Strict
 from pcm_service.protocol.executors import TaskVineStatus
 from pcm_service.protocol.factory import Demand, Glidein
 from pcm_service.protocol.states import ContextState, WorkerKind, WorkerState
-from pcm_service.protocol.weights import FetchProgress, TransferStats
+from pcm_service.protocol.weights import EnvironmentFetch, FetchProgress, TransferStats
 from pcm_service.protocol.workloads import WorkloadStatus
 
 
@@ -36,4 +36,5 @@ class ServiceStatus(Strict):
     demand: Demand
     glideins: list[Glidein] = Field(default_factory=list)  # from the factories' last reports
     transfers: TransferStats = Field(default_factory=TransferStats)
+    bootstrapping: list[EnvironmentFetch] = Field(default_factory=list)  # glideins fetching the environment
     taskvine: Optional[TaskVineStatus] = None  # the manager's view, with `pcm serve --executor taskvine`

@@ -75,6 +75,7 @@ class BootstrapFetchRequest(FetchRequest):
 
     blob_url: Optional[str] = None
     upload_slots: Count = 0
+    glidein_id: Optional[str] = None  # the batch job it runs in, when it knows
 
 
 class WorkerEnvironment(Strict):
@@ -103,6 +104,14 @@ class FetchProgress(Strict):
 
 class FetchPlan(Strict):
     assignments: list[ChunkAssignment] = Field(default_factory=list)
+    progress: FetchProgress
+
+
+class EnvironmentFetch(Strict):
+    """A glidein fetching the packed environment, before its worker exists (`pcm status`)."""
+
+    receiver: str
+    glidein_id: Optional[str] = None
     progress: FetchProgress
 
 

@@ -22,6 +22,7 @@ from pcm_service.protocol import (
     ORIGIN,
     BootstrapFetchRequest,
     ChunkAssignment,
+    EnvironmentFetch,
     FetchPlan,
     FetchProgress,
     FetchRequest,
@@ -84,7 +85,7 @@ class ReplicaMap:
         self._avoid: dict[str, float] = {}  # source → until when
         self._origin_copies: Counter[str] = Counter()
         self._fetching: dict[str, str] = {}  # worker → manifest digest it is fetching
-        self._booting: dict[str, float] = {}  # glideins bootstrapping their environment → last call
+        self._booting: dict[str, tuple[float, Optional[str]]] = {}  # bootstrapping → (last call, glidein)
         self.environment: Optional[WorkerEnvironment] = None
         self._environment_path = ""
         self._load_models()
@@ -186,10 +187,10 @@ class ReplicaMap:
         if self.environment is None or req.manifest_digest != self.environment.digest:
             raise KeyError(req.manifest_digest)
         now = self.clock()
-        for r, seen in list(self._booting.items()):
+        for r, (seen, _) in list(self._booting.items()):
             if now - seen > BOOTSTRAP_SILENCE:
                 self.end_bootstrap(r)
-        self._booting[receiver] = now
+        self._booting[receiver] = (now, req.glidein_id)
         if req.blob_url and req.upload_slots > 0:
             with self.store.transaction() as db:
                 db.execute("INSERT OR REPLACE INTO peers VALUES (?,?,?)",
@@ -201,8 +202,13 @@ class ReplicaMap:
         self._booting.pop(receiver, None)
         self.drop_worker(receiver)
 
-    def bootstrap_progress(self) -> dict[str, FetchProgress]:
-        return {r: p for r in list(self._booting) if (p := self.progress(r)) is not None}
+    def bootstrap_progress(self) -> list[EnvironmentFetch]:
+        out = []
+        for r, (_, glidein) in list(self._booting.items()):
+            p = self.progress(r)
+            if p is not None:
+                out.append(EnvironmentFetch(receiver=r, glidein_id=glidein, progress=p))
+        return out
 
     # ----- planning --------------------------------------------------------------
     def plan(self, worker_id: str, req: FetchRequest) -> FetchPlan:
