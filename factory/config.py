@@ -30,6 +30,7 @@ class HTCondorSettings(Strict):
     schedd: Optional[str] = None  # schedd name; default: the local schedd
     executable: str = str(ENTRY_SCRIPT)
     transfer_executable: bool = True
+    bootstrap: str = str(BOOTSTRAP_SCRIPT)  # transferred with a PCM_ENV=packed glidein
     log_dir: str = "pcm-glideins"  # glidein event log, stdout, stderr (on the submit host)
     token_file: Optional[str] = None  # pool token (required): transferred as a file, never in the job ad
     request_cpus: int = Field(default=1, gt=0)

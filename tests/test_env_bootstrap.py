@@ -4,6 +4,7 @@ an empty environment (no venv, no PYTHONPATH), from peers first, verified, all o
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -195,3 +196,26 @@ def test_bad_worker_env_and_unknown_environment(tmp_path: Path) -> None:
         assert e.value.status == 404 and "--worker-env" in str(e.value)
     finally:
         s.stop()
+
+
+def test_pcm_status_shows_a_glidein_fetching_the_environment(tmp_path: Path, archive: Path) -> None:
+    slow = ServeProcess(tmp_path / "state", "--worker-env", str(archive), "--chunk-size", "4",
+                        "--origin-rate", "5").start()
+    p = run_bootstrap(slow, tmp_path / "node", "-c", "pass")
+    try:
+        def fetching() -> tuple[int, int] | None:
+            out = subprocess.run([sys.executable, "-m", "pcm_service.cli", "status", "--service", slow.url,
+                                  "--token-file", str(slow.api_token_file)], capture_output=True, text=True,
+                                 timeout=60, env={**os.environ, "COLUMNS": "80"}).stdout
+            line = next((x for x in out.splitlines() if x.startswith("Environment: 1 glidein fetching")), None)
+            if line is None:
+                return None
+            held, total = line.rsplit(", ", 1)[1].removesuffix(" MiB").split("/")
+            return (int(held), int(total)) if int(held) > 0 else None
+
+        held, total = wait_for(fetching, 120, "pcm status to show the glidein fetching the environment")
+        assert held < total == round(archive.stat().st_size / 2**20)
+    finally:
+        p.kill()
+        p.wait(30)
+        slow.stop()

@@ -9,19 +9,24 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
-from htcondor_pool.fixtures import FactoryProcess, PoolHandle, pool_factory_config
+from htcondor_pool.fixtures import REPO, FactoryProcess, PoolHandle, pool_factory_config
 from support.models import ENGINE, reference_texts
 from support.serve import MODEL_ROOTS, ServeProcess
+from support.state import db
 from support.waiting import wait_for
 
 from pcm_service.client import ServiceClient
 from pcm_service.protocol import (
+    ORIGIN,
     FactoryView,
+    ModelManifest,
     ServiceStatus,
     SubmitResponse,
     TaskVineStatus,
@@ -307,3 +312,90 @@ def test_taskvine_glideins_run_vine_workers_that_finish_a_workload_and_leave(
     logs = [*(pool.share / tmp_path.name).glob("glideins-*/*")]
     assert any("vine_worker" in p.read_text(errors="replace") for p in logs)
     assert all(token not in p.read_text(errors="replace") for p in logs)
+
+
+PACKED_ENV = Path(tempfile.gettempdir()) / "pcm-test-packed-env" / "pcm-env.tar.gz"
+# dev tools are not part of a worker; triton neither on CPU (vLLM's CPU build runs without it)
+NOT_IN_WORKER_ENV = ("triton*", "mypy*", "*__mypyc*", "hypothesis*", "schemathesis*", "ruff*", "grimp*",
+                     "import_linter*")
+
+
+@pytest.fixture(scope="session")
+def packed_env() -> Path:
+    """`pcm env pack` of this checkout's venv (once per session)."""
+    PACKED_ENV.parent.mkdir(parents=True, exist_ok=True)
+    excludes = [a for p in NOT_IN_WORKER_ENV for a in ("--exclude", p)]
+    subprocess.run([sys.executable, "-m", "pcm_service.cli", "env", "pack", "-o", str(PACKED_ENV), *excludes],
+                   check=True, timeout=900)
+    return PACKED_ENV
+
+
+@pytest.mark.parametrize("service_args", [("--worker-env", str(PACKED_ENV))])
+def test_bare_glideins_bootstrap_the_environment_from_the_service_then_from_each_other(
+        packed_env: Path, pool: PoolHandle, pool_service: tuple[ServeProcess, Path, str],
+        factory: Callable[..., FactoryProcess], pool_model: Path, write_workload: Callable[..., Path],
+        tmp_path: Path) -> None:
+    """Glideins on nodes with no PCM environment (neither this checkout with its venv nor the
+    interpreter's prefix is mounted in the pool during this test) and another python3 (the pool's
+    Debian trixie 3.13): the first fetches the packed environment from the service, the second
+    from the first; both run the worker from it, and the rows equal LLM.generate's."""
+    serve, _, token = pool_service
+    payload = pool.share / tmp_path.name / "payload"  # what the schedd reads: entry.sh and bootstrap.py
+    payload.mkdir()
+    for f in ("entry.sh", "bootstrap.py"):
+        shutil.copy2(REPO / "worker_image" / f, payload / f)
+    hide = sorted({str(REPO), sys.base_prefix})
+    with pool.hidden(hide):
+        bare_glideins_run(pool, serve, token, factory, pool_model, write_workload, tmp_path, payload)
+
+
+def bare_glideins_run(pool: PoolHandle, serve: ServeProcess, token: str, factory: Callable[..., FactoryProcess],
+                      pool_model: Path, write_workload: Callable[..., Path], tmp_path: Path, payload: Path) -> None:
+    url = serve.url
+    factory(limits={"min_workers": 0, "max_workers": 1, "per_cycle": 1},
+            htcondor={"executable": str(payload / "entry.sh"), "bootstrap": str(payload / "bootstrap.py"),
+                      "environment": {"PCM_ENV": "packed"}})
+    as_worker = ServiceClient(url, token=token)
+    digest = as_worker.request("GET", "/environment")["digest"]
+    env_chunks = set(as_worker.request("GET", f"/models/{digest}", response=ModelManifest).chunk_lengths)
+    rows = [{"id": f"e{i:04d}", "claim": f"Claim {i}: the river {i % 97} flows north of town {i % 13}."}
+            for i in range(120)]
+
+    # wave 1: nobody holds the environment: it comes from the service (the origin)
+    wl1 = submit(url, write_workload, pool_model, rows[:60], "env1")
+    wait_for(lambda: workload(url, wl1.workload_id).state.value == "completed", 600, "workload 1 done")
+    first = service_status(url).workers
+    assert len(first) == 1
+    env_transfers = transfers_of(serve, env_chunks)
+    assert env_transfers and all(r["source"] == ORIGIN for r in env_transfers)
+    wave1 = len(env_transfers)
+
+    # wave 2: one more glidein while the first one's worker is alive: the environment from it
+    subprocess.run([sys.executable, "-m", "pcm_service.cli", "factory", "set", "--service", url,
+                    "--min", "2", "--max", "2"], check=True, capture_output=True)
+    second = wait_for(lambda: [w for w in service_status(url).workers if w.worker_id != first[0].worker_id],
+                      600, "a second glidein's worker to register")
+    wl2 = submit(url, write_workload, pool_model, rows[60:], "env2")
+    wait_for(lambda: workload(url, wl2.workload_id).state.value == "completed", 600, "workload 2 done")
+    later = [r for r in transfers_of(serve, env_chunks)[wave1:] if r["ok"]]
+    assert {r["chunk"] for r in later} == env_chunks, "the second glidein fetched the whole environment"
+    assert all(r["source"] == first[0].worker_id for r in later), \
+        f"none from the origin while a peer holds it: {Counter(r['source'] for r in later)}"
+
+    # both workers ran from the packed environment; what they wrote equals vLLM's own
+    with db(serve.state_dir) as conn:
+        envs = {r[0]: r[1] for r in conn.execute("SELECT worker_id, environment FROM workers")}
+    assert envs[first[0].worker_id] == digest and envs[second[0].worker_id] == digest
+    expected = reference_texts(pool_model, [f"Claim: {r['claim']}\nVerdict:" for r in rows], ENGINE, SAMPLING,
+                               tmp_path)
+    check_output(tmp_path / "out" / "env1.jsonl", rows[:60], expected[:60])
+    check_output(tmp_path / "out" / "env2.jsonl", rows[60:], expected[60:])
+    logs = "".join(p.read_text(errors="replace") for p in (pool.share / tmp_path.name).glob("glideins-*/*.err"))
+    assert "pcm-bootstrap: unpacked" in logs and "pcm-bootstrap: fetching environment" in logs
+    assert token not in logs
+
+
+def transfers_of(serve: ServeProcess, chunks: set[str]) -> list[Any]:
+    with db(serve.state_dir) as conn:
+        rows = conn.execute("SELECT worker_id, source, chunk, ok FROM transfers ORDER BY transfer_id").fetchall()
+    return [r for r in rows if r["chunk"] in chunks]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from factory.backends.base import BackendError, Glidein, GlideinBackend, GlideinState
-from factory.config import BOOTSTRAP_SCRIPT, FactoryConfig, HTCondorSettings
+from factory.config import FactoryConfig, HTCondorSettings
 
 log = logging.getLogger("pcm.factory.htcondor")
 
@@ -76,7 +76,7 @@ def glidein_description(s: HTCondorSettings, service_url: str, factory_name: str
         inputs.append(ca_file)
         args += ["--ca-file", Path(ca_file).name]
     if s.environment.get("PCM_ENV") == "packed":
-        inputs.append(str(BOOTSTRAP_SCRIPT))
+        inputs.append(s.bootstrap)
     if inputs:
         d["transfer_input_files"] = ",".join(inputs)
     if s.request_gpus:

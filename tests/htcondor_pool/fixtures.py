@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -50,6 +51,20 @@ class PoolHandle:
         d.mkdir(parents=True)
         d.chmod(0o1777)
         return d
+
+    @contextmanager
+    def hidden(self, paths: list[str]) -> Iterator[None]:
+        """Nodes without these host directories (bind-mounted into the pool for the other
+        tests' glideins): unmounted inside the pool for the block, mounted again after it."""
+        inside = [self.root / p.lstrip("/") for p in paths]
+        for d in inside:
+            subprocess.run(["umount", "-l", str(d)], check=True, capture_output=True)  # -l: even if busy
+        try:
+            yield
+        finally:
+            for src, d in zip(paths, inside, strict=True):
+                subprocess.run(["mount", "--bind", src, str(d)], check=True, capture_output=True)
+                subprocess.run(["mount", "-o", "remount,bind,ro", str(d)], check=True, capture_output=True)
 
     def token(self, path: Path, owner: int = POOL_UID) -> str:
         tok = os.urandom(24).hex()
