@@ -195,8 +195,10 @@ class ReplicaMap:
             with self.store.transaction() as db:
                 db.execute("INSERT OR REPLACE INTO peers VALUES (?,?,?)",
                            (receiver, req.blob_url.rstrip("/"), req.upload_slots))
+        # the origin sends the environment only where no peer has it: a wave of glideins must
+        # not all pull it from the submit host (the weights' origin_copies rule lets it help)
         return self.plan(receiver, FetchRequest(manifest_digest=req.manifest_digest, results=req.results,
-                                                want=req.want))
+                                                want=req.want), origin_copies=0)
 
     def end_bootstrap(self, receiver: str) -> None:
         self._booting.pop(receiver, None)
@@ -211,7 +213,7 @@ class ReplicaMap:
         return out
 
     # ----- planning --------------------------------------------------------------
-    def plan(self, worker_id: str, req: FetchRequest) -> FetchPlan:
+    def plan(self, worker_id: str, req: FetchRequest, origin_copies: Optional[int] = None) -> FetchPlan:
         m = self.manifest(req.manifest_digest)
         lengths = m.chunk_lengths
         with self._lock:
@@ -224,7 +226,8 @@ class ReplicaMap:
                     if now - t.started > self.policy.transfer_timeout:
                         self._release(key)
                 held = self._held(db, worker_id, lengths)
-                out = self._assign(db, worker_id, lengths, held, req.want, now) if req.want else []
+                copies = self.policy.origin_copies if origin_copies is None else origin_copies
+                out = self._assign(db, worker_id, lengths, held, req.want, now, copies) if req.want else []
             progress = self._progress(worker_id, m, lengths, held)
         if req.results:
             self.on_change()
@@ -235,7 +238,7 @@ class ReplicaMap:
                 if r[0] in lengths}
 
     def _assign(self, db: sqlite3.Connection, worker_id: str, lengths: dict[str, int],
-                held: set[str], want: int, now: float) -> list[ChunkAssignment]:
+                held: set[str], want: int, now: float, origin_copies: int) -> list[ChunkAssignment]:
         mine = {c for (w, c) in self._active if w == worker_id}
         needed = [c for c in lengths if c not in held and c not in mine]
         if not needed:
@@ -262,7 +265,7 @@ class ReplicaMap:
                 h = min(free, key=lambda h: (load[h.worker_id], random.random()))
                 source, url = h.worker_id, h.url
             elif load[ORIGIN] < self.policy.origin_slots and (
-                    not usable or self._origin_copies[c] < self.policy.origin_copies):
+                    not usable or self._origin_copies[c] < origin_copies):
                 source = ORIGIN
                 self._origin_copies[c] += 1
             else:
