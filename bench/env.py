@@ -86,7 +86,7 @@ def main() -> None:
                         *[a for p in LIGHT for a in ("--exclude", p)]], check=True)
     mib = archive.stat().st_size / 2**20
     print(f"environment: {archive.name}, {mib:.0f} MiB; origin upload {args.rate:g} MB/s;"
-          f" {sys.argv[0]} on {shutil.which('python3')}")
+          " glideins bootstrap with /usr/bin/python3")
     print(f"{'K':>3} {'mode':<12} {'all registered s':>17} {'origin MiB':>11} {'peer MiB':>9} {'origin copies':>14}")
     results: dict[tuple[int, bool], tuple[float, int, int]] = {}
     for k in (int(x) for x in args.ks.split(",")):
