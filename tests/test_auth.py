@@ -28,7 +28,9 @@ runner = CliRunner()
 # (its data route takes a token or the page's session cookie); a login without a token is 422
 OPEN = {("GET", "/healthz"): 200, ("GET", "/"): 200, ("POST", "/ui/login"): 422, ("POST", "/ui/logout"): 204}
 POOL_ROUTES = {("GET", "/v1/pcm/blobs/{chunk}"), ("GET", "/v1/pcm/models/{digest}"),
-               ("GET", "/v1/pcm/executor")}  # and all of /v1/pcm/workers
+               ("GET", "/v1/pcm/executor"), ("GET", "/v1/pcm/environment"),
+               ("POST", "/v1/pcm/bootstrap/{receiver}/fetch"),
+               ("DELETE", "/v1/pcm/bootstrap/{receiver}")}  # and all of /v1/pcm/workers
 
 
 def expected_kind(method: str, path: str) -> str:
@@ -49,7 +51,8 @@ def every_route(tmp_path: Path) -> list[tuple[str, str]]:
 
 def concrete(path: str) -> str:
     return (path.replace("{chunk}", "0" * 64).replace("{digest}", "f" * 64)
-            .replace("{worker_id}", "w-nobody").replace("{workload_id}", "wl-nobody"))
+            .replace("{worker_id}", "w-nobody").replace("{workload_id}", "wl-nobody")
+            .replace("{receiver}", "boot-nobody"))
 
 
 def bearer(token: str) -> dict[str, str]:
