@@ -162,9 +162,15 @@ def pack(out: Path, venv: Optional[Path] = None, base: Optional[Path] = None, ex
          compresslevel: int = 1, progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, Any]:
     """Write the archive; returns its metadata (also stored inside it as ``pcm-env.json``)."""
     venv = Path(venv or sys.prefix)
-    base = Path(base or sys.base_prefix)
-    if not (venv / "pyvenv.cfg").exists():
+    cfg = venv / "pyvenv.cfg"
+    if not cfg.exists():
         raise PackError(f"{venv} is not a venv (no pyvenv.cfg): pack the worker's venv")
+    if base is None:  # the interpreter the venv was made from
+        keys = {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in cfg.read_text().splitlines())}
+        base = Path(keys.get("home") or Path(sys.base_prefix) / "bin").parent
+        version = keys.get("version", "")
+        if version and not version.startswith(f"{sys.version_info.major}.{sys.version_info.minor}."):
+            raise PackError(f"{venv} is a Python {version} venv: run `pcm env pack` with that venv's own pcm")
     plan = plan_pack(venv, base, exclude)
     for name, lib in system_libs(plan).items():
         plan.members.setdefault(f"lib/{name}", lib.resolve())
