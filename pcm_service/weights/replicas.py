@@ -87,7 +87,6 @@ class ReplicaMap:
         self._fetching: dict[str, str] = {}  # worker → manifest digest it is fetching
         self._booting: dict[str, tuple[float, Optional[str]]] = {}  # bootstrapping → (last call, glidein)
         self.environment: Optional[WorkerEnvironment] = None
-        self._environment_path = ""
         self._load_models()
 
     # ----- models ----------------------------------------------------------------
@@ -122,8 +121,8 @@ class ReplicaMap:
 
     def register_environment(self, archive: Path) -> WorkerEnvironment:
         """Make the packed worker environment an origin copy, shipped in chunks like weights."""
-        self._environment_path = str(archive.resolve())
-        m = self._register(self._environment_path, {archive.name: archive.resolve()})
+        real = archive.resolve()
+        m = self._register(str(real), {archive.name: real})
         self.environment = WorkerEnvironment(digest=m.digest, archive=archive.name, bytes=m.total_bytes)
         return self.environment
 
