@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,36 @@ from worker_image.library import AUTHKEY_ENV
 
 class LibraryFailed(RuntimeError):
     pass
+
+
+def _stat(pid: int) -> Optional[list[str]]:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_tree(pid: int) -> list[tuple[int, str]]:
+    """Every process below ``pid``, each with its start time (so a pid the kernel hands out
+    again later is not taken for it). vLLM runs its engine core and model workers in child
+    processes of the library; where there is no /proc, none are known."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit() and (f := _stat(int(entry))) is not None:
+            children.setdefault(int(f[1]), []).append((int(entry), f[19]))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
+def running(proc: tuple[int, str]) -> bool:
+    """The same process (pid and start time) still exists and is not a zombie."""
+    f = _stat(proc[0])
+    return f is not None and f[19] == proc[1] and f[0] != "Z"
 
 
 class LibraryHandle:
@@ -88,6 +119,11 @@ class LibraryHandle:
         return self.proc.poll() is None
 
     def stop(self, grace: float = 10.0) -> None:
+        """Ask the library to shut its engine down; after ``grace`` seconds kill it, and kill
+        whatever it leaves behind: a killed library's engine processes would otherwise live on,
+        orphaned, holding the model in memory (its children are listed first, while they are
+        still its children)."""
+        engine_procs = process_tree(self.proc.pid)
         if self.conn is not None:
             try:
                 with self._send_lock:
@@ -99,6 +135,12 @@ class LibraryHandle:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        for proc in engine_procs:
+            if running(proc):
+                try:
+                    os.kill(proc[0], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # it exited meanwhile
         self._listener.close()
         if self.conn is not None:
             self.conn.close()
