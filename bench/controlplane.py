@@ -7,7 +7,8 @@ second (one batch per lease and per report unless
     python bench/controlplane.py [--workers 16,64,256] [--batch-sizes 10,100] [--seconds 20]
 
 The workers run as asyncio tasks in ``--procs`` client processes, each with its own
-keep-alive HTTP connection.
+keep-alive HTTP connection. ``--repeat N`` runs the whole table N times, the cases interleaved
+(so a slow minute of the machine hits every K alike), and prints each case's median run.
 Client and service share this machine's cores, so the figures are lower bounds for the
 service on its own machine. Goals (issue 15), with K = 256: >= 20,000 rows/s at batch size
 100, >= 500 round trips/s at batch size 10, and no drop as K grows from 16 to 256.
@@ -153,23 +154,39 @@ def main() -> None:
     p.add_argument("--batches-per-lease", type=int, default=1,
                    help="batches a worker leases (and reports) per request; a real agent leases what"
                         " keeps 2 x max_num_seqs rows in flight")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the table this many times, cases interleaved; print each case's median")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pcm-controlplane-"))
     model = tmp / "models" / "m"
     fake_model(model)
-    table = []
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        for k in [int(w) for w in args.workers.split(",")]:
-            serve = ServeProcess(tmp / f"state-{k}-{batch}", "--worker-timeout", "600",
+    cases = [(k, int(b)) for b in args.batch_sizes.split(",") for k in (int(w) for w in args.workers.split(","))]
+    runs: dict[tuple[int, int], list[dict[str, float]]] = {c: [] for c in cases}
+    for rep in range(args.repeat):
+        for k, batch in cases:
+            serve = ServeProcess(tmp / f"state-{k}-{batch}-{rep}", "--worker-timeout", "600",
                                  model_roots=[tmp / "models"]).start()
             try:
                 r = run_case(serve, model, k, batch, args)
             finally:
                 serve.stop()
-            table.append((k, batch, r))
-            print(f"K={k:4d} batch={batch:4d}: {r['rows_s']:9,.0f} rows/s {r['trips_s']:7,.0f} batch round trips/s"
-                  f"  service CPU {r['cpu_per_1k']:.3f} s per 1,000 rows", flush=True)
-    print(json.dumps([{"workers": k, "batch_size": b, **r} for k, b, r in table]))
+            runs[(k, batch)].append(r)
+            print(f"{'run ' + str(rep + 1) + ' ' if args.repeat > 1 else ''}{line(k, batch, r)}", flush=True)
+    if args.repeat > 1:
+        print(f"median of {args.repeat} runs:")
+        for k, batch in cases:
+            print(line(k, batch, median_run(runs[(k, batch)])))
+    print(json.dumps([{"workers": k, "batch_size": b, "runs": runs[(k, b)]} for k, b in cases]))
+
+
+def line(k: int, batch: int, r: dict[str, float]) -> str:
+    return (f"K={k:4d} batch={batch:4d}: {r['rows_s']:9,.0f} rows/s {r['trips_s']:7,.0f} batch round trips/s"
+            f"  service CPU {r['cpu_per_1k']:.3f} s per 1,000 rows")
+
+
+def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The run whose rows/s is the median (its own CPU figure beside it, not a mix of runs)."""
+    return sorted(runs, key=lambda r: r["rows_s"])[len(runs) // 2]
 
 
 if __name__ == "__main__":

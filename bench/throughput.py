@@ -8,15 +8,20 @@
 for each batch size, greedy with a fixed number of output tokens, so both sides produce the same
 tokens; the texts must be equal row by row.
 
-    python bench/throughput.py [--rows 2000] [--max-tokens 64] [--batch-sizes 10,100]
+    python bench/throughput.py [--rows 2000] [--max-tokens 64] [--batch-sizes 10,100] [--repeat 3]
 
 Prints both rates (output tokens/s and rows/s), the ratio PCM/raw, and whether the outputs match.
+The speed of these shared machines drifts by up to ±20 % over minutes (raw alone, back to back:
+9.9 to 12.3 s), so the cases run in ``--repeat`` rounds, each round raw and every batch size
+back to back (their order rotated from round to round), and the summary gives the median of
+the rounds' ratios: each ratio compares runs minutes apart at most.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,34 +82,47 @@ def run_pcm(model: Path, ps: list[str], batch_size: int, args: argparse.Namespac
     return {"seconds": last - ready, "tokens": tokens, "texts": [r["text"] for r in lines]}
 
 
+def row(label: str, r: dict[str, Any], rows: int, raw: dict[str, Any]) -> str:
+    rate, raw_rate = r["tokens"] / r["seconds"], raw["tokens"] / raw["seconds"]
+    same = sum(a == c for a, c in zip(r["texts"], raw["texts"], strict=True))
+    return (f"{label:22} {r['seconds']:8.2f} {rate:9.0f} {rows / r['seconds']:7.1f} {rate / raw_rate:7.3f}"
+            f"  {'identical' if same == rows else f'{same}/{rows} equal'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=2000)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--batch-sizes", default="10,100")
     p.add_argument("--model", type=Path, default=TINY_MODEL)
+    p.add_argument("--repeat", type=int, default=3, help="rounds of raw and every batch size, back to back")
     args = p.parse_args()
     ensure_model(args.model)
     ps = prompts(args.rows)
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
-    with tempfile.TemporaryDirectory(prefix="pcm-bench-throughput-") as d:
-        tmp = Path(d)
-        print(f"raw LLM.generate: {args.rows} rows ...", file=sys.stderr, flush=True)
-        raw = run_raw(args.model, ps, args, tmp)
-        pcm = {}
-        for b in sizes:
-            print(f"PCM, one worker, batch size {b} ...", file=sys.stderr, flush=True)
-            pcm[b] = run_pcm(args.model, ps, b, args, tmp)
-    raw_rate = raw["tokens"] / raw["seconds"]
+    cases: list[int] = [0, *(int(b) for b in args.batch_sizes.split(","))]  # 0: raw LLM.generate
+    label = {b: "raw LLM.generate" if b == 0 else f"PCM batch size {b}" for b in cases}
+    rounds: list[dict[int, dict[str, Any]]] = []
     print(f"rows={args.rows} max_tokens={args.max_tokens} model={args.model.name} (greedy, fixed length)")
-    print(f"{'':22} {'seconds':>8} {'tokens/s':>9} {'rows/s':>7} {'vs raw':>7}  outputs")
-    print(f"{'raw LLM.generate':22} {raw['seconds']:8.2f} {raw_rate:9.0f} {args.rows / raw['seconds']:7.1f}"
-          f" {1:7.3f}")
-    for b, r in pcm.items():
-        rate = r["tokens"] / r["seconds"]
-        same = sum(a == c for a, c in zip(r["texts"], raw["texts"], strict=True))
-        print(f"{f'PCM batch size {b}':22} {r['seconds']:8.2f} {rate:9.0f} {args.rows / r['seconds']:7.1f}"
-              f" {rate / raw_rate:7.3f}  {'identical' if same == args.rows else f'{same}/{args.rows} equal'}")
+    with tempfile.TemporaryDirectory(prefix="pcm-bench-throughput-") as d:
+        for n in range(args.repeat):
+            tmp = Path(d) / f"round{n}"
+            tmp.mkdir()
+            got: dict[int, dict[str, Any]] = {}
+            for b in cases[n % len(cases):] + cases[:n % len(cases)]:  # rotated: no case always first
+                print(f"round {n + 1}: {label[b]} ...", file=sys.stderr, flush=True)
+                got[b] = run_raw(args.model, ps, args, tmp) if b == 0 else run_pcm(args.model, ps, b, args, tmp)
+            rounds.append(got)
+            print(f"round {n + 1}{'':16} {'seconds':>8} {'tokens/s':>9} {'rows/s':>7} {'vs raw':>7}  outputs")
+            for b in cases:
+                print(row(label[b], got[b], args.rows, got[0]), flush=True)
+    print(f"median of {len(rounds)} rounds{'':7} {'tokens/s':>9} {'vs raw':>7}  outputs (rates: the median"
+          " run's; ratio: the median of the rounds' ratios)")
+    for b in cases:
+        rates = [g[b]["tokens"] / g[b]["seconds"] for g in rounds]
+        ratios = [rate / (g[0]["tokens"] / g[0]["seconds"]) for rate, g in zip(rates, rounds, strict=True)]
+        same = all(g[b]["texts"] == rounds[0][0]["texts"] for g in rounds)
+        print(f"{label[b]:22} {statistics.median(rates):9.0f} {statistics.median(ratios):7.3f}"
+              f"  {'identical' if same else 'NOT identical'}")
 
 
 if __name__ == "__main__":
