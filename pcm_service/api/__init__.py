@@ -3,6 +3,6 @@
 documented statuses, 413, strict JSON, OPTIONS/405), ``changes`` (long-poll wake-ups)."""
 from __future__ import annotations
 
-from pcm_service.api.app import create_app
+from pcm_service.api.app import create_app, tune_gc_for_serving
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "tune_gc_for_serving"]

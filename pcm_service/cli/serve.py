@@ -70,7 +70,7 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
     """Run the PCM service (HTTP API + SQLite state; the origin copy of model weights)."""
     import uvicorn
 
-    from pcm_service.api import create_app
+    from pcm_service.api import create_app, tune_gc_for_serving
     from pcm_service.core import ServiceCore
     from pcm_service.tls import TLSError, check_server_files
     from pcm_service.tokens import API, METRICS, POOL, TokenError, service_token
@@ -128,9 +128,10 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
         console.print(f"executor: TaskVine manager on port {info.port}"
                       f"{f', project {info.project}' if info.project else ''} (workers: vine_worker --password"
                       " POOL_TOKEN_FILE, or glideins running `pcm worker`)", highlight=False)
-    uvicorn.run(create_app(core, pool_token.value, api_token.value, runner, metrics_token.value), host=host, port=port,
-                log_level="warning", ssl_certfile=str(tls_cert) if tls_cert else None,
-                ssl_keyfile=str(tls_key) if tls_key else None)
+    app = create_app(core, pool_token.value, api_token.value, runner, metrics_token.value)
+    tune_gc_for_serving()
+    uvicorn.run(app, host=host, port=port, log_level="warning",
+                ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None)
 
 
 def _print_token_use(what: str, token: Token, how: str) -> None:
