@@ -1,8 +1,8 @@
 """The control plane alone: a real `pcm serve` and K simulated workers that speak the worker
-protocol over HTTP (register, engine ready, heartbeats, lease, report) and answer every row at
-once, so what is measured is the service: rows/s and batch round trips (lease + report) per
-second (one batch per lease and per report unless
-``--batches-per-lease``), and the service's CPU per 1,000 rows.
+protocol over HTTP (register, engine ready, heartbeats as the agent sends them, lease, report)
+and answer every row at once, so what is measured is the service: rows/s and batch round trips
+(lease + report) per second (one batch per lease and per report unless ``--batches-per-lease``),
+and the service's CPU per 1,000 rows.
 
     python bench/controlplane.py [--workers 16,64,256] [--batch-sizes 10,100] [--seconds 20]
 
@@ -34,6 +34,7 @@ from support.models import fake_model  # noqa: E402
 from support.serve import ServeProcess  # noqa: E402
 
 from pcm_service.protocol import ContextState, RowIn, WorkloadHeader  # noqa: E402
+from worker_image.agent import FULL_HEARTBEAT_EVERY  # noqa: E402
 
 READY = ContextState.READY.value
 
@@ -72,14 +73,19 @@ async def worker(http: Http, ctx: str, stop_at: float, hb_every: float, per_leas
     """One simulated worker: lease ``per_lease`` batches, report all their rows at once, repeat."""
     wid = (await http.post("/workers", {"host": "sim", "pid": os.getpid()}))["worker_id"]
     await http.post(f"/workers/{wid}/library", {"context_id": ctx, "state": READY, "seconds": 0.0})
-    seq, next_hb = 0, time.monotonic() + hb_every
-    while time.monotonic() < stop_at:
-        if time.monotonic() >= next_hb:
-            await http.post(f"/workers/{wid}/heartbeat", {
-                "context_id": ctx, "context_state": READY, "inflight_batches": 0, "batches": [], "lease_seq": seq})
-            next_hb += hb_every
+    seq, next_tick, beat_at = 0, time.monotonic() + hb_every, 0.0
+    alive_at = time.monotonic()
+    while (now := time.monotonic()) < stop_at:
+        if now >= next_tick:  # the agent's rule (WorkerAgent._heartbeat_due): leases and reports keep it alive
+            if now - alive_at >= hb_every or now - beat_at >= FULL_HEARTBEAT_EVERY * hb_every:
+                await http.post(f"/workers/{wid}/heartbeat", {
+                    "context_id": ctx, "context_state": READY, "inflight_batches": 0, "batches": [],
+                    "lease_seq": seq})
+                beat_at = now
+            next_tick += hb_every
         r = await http.post(f"/workers/{wid}/lease", {"context_id": ctx, "context_state": READY,
                                                           "max_batches": per_lease})
+        alive_at = time.monotonic()
         seq = r["lease_seq"]
         if not r["batches"]:
             await asyncio.sleep(0.05)
@@ -88,6 +94,7 @@ async def worker(http: Http, ctx: str, stop_at: float, hb_every: float, per_leas
             {"idx": row["idx"], "text": "True", "finish_reason": "stop", "prompt_tokens": 9, "completion_tokens": 1}
             for row in b["rows"]]} for b in r["batches"]]
         await http.post(f"/workers/{wid}/reports", {"reports": reports})
+        alive_at = time.monotonic()
         counts[0] += sum(len(b["rows"]) for b in r["batches"])
         counts[1] += len(r["batches"])
 

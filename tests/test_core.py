@@ -118,6 +118,23 @@ def test_lost_worker_batches_requeued(core, tmp_path) -> None:
     assert again.batch_id == b.batch_id
 
 
+def test_leases_and_reports_keep_a_busy_worker_alive_without_heartbeats(core, tmp_path) -> None:
+    """A busy agent heartbeats seldom (WorkerAgent._heartbeat_due): its leases and reports show
+    the service it is alive; a worker that makes no call at all is still lost."""
+    resp = core.submit(submission(tmp_path, n=9))
+    busy, silent = ready_worker(core, resp.context_id), ready_worker(core, resp.context_id)
+    [b] = lease(core, busy, resp.context_id)
+    core.clock.t += 8
+    core.report(busy, BatchReport(batch_id=b.batch_id, results=[ok(r.idx) for r in b.rows]))
+    core.clock.t += 8  # 16 s since either heartbeat; the busy one reported 8 s ago
+    assert core.reap() == [silent]
+    [b2] = lease(core, busy, resp.context_id)
+    core.clock.t += 8  # its lease is 8 s old, its report 16 s
+    assert core.reap() == []
+    core.clock.t += 3
+    assert core.reap() == [busy]
+
+
 def test_batch_whose_worker_is_lost_repeatedly_ends_with_error_rows(core, tmp_path) -> None:
     resp = core.submit(submission(tmp_path, n=2, batch_size=2))
     for _ in range(core.config.max_losses):

@@ -52,6 +52,9 @@ from worker_image.vine_worker import run_vine_worker
 
 log = logging.getLogger("pcm.worker")
 REGISTER_AGAIN = (ErrorCode.WORKER_UNKNOWN.value, ErrorCode.WORKER_LOST.value)
+# a worker whose leases and reports show it alive still heartbeats every this many intervals, so
+# the service reconciles the batches it holds (Kubernetes' node leases: renew cheaply, report fully seldom)
+FULL_HEARTBEAT_EVERY = 5
 
 
 class WorkerAgent:
@@ -90,6 +93,8 @@ class WorkerAgent:
         self.draining = False  # SIGTERM: finish or return in-flight rows within drain_timeout
         self.retiring = False  # the service asked us to go: finish in-flight batches, lease no more
         self._reports: "queue.Queue[Optional[BatchReport]]" = queue.Queue()
+        self._alive_shown_at = 0.0  # monotonic: the last lease or report the service answered
+        self._beat: tuple[tuple[object, ...], float] = ((), 0.0)  # the last heartbeat: what it said, when
 
     # ----- service calls --------------------------------------------------------
     def _start_blob_server(self) -> None:
@@ -142,12 +147,31 @@ class WorkerAgent:
     # ----- threads --------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
         assert self.reg is not None
-        while not self._exited.wait(self.reg.heartbeat_interval):
-            self._send_heartbeat()
+        every = self.reg.heartbeat_interval
+        while not self._exited.wait(every):
+            if self._heartbeat_due(every):
+                self._send_heartbeat()
+
+    def _state(self, inflight_batches: int) -> tuple[object, ...]:
+        """What the service derives the worker's state from (busy, idle, draining, its context)."""
+        ctx = self.context
+        return (ctx.context_id if ctx else None, self.context_state, inflight_batches > 0,
+                self.draining or self.retiring)
+
+    def _heartbeat_due(self, every: float) -> bool:
+        """A heartbeat when the worker's state changed, when no lease or report has shown the
+        service it is alive within an interval, and every FULL_HEARTBEAT_EVERY intervals: a busy
+        worker's leases and reports already keep it alive (the service counts them), so K busy
+        workers do not add K/interval requests a second to the control plane."""
+        now = time.monotonic()
+        said, sent_at = self._beat
+        return (self._state(self.ledger.holding().inflight_batches) != said
+                or now - self._alive_shown_at >= every or now - sent_at >= FULL_HEARTBEAT_EVERY * every)
 
     def _send_heartbeat(self) -> None:
         held = self.ledger.holding()  # batches held and lease_seq from one moment: the service reconciles them
         n = held.inflight_batches
+        state = self._state(n)
         try:
             ctx = self.context
             resp = self._call("POST", "/heartbeat", Heartbeat(
@@ -157,6 +181,7 @@ class WorkerAgent:
         except ServiceError as e:
             log.warning("heartbeat failed: %s", e.detail)
             return
+        self._beat = (state, time.monotonic())
         if resp.retire and not self.retiring:
             log.info("the service has more workers than it may keep: finishing %d batches, then exiting", n)
             self.retiring = True
@@ -187,6 +212,7 @@ class WorkerAgent:
             if merged:  # every batch finished since the last request, in one request
                 try:
                     self._call("POST", "/reports", BatchReports(reports=list(merged.values())))
+                    self._alive_shown_at = time.monotonic()
                 except ServiceError as e:  # the service requeues them when our heartbeat omits them
                     log.error("report for batches %s not delivered: %s", sorted(merged), e.detail)
                 for batch_id, n in queued.items():
@@ -337,6 +363,7 @@ class WorkerAgent:
                     resp = self._call("POST", "/lease", LeaseRequest(
                         context_id=lib.context.context_id, context_state=ContextState.READY,
                         max_batches=wanted), LeaseResponse)
+                    self._alive_shown_at = time.monotonic()
                     self.ledger.leased(resp.batches, resp.lease_seq)
                     for lease in resp.batches:
                         lib.send_batch(lease)

@@ -88,8 +88,10 @@ class LeaseOps(PlacementOps):
                                 " JOIN workloads w USING (workload_id) WHERE b.state=? AND b.context_id=?"
                                 " ORDER BY b.batch_id LIMIT ?",
                                 (BatchState.QUEUED.value, req.context_id, req.max_batches)).fetchall()
-            db.execute("UPDATE workers SET lease_seq=?, last_busy=CASE WHEN ? THEN ? ELSE last_busy END"
-                       " WHERE worker_id=?", (seq, bool(queued), now, worker_id))
+            # a lease shows the worker alive as a heartbeat does: a busy worker heartbeats seldom
+            db.execute("UPDATE workers SET lease_seq=?, last_heartbeat=?,"
+                       " last_busy=CASE WHEN ? THEN ? ELSE last_busy END WHERE worker_id=?",
+                       (seq, now, bool(queued), now, worker_id))
             if not queued:
                 if w["inflight"] == 0 and req.max_batches > 0:
                     other = self._assign(db, worker_id, current=req.context_id)
@@ -119,8 +121,8 @@ class LeaseOps(PlacementOps):
             for rep in reports:
                 accepted += self._record(db, now, worker_id, rep)
                 results += len(rep.results)
-            db.execute("UPDATE workers SET rows_done=rows_done+?, last_busy=? WHERE worker_id=?",
-                       (accepted, now, worker_id))
+            db.execute("UPDATE workers SET rows_done=rows_done+?, last_busy=?, last_heartbeat=? WHERE worker_id=?",
+                       (accepted, now, now, worker_id))
         self.throughput.rows(worker_id, accepted, now)
         self.store.after_commit(self._notify_progress)
         return ReportResponse(accepted=accepted, duplicates=results - accepted)
