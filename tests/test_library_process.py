@@ -14,7 +14,8 @@ from support.models import ENGINE
 from support.waiting import wait_for
 
 from pcm_service.protocol import ContextSpec, EngineSettings
-from worker_image.library_handle import LibraryFailed, LibraryHandle, process_tree, running
+from worker_image.library_handle import LibraryFailed, LibraryHandle
+from worker_image.processes import process_tree, running
 
 pytestmark = pytest.mark.engine
 
@@ -30,8 +31,11 @@ def test_a_library_killed_while_its_engine_starts_takes_the_engine_processes_wit
         tiny_model: Path, tmp_path: Path) -> None:
     lib = LibraryHandle(ContextSpec(model=str(tiny_model), engine=EngineSettings(**ENGINE)), tmp_path)
     # the engine core has started its model worker, which is loading: the engine is not ready yet
-    procs = wait_for(lambda: [p for p in process_tree(lib.proc.pid) if _comm(p[0]).startswith("VLLM::Worker")]
-                     and process_tree(lib.proc.pid), 300, "vLLM's model worker to start", every=0.05)
+    def engine_procs() -> list[tuple[int, str]]:
+        tree = process_tree(lib.proc.pid)
+        return tree if any(_comm(pid).startswith("VLLM::Worker") for pid, _ in tree) else []
+
+    procs = wait_for(engine_procs, 300, "vLLM's model worker to start", every=0.05)
     cancelled = threading.Event()
     cancelled.set()
     with pytest.raises(LibraryFailed, match="cancelled"):
@@ -40,4 +44,3 @@ def test_a_library_killed_while_its_engine_starts_takes_the_engine_processes_wit
     assert lib.proc.returncode is not None and lib.proc.returncode < 0, "the library was killed"
     # SIGKILL is delivered asynchronously; an orphan that survives stays running for good
     wait_for(lambda: not any(running(p) for p in procs), 60, "the engine's processes to be gone", every=0.1)
-

@@ -15,40 +15,11 @@ from typing import Callable, Optional
 
 from pcm_service.protocol import BatchLease, ContextSpec
 from worker_image.library import AUTHKEY_ENV
+from worker_image.processes import process_tree, running
 
 
 class LibraryFailed(RuntimeError):
     pass
-
-
-def _stat(pid: int) -> Optional[list[str]]:
-    """The fields of /proc/PID/stat after the command name (state, ppid, ...), or None."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def process_tree(pid: int) -> list[tuple[int, str]]:
-    """Every process below ``pid``, each with its start time (so a pid the kernel hands out
-    again later is not taken for it). vLLM runs its engine core and model workers in child
-    processes of the library; where there is no /proc, none are known."""
-    children: dict[int, list[tuple[int, str]]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit() and (f := _stat(int(entry))) is not None:
-            children.setdefault(int(f[1]), []).append((int(entry), f[19]))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child[0])
-    return found
-
-
-def running(proc: tuple[int, str]) -> bool:
-    """The same process (pid and start time) still exists and is not a zombie."""
-    f = _stat(proc[0])
-    return f is not None and f[19] == proc[1] and f[0] != "Z"
 
 
 class LibraryHandle:

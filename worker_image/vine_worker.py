@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from pcm_service.protocol import ExecutorInfo, Resources, glidein_os
 from pcm_service.tokens import write_secret
+from worker_image.processes import stat_fields
 from worker_image.settings import detect_resources
 
 log = logging.getLogger("pcm.worker")
@@ -82,12 +83,6 @@ def run_vine_worker(service_url: str, info: ExecutorInfo, token: str, glidein_id
     return rc
 
 
-def _stat(pid: int) -> list[str]:
-    """/proc/PID/stat after the command name: state, ppid, pgrp, ..."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    return text[text.rindex(")") + 2:].split()
-
-
 def kill_leftovers() -> None:
     """What vine_worker forked (its transfer server, the library and its engine) outlives a
     vine_worker killed alone and keeps its connection to the manager open: the rest of this
@@ -96,16 +91,15 @@ def kill_leftovers() -> None:
     keep, pid = {os.getpid()}, os.getppid()
     while pid > 1:
         keep.add(pid)
-        try:
-            pid = int(_stat(pid)[1])
-        except (OSError, ValueError, IndexError):
+        if (f := stat_fields(pid)) is None:
             break
+        pid = int(f[1])
     group = os.getpgrp()
     for d in Path("/proc").iterdir():
         if not d.name.isdigit() or int(d.name) in keep:
             continue
-        try:
-            if int(_stat(int(d.name))[2]) == group:
+        if (f := stat_fields(int(d.name))) is not None and int(f[2]) == group:
+            try:
                 os.kill(int(d.name), signal.SIGKILL)
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile, or not ours to see
+            except OSError:
+                continue  # gone meanwhile, or not ours to kill
