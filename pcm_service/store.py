@@ -29,7 +29,8 @@ def in_list(values: Iterable[Any]) -> tuple[str, list[Any]]:
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS contexts (
     context_id TEXT PRIMARY KEY,
-    spec TEXT NOT NULL
+    spec TEXT NOT NULL,
+    start_failures INTEGER NOT NULL DEFAULT 0  -- engine starts failed by its assigned workers since one was ready
 );
 CREATE TABLE IF NOT EXISTS workloads (
     workload_id TEXT PRIMARY KEY,
@@ -97,7 +98,9 @@ CREATE TABLE IF NOT EXISTS workers (
     left_at REAL,
     last_heartbeat REAL NOT NULL,
     last_busy REAL NOT NULL,
-    environment TEXT  -- the packed environment's digest (NULL: a venv or an image)
+    environment TEXT,  -- the packed environment's digest (NULL: a venv or an image)
+    token_hash TEXT,  -- sha256 of the worker's own credential (its bearer token on its routes)
+    assigned_context TEXT  -- the context the service placed it on (engine events count for it alone)
 );
 CREATE INDEX IF NOT EXISTS workers_by_glidein ON workers (glidein_id);
 -- every change of a worker's state or of its context's, for `pcm report`: written by the
@@ -144,6 +147,12 @@ CREATE TABLE IF NOT EXISTS replicas (
     PRIMARY KEY (chunk, worker_id)
 );
 CREATE INDEX IF NOT EXISTS replicas_by_worker ON replicas (worker_id);
+-- chunks a worker said at registration it held: where to place it, never a source for others
+CREATE TABLE IF NOT EXISTS claimed_chunks (
+    chunk TEXT NOT NULL,
+    worker_id TEXT NOT NULL,
+    PRIMARY KEY (worker_id, chunk)
+);
 CREATE TABLE IF NOT EXISTS transfers (
     transfer_id INTEGER PRIMARY KEY AUTOINCREMENT,
     worker_id TEXT NOT NULL,
@@ -196,7 +205,8 @@ CREATE TABLE IF NOT EXISTS settings (
 
 ADDED_COLUMNS = [("workloads", "model_name"), ("workloads", "openai"), ("rows", "request"),
                  ("rows", "choices"), ("rows", "error_code"), ("workers", "kind"),
-                 ("workers", "environment")]
+                 ("workers", "environment"), ("workers", "token_hash"), ("workers", "assigned_context"),
+                 ("contexts", "start_failures INTEGER NOT NULL DEFAULT 0")]
 
 
 class Store:
@@ -229,11 +239,12 @@ class Store:
         return conn
 
     def _add_columns(self) -> None:
-        """A state directory from an older PCM gets the columns added since (all nullable)."""
+        """A state directory from an older PCM gets the columns added since (TEXT unless declared)."""
         for table, column in ADDED_COLUMNS:
+            name, _, decl = column.partition(" ")
             have = {r["name"] for r in self._conn.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+            if name not in have:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl or 'TEXT'}")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

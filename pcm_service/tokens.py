@@ -89,6 +89,16 @@ def create_token_file(path: Path) -> str:
     return token
 
 
+def new_worker_token() -> tuple[str, str]:
+    """A worker's own credential and the digest the service keeps of it (never the token)."""
+    token = secrets.token_urlsafe(32)
+    return token, worker_token_digest(token)
+
+
+def worker_token_digest(token: str) -> str:
+    return hashlib.sha256(b"pcm worker token v1\n" + token.encode()).hexdigest()
+
+
 def service_token(kind: TokenKind, file: Optional[Path], state_dir: Path) -> Token:
     """The service's token: ``file``, else $value_env, else state_dir/filename (made on first start)."""
     if file is not None:

@@ -12,6 +12,7 @@ from pcm_service.core.factories import FactoryRegistry
 from pcm_service.protocol import (
     ContextSpec,
     Demand,
+    ErrorCode,
     FactoryLimits,
     Heartbeat,
     NamedModel,
@@ -37,6 +38,16 @@ class UnknownWorker(LookupError):
 
 class UnknownWorkload(LookupError):
     pass
+
+
+class Refused(ValueError):
+    """A worker's call that the service will not carry out because it is not that worker's to
+    make (another worker's batch, a context it was not given, a blob server elsewhere): nothing
+    changed. ``code`` says which rule; the HTTP layer picks the status from it."""
+
+    def __init__(self, code: ErrorCode, message: str, field: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.code, self.field = code, field
 
 
 class UnknownModel(LookupError):

@@ -106,7 +106,8 @@ class WorkloadOps(CoreBase):
             if n_rows == 0:
                 raise ValueError("a workload needs at least one row")
             with self.store.transaction() as db:
-                db.execute("INSERT OR IGNORE INTO contexts VALUES (?, ?)", (ctx_id, context.model_dump_json()))
+                db.execute("INSERT OR IGNORE INTO contexts (context_id, spec) VALUES (?, ?)",
+                           (ctx_id, context.model_dump_json()))
                 db.execute(
                     "INSERT INTO workloads (workload_id, name, context_id, sampling, batch_size, output,"
                     " rows_total, state, created_at, model_name, openai) VALUES (?,?,?,?,?,?,?,?,?,?,?)",

@@ -16,8 +16,11 @@ from pcm_service.protocol.base import (
     ErrorBody,
     ErrorCode,
     ErrorItem,
+    Ident,
     Int,
+    Message,
     Positive,
+    Short,
     Strict,
 )
 from pcm_service.protocol.executors import (
@@ -150,7 +153,10 @@ __all__ = [
     "HeartbeatResponse",
     "INT_MAX",
     "IdleReport",
+    "Ident",
     "Int",
+    "Message",
+    "Short",
     "LIVE_WORKER_STATES",
     "LeaseRequest",
     "LeaseResponse",

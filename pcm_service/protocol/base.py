@@ -5,7 +5,7 @@ import enum
 from typing import Annotated, Any, Optional
 
 from annotated_types import Ge, Gt, Le
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 API_PREFIX = "/v1/pcm"  # PCM's own routes; OpenAI's (/v1/files, /v1/batches, /v1/models) sit beside them
 EXECUTOR_PATH = f"{API_PREFIX}/executor"  # what a glidein runs (GET, pool token): ExecutorInfo
@@ -29,6 +29,13 @@ Count = Annotated[int, Ge(0), Le(INT_MAX), BeforeValidator(integral)]  # ids, in
 
 
 Positive = Annotated[int, Gt(0), Le(INT_MAX), BeforeValidator(integral)]
+
+# strings a worker sends: bounded (glidein hosts are not trusted; a 50 MB host name was stored once)
+Short = Annotated[str, StringConstraints(max_length=256)]  # host names, glidein ids, GPU names
+Ident = Annotated[str, StringConstraints(max_length=128, pattern=r"^[A-Za-z0-9._:@+-]*$")]  # ids and digests
+Message = Annotated[str, StringConstraints(max_length=8192)]  # an error a worker reports
+Chunk = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]  # a chunk's sha256
+BlobURL = Annotated[str, StringConstraints(max_length=512, pattern=r"^https?://[^\s]+$")]  # a peer's blob server
 
 
 class Strict(BaseModel):
@@ -61,6 +68,12 @@ class ErrorCode(str, enum.Enum):
     INVALID_TYPE = "invalid_type"  # 400: OpenAI's code for a value of the wrong type
     INVALID_FILE_FORMAT = "invalid_file_format"  # 400: an upload that is not JSONL
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # 415: a body in a format the route does not take
+    # worker trust: a worker acts only with its own credential, on its own leases and context
+    WRONG_WORKER = "wrong_worker"  # 403: not this worker's credential (another's, or the pool token)
+    BATCH_NOT_LEASED = "batch_not_leased"  # 409: a report for a batch not leased to this worker
+    CONTEXT_NOT_ASSIGNED = "context_not_assigned"  # 409: an engine event for a context not assigned to it
+    PEER_ADDRESS = "peer_address"  # 400: a blob URL on another address than the worker's own
+    TOO_MANY_WORKERS = "too_many_workers"  # 409/503: registrations over the glidein's or the service's bound
 
 
 # the code an error answer gets from its status alone, where the answer says no more

@@ -7,7 +7,7 @@ from typing import Optional
 
 from pydantic import Field
 
-from pcm_service.protocol.base import Count, Positive, Strict
+from pcm_service.protocol.base import BlobURL, Chunk, Count, Ident, Message, Positive, Strict
 
 ORIGIN = "origin"  # the source name of the service's own copy of a model
 
@@ -53,19 +53,22 @@ class ModelRegistration(Strict):
 
 
 class TransferResult(Strict):
-    chunk: str
-    source: str  # a worker id or ORIGIN
+    """What a worker says of one transfer the service planned for it: believed only for that
+    plan's chunk and source (see ReplicaMap._record)."""
+
+    chunk: Chunk
+    source: Ident  # a worker id or ORIGIN
     ok: bool
-    bytes: Count = 0
-    seconds: float = 0.0
-    error: Optional[str] = None
+    bytes: Count = 0  # recorded as at most the chunk's length
+    seconds: float = Field(default=0.0, ge=0, le=86400)
+    error: Optional[Message] = None
     corrupt: bool = False  # the bytes did not match the chunk's hash
     busy: bool = False  # the source refused: all its upload slots were taken
 
 
 class FetchRequest(Strict):
-    manifest_digest: str
-    results: list[TransferResult] = Field(default_factory=list)
+    manifest_digest: Ident
+    results: list[TransferResult] = Field(default_factory=list, max_length=1024)
     want: Count = 0  # how many more transfers the worker can run now
     wait: float = Field(default=0.0, ge=0, le=30)  # block this long for a free source
 
@@ -73,9 +76,9 @@ class FetchRequest(Strict):
 class BootstrapFetchRequest(FetchRequest):
     """A glidein bootstrapping its environment (no worker yet): it may pass chunks on at once."""
 
-    blob_url: Optional[str] = None
-    upload_slots: Count = 0
-    glidein_id: Optional[str] = None  # the batch job it runs in, when it knows
+    blob_url: Optional[BlobURL] = None
+    upload_slots: Count = Field(default=0, le=64)
+    glidein_id: Optional[Ident] = None  # the batch job it runs in, when it knows
 
 
 class WorkerEnvironment(Strict):

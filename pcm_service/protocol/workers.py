@@ -5,44 +5,54 @@ from typing import Optional
 
 from pydantic import Field
 
-from pcm_service.protocol.base import Count, Strict
+from pcm_service.protocol.base import BlobURL, Chunk, Count, Ident, Message, Short, Strict
 from pcm_service.protocol.states import ContextState, WorkerKind
 from pcm_service.protocol.workloads import ChatMessage, ContextSpec, SamplingSettings
+
+# Every field a worker sends is bounded: glidein hosts are not trusted (see README "Security").
+MAX_HELD_BATCHES = 4096  # batches a heartbeat may list (a worker holds a few)
+MAX_LEASED_BATCHES = 64  # batches one lease may ask for
 
 
 class Resources(Strict):
     cpus: Count = 1
     memory_mb: Count = 0
-    gpus: list[str] = Field(default_factory=list)
+    gpus: list[Short] = Field(default_factory=list, max_length=64)
 
 
 class WorkerRegistration(Strict):
-    host: str
+    host: Short
     pid: Count
-    glidein_id: Optional[str] = None
+    glidein_id: Optional[Ident] = None
     resources: Resources = Field(default_factory=Resources)
-    blob_url: Optional[str] = None  # the worker's blob server, when it serves chunks to peers
-    upload_slots: Count = 0  # transfers its blob server serves at once
-    chunks: list[str] = Field(default_factory=list)  # verified chunks already in its cache
+    # the worker's blob server, when it serves chunks to peers: on the address its requests come from
+    blob_url: Optional[BlobURL] = None
+    upload_slots: Count = Field(default=0, le=64)  # transfers its blob server serves at once
+    # verified chunks already in its cache: a hint for placing it, never a source for others
+    # until the service has seen it fetch them
+    chunks: list[Chunk] = Field(default_factory=list, max_length=65536)
     kind: WorkerKind = Field(default=WorkerKind.AGENT, strict=False)
-    environment: str = ""  # the digest of the packed environment it runs in ("": a venv or image)
+    environment: Ident = ""  # the digest of the packed environment it runs in ("": a venv or image)
 
 
 class RegisterResponse(Strict):
     worker_id: str
+    # this worker's own credential: every /workers/{worker_id}/... call carries it as its bearer
+    # token (the pool token only registers); kept like a token, never logged
+    worker_token: str = Field(default="", repr=False)
     heartbeat_interval: float
     idle_timeout: float
 
 
 class Heartbeat(Strict):
-    context_id: Optional[str] = None
+    context_id: Optional[Ident] = None
     context_state: ContextState = Field(default=ContextState.ABSENT, strict=False)
     inflight_batches: Count = 0
     draining: bool = False
     # Lease reconciliation: the batches the worker still holds, and the newest lease response it
     # has seen. A batch leased to it in a response it has seen but no longer held goes back to
     # the queue (e.g. a lease answered while the service crashed, a report lost for good).
-    batches: list[Count] = Field(default_factory=list)
+    batches: list[Count] = Field(default_factory=list, max_length=MAX_HELD_BATCHES)
     lease_seq: Count = 0
 
 
@@ -54,16 +64,16 @@ class HeartbeatResponse(Strict):
 class LibraryEvent(Strict):
     """A library process changed state; ``ready`` events count engine starts."""
 
-    context_id: str
+    context_id: Ident
     state: ContextState = Field(strict=False)
-    seconds: float = 0.0
-    error: Optional[str] = None
+    seconds: float = Field(default=0.0, ge=0, le=86400 * 7)
+    error: Optional[Message] = None
 
 
 class LeaseRequest(Strict):
-    context_id: Optional[str] = None
+    context_id: Optional[Ident] = None
     context_state: ContextState = Field(default=ContextState.ABSENT, strict=False)
-    max_batches: Count = 2
+    max_batches: Count = Field(default=2, le=MAX_LEASED_BATCHES)
 
 
 class RowTask(Strict):
@@ -134,7 +144,7 @@ class BatchReport(Strict):
 class BatchReports(Strict):
     """Reports of several batches in one request (one transaction): what a worker's reporter
     coalesced while its previous request was on the way."""
-    reports: list[BatchReport] = Field(min_length=1)
+    reports: list[BatchReport] = Field(min_length=1, max_length=1024)
 
 
 class IdleReport(Strict):
