@@ -75,15 +75,17 @@ class ServiceClient:
         self._http = httpx.Client(base_url=self.url, timeout=timeout, verify=self.ssl_context or True)
 
     def request(self, method: str, path: str, body: Optional[BaseModel] = None,
-                response: Optional[type[T]] = None, **params: Any) -> Any:
+                response: Optional[type[T]] = None, *, bearer: Optional[str] = None, **params: Any) -> Any:
+        """One call; ``bearer`` sends that credential instead of the client's token (a worker's own)."""
         path = path if path.startswith("/healthz") else API_PREFIX + path
+        headers = self._headers if bearer is None else {**self._headers, "authorization": f"Bearer {bearer}"}
         content = body.model_dump_json() if body is not None else None
         deadline = time.monotonic() + self.retry_for
         delay = 0.2
         while True:
             try:
                 resp = self._http.request(method, path, content=content, params=params or None,
-                                          headers=self._headers)
+                                          headers=headers)
                 break
             except httpx.TransportError as e:
                 if is_tls_failure(e):

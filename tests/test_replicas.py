@@ -31,9 +31,17 @@ def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def worker(core: ServiceCore, m: ModelManifest, holds: bool, slots: int = 2) -> str:
-    return core.register(WorkerRegistration(
-        host="h", pid=1, blob_url="http://127.0.0.1:1", upload_slots=slots,
-        chunks=list(m.chunk_lengths) if holds else [])).worker_id
+    """A worker with a blob server; ``holds``: it fetched every chunk (a source for others only
+    once the service saw it fetch them)."""
+    wid = core.register(WorkerRegistration(
+        host="h", pid=1, blob_url="http://127.0.0.1:1", upload_slots=slots)).worker_id
+    results: list[TransferResult] = []
+    while holds:
+        p = plan(core, wid, m, want=len(m.chunk_lengths), results=results)
+        if p.progress.chunks_held == p.progress.chunks_total:
+            break
+        results = [TransferResult(chunk=a.chunk, source=a.source, ok=True, bytes=a.length) for a in p.assignments]
+    return wid
 
 
 def plan(core: ServiceCore, wid: str, m: ModelManifest, want: int = 4, results=()):  # type: ignore[no-untyped-def]
@@ -73,7 +81,14 @@ def test_a_finished_chunk_makes_its_receiver_a_source_at_once(setup) -> None:  #
     assert core.status().transfers.origin_bytes == CHUNK
 
 
-def test_corrupt_source_loses_its_replica_and_is_avoided(setup) -> None:  # type: ignore[no-untyped-def]
+def holders(core: ServiceCore, chunk: str) -> set[str]:
+    with core.store.read() as db:
+        return {r[0] for r in db.execute("SELECT worker_id FROM replicas WHERE chunk=?", (chunk,))}
+
+
+def test_corrupt_source_is_avoided_and_loses_its_replica_on_a_second_word(setup) -> None:  # type: ignore[no-untyped-def]
+    """One worker saying a peer's copy is corrupt makes it avoid that peer; the replica goes
+    only when a second worker, also sent there, says so too (one may lie about the source)."""
     core, m, clock = setup
     a = worker(core, m, holds=True, slots=4)
     n = worker(core, m, holds=False)
@@ -83,10 +98,32 @@ def test_corrupt_source_loses_its_replica_and_is_avoided(setup) -> None:  # type
                          error="sha256 mismatch")
     again = plan(core, n, m, want=4, results=[bad]).assignments
     assert again and all(x.source == ORIGIN for x in again)  # avoided while it is bad
-    with core.store.read() as db:
-        holders = {r[0] for r in db.execute("SELECT worker_id FROM replicas WHERE chunk=?", (bad.chunk,))}
-    assert a not in holders
+    assert a in holders(core, bad.chunk)
     assert core.status().transfers.failures == 1
+    plan(core, n, m, want=0, results=[bad])  # the same worker again: not planned, not believed
+    assert a in holders(core, bad.chunk) and core.status().transfers.failures == 1
+    clock.t += 31  # no longer avoided
+    n2 = worker(core, m, holds=False)
+    got2 = [x for x in plan(core, n2, m, want=4).assignments if x.chunk == bad.chunk]
+    assert got2 and got2[0].source == a
+    plan(core, n2, m, want=0, results=[bad])
+    assert a not in holders(core, bad.chunk)
+
+
+def test_a_result_for_a_transfer_never_planned_changes_nothing(setup) -> None:  # type: ignore[no-untyped-def]
+    """Found 4: a forged result naming another peer as corrupt, a claim to have fetched a chunk
+    it was never sent, and a huge byte count: none is believed or counted."""
+    core, m, _ = setup
+    a = worker(core, m, holds=True, slots=4)
+    liar = worker(core, m, holds=False)
+    chunk = next(iter(m.chunk_lengths))
+    forged = [TransferResult(chunk=chunk, source=a, ok=False, corrupt=True, error="x\nFAKE LOG LINE"),
+              TransferResult(chunk=chunk, source=ORIGIN, ok=True, bytes=2**53 - 1)]
+    plan(core, liar, m, want=0, results=forged)
+    plan(core, liar, m, want=0, results=forged[:1])
+    assert holders(core, chunk) == {a}
+    st = core.status().transfers
+    assert (st.transfers, st.origin_bytes) == (len(m.chunk_lengths), len(m.chunk_lengths) * CHUNK)
 
 
 def test_busy_source_is_not_avoided_and_departed_workers_are_not_sources(setup) -> None:  # type: ignore[no-untyped-def]
@@ -107,3 +144,20 @@ def test_unreadable_model_is_refused_with_its_path(tmp_path: Path) -> None:
     with pytest.raises(ModelUnavailable, match="does not exist or the service cannot read it"):
         core.replicas.register_model(tmp_path / "nope")
     core.close()
+
+
+def test_chunks_claimed_at_registration_are_never_a_source_for_others(setup) -> None:  # type: ignore[no-untyped-def]
+    """Found 4: a worker that says it holds every chunk without having fetched any is never in
+    another worker's plan (it still counts them for itself: its own cache, its own business)."""
+    core, m, _ = setup
+    liar = core.register(WorkerRegistration(host="h", pid=1, blob_url="http://127.0.0.1:1", upload_slots=64,
+                                            chunks=list(m.chunk_lengths))).worker_id
+    assert plan(core, liar, m, want=4).progress.chunks_held == len(m.chunk_lengths)
+    n = worker(core, m, holds=False)
+    sources = set()
+    for _ in range(4):
+        p = plan(core, n, m, want=4)
+        sources |= {x.source for x in p.assignments}
+        plan(core, n, m, want=0, results=[TransferResult(chunk=x.chunk, source=x.source, ok=True)
+                                          for x in p.assignments])
+    assert sources == {ORIGIN}

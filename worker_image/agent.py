@@ -55,6 +55,7 @@ REGISTER_AGAIN = (ErrorCode.WORKER_UNKNOWN.value, ErrorCode.WORKER_LOST.value)
 # a worker whose leases and reports show it alive still heartbeats every this many intervals, so
 # the service reconciles the batches it holds (Kubernetes' node leases: renew cheaply, report fully seldom)
 FULL_HEARTBEAT_EVERY = 5
+MAX_EVENT_ERROR = 4000  # characters of an engine error sent to the service (it keeps at most 8192)
 
 
 class WorkerAgent:
@@ -110,7 +111,7 @@ class WorkerAgent:
             resources=detect_resources(), blob_url=(self.peers.url or self.blobs.url) if self.blobs else None,
             upload_slots=self.peers.upload_slots if self.blobs else 0,
             chunks=self.store.held(), environment=os.environ.get("PCM_ENV_DIGEST", "")), RegisterResponse)
-        self.worker_id = self.reg.worker_id
+        self.worker_id = self.reg.worker_id  # its credential stays in self.reg (repr hides it): never logged
         self.ledger.registered()
         log.info("registered as %s with %s", self.worker_id, self.client.url)
 
@@ -121,7 +122,7 @@ class WorkerAgent:
         (410) never registers again."""
         stale = self.worker_id
         try:
-            return self.client.request(method, f"/workers/{stale}{path}", body, response)
+            return self._own(method, f"/workers/{stale}{path}", body, response)
         except ServiceError as e:
             if e.code not in REGISTER_AGAIN or self.leaving:
                 raise
@@ -129,7 +130,12 @@ class WorkerAgent:
                 if self.worker_id == stale:
                     log.warning("service no longer knows %s (%s); registering again", stale, e.code)
                     self._register()
-            return self.client.request(method, f"/workers/{self.worker_id}{path}", body, response)
+            return self._own(method, f"/workers/{self.worker_id}{path}", body, response)
+
+    def _own(self, method: str, path: str, body=None, response=None):  # type: ignore[no-untyped-def]
+        """A call on this worker's own routes: with its own credential, not the pool token."""
+        assert self.reg is not None
+        return self.client.request(method, path, body, response, bearer=self.reg.worker_token)
 
     @property
     def leaving(self) -> bool:
@@ -141,8 +147,14 @@ class WorkerAgent:
     def _library_event(self, state: ContextState, context: ContextSpec, seconds: float = 0.0,
                        error: Optional[str] = None) -> None:
         self.context_state = state
-        self._call("POST", "/library", LibraryEvent(context_id=context.context_id, state=state,
-                                                    seconds=seconds, error=error))
+        event = LibraryEvent(context_id=context.context_id, state=state, seconds=seconds,
+                             error=error[:MAX_EVENT_ERROR] if error else None)
+        try:
+            self._call("POST", "/library", event)
+        except ServiceError as e:
+            if e.code != ErrorCode.CONTEXT_NOT_ASSIGNED.value:
+                raise
+            log.warning("the service did not take our engine event: %s", e.detail)
 
     # ----- threads --------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
@@ -210,15 +222,23 @@ class WorkerAgent:
                 m.returned.extend(rep.returned)
                 m.crashed.extend(rep.crashed)
             if merged:  # every batch finished since the last request, in one request
-                try:
-                    self._call("POST", "/reports", BatchReports(reports=list(merged.values())))
-                    self._alive_shown_at = time.monotonic()
-                except ServiceError as e:  # the service requeues them when our heartbeat omits them
-                    log.error("report for batches %s not delivered: %s", sorted(merged), e.detail)
+                self._deliver(list(merged.values()))
                 for batch_id, n in queued.items():
                     self.ledger.delivered(batch_id, n)
             if None in items:
                 return
+
+    def _deliver(self, reports: list[BatchReport]) -> None:
+        try:
+            self._call("POST", "/reports", BatchReports(reports=reports))
+            self._alive_shown_at = time.monotonic()
+        except ServiceError as e:  # the service requeues them when our heartbeat omits them
+            if e.code == ErrorCode.BATCH_NOT_LEASED.value and len(reports) > 1:
+                # one batch is no longer ours (requeued while we were thought lost): the others are
+                for rep in reports:
+                    self._deliver([rep])
+                return
+            log.error("report for batches %s not delivered: %s", sorted(r.batch_id for r in reports), e.detail)
 
     def _receive_loop(self, lib: LibraryHandle) -> None:
         while True:
@@ -304,7 +324,7 @@ class WorkerAgent:
         """Stop heartbeating, deregister, stop serving chunks."""
         self._exited.set()
         try:
-            self.client.request("DELETE", f"/workers/{self.worker_id}")
+            self._own("DELETE", f"/workers/{self.worker_id}")
         except ServiceError as e:
             log.warning("could not deregister: %s", e.detail)
         if self.blobs is not None:

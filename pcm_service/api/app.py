@@ -12,7 +12,7 @@ import anyio.to_thread
 from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
 
-from pcm_service.api.auth import BearerToken, ReadToken, api_token, pool_token
+from pcm_service.api.auth import BearerToken, ReadToken, WorkerToken, api_token, pool_token
 from pcm_service.api.changes import Changes
 from pcm_service.api.committer import GroupCommitter
 from pcm_service.api.errors import BodyLimit, StrictJSONRoute, install_error_handlers
@@ -83,8 +83,7 @@ def create_app(core: ServiceCore, pool: str, api: str, executor: Optional[Execut
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    app.include_router(worker_router(core, changes, executor, committer, metrics),
-                       dependencies=[Depends(pool_token(pool))])
+    app.include_router(worker_router(core, changes, executor, committer, metrics, pool_token(pool)))
     app.include_router(user_router(core, executor), dependencies=[Depends(api_token(api))])
     app.include_router(openai_router(core), dependencies=[Depends(api_token(api))])
     app.include_router(metrics_router(metrics), dependencies=[Depends(ReadToken(metrics_token, api))])
@@ -96,11 +95,11 @@ def create_app(core: ServiceCore, pool: str, api: str, executor: Optional[Execut
 
 
 def _check_every_route_has_a_token(app: FastAPI) -> None:
-    """A route added outside the two routers would be open: refuse to start instead."""
+    """A route added outside the routers would be open: refuse to start instead."""
     for route in app.routes:
         if isinstance(route, APIRoute) and route.path not in OPEN and not any(
-                isinstance(d.dependency, BearerToken) for d in route.dependencies):
-            raise RuntimeError(f"route {route.path} is behind neither token: add it to a router")
+                isinstance(d.dependency, (BearerToken, WorkerToken)) for d in route.dependencies):
+            raise RuntimeError(f"route {route.path} is behind no token: add it to a router")
 
 
 def tune_gc_for_serving() -> None:

@@ -1,5 +1,5 @@
-"""The two bearer tokens as route dependencies. A router is included behind one of them, and
-the OpenAPI document names the scheme each operation takes (PoolToken or ApiToken)."""
+"""The bearer tokens as route dependencies. A router is included behind one of them, and the
+OpenAPI document names the scheme each operation takes (PoolToken, WorkerToken or ApiToken)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,6 +8,7 @@ from fastapi import Request
 from fastapi.security import HTTPBearer
 
 from pcm_service.api.errors import ApiError
+from pcm_service.core import ServiceCore
 from pcm_service.protocol import ErrorCode
 from pcm_service.tokens import check_bearer
 
@@ -49,3 +50,26 @@ class ReadToken(BearerToken):
         if self.metrics and check_bearer(request.headers.get("authorization"), self.metrics) is None:
             return
         await super().__call__(request)
+
+
+class WorkerToken(HTTPBearer):
+    """``/workers/{worker_id}/...``: that worker's own credential (from its registration), never
+    the pool token nor another worker's: 401 without one, 404 for an id never registered, 403
+    (``wrong_worker``) for any other token. A glidein host can act only for its own workers."""
+
+    def __init__(self, core: ServiceCore) -> None:
+        super().__init__(auto_error=False, scheme_name="WorkerToken",
+                         description="A worker's own credential: the worker_token its registration returned")
+        self.core = core
+
+    async def __call__(self, request: Request) -> None:  # type: ignore[override]
+        worker_id = str(request.path_params.get("worker_id", ""))
+        authorization = request.headers.get("authorization") or ""
+        if not authorization.startswith("Bearer "):
+            raise ApiError(401, ErrorCode.MISSING_TOKEN, "missing worker token: send 'Authorization: Bearer"
+                           " <worker_token>' (from the registration)", headers={"WWW-Authenticate": "Bearer"})
+        matches = self.core.worker_token_matches(worker_id, authorization[7:].strip())
+        if matches is None:
+            raise ApiError(404, ErrorCode.WORKER_UNKNOWN, f"unknown worker {worker_id}; register again")
+        if not matches:
+            raise ApiError(403, ErrorCode.WRONG_WORKER, f"not the credential of worker {worker_id}")

@@ -50,7 +50,7 @@ class ApiError(HTTPException):
 
 AUTH = errors(401, 403)
 BODY = errors(401, 403, 413, 422)  # routes that take a request body (or query parameters)
-WORKER = {**BODY, **errors(404, 410)}  # a worker route: the worker may be unknown, lost or retired
+WORKER = {**BODY, **errors(404, 409, 410)}  # a worker route: unknown, lost or retired; 409: not its own
 
 
 def unknown_worker(e: UnknownWorker) -> ApiError:

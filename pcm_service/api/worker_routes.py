@@ -1,20 +1,24 @@
-"""Routes for workers (behind the pool token): register, heartbeat, lease, report, retire, and
-the model weights they fetch (manifests, plans, the origin's chunks)."""
+"""Routes for workers: behind the pool token, what a glidein needs before it is a worker
+(register, the executor, the environment, manifests, the origin's chunks); behind the worker's
+own credential, everything under ``/workers/{worker_id}/`` (heartbeat, lease, report, fetch,
+engine events, idle, retire), so a glidein host can act only for the workers it registered."""
 from __future__ import annotations
 
 import asyncio
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
-from fastapi import APIRouter, Header, Path, Response
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from pcm_service.api.auth import BearerToken, WorkerToken
 from pcm_service.api.changes import Changes
 from pcm_service.api.committer import GroupCommitter
 from pcm_service.api.errors import AUTH, BODY, WORKER, ApiError, StrictJSONRoute, errors, unknown_worker
 from pcm_service.api.metrics import ServiceMetrics
-from pcm_service.core import ServiceCore, UnknownWorker
+from pcm_service.core import Refused, ServiceCore, UnknownWorker
+from pcm_service.core.trust import check_blob_url
 from pcm_service.executors import Executor
 from pcm_service.protocol import (
     API_PREFIX,
@@ -49,12 +53,24 @@ Receiver = Annotated[str, Path(pattern=r"^boot-[A-Za-z0-9._-]{1,120}$")]
 BYTES: dict[str, Any] = {"content": {"application/octet-stream": {}}}
 
 
+REFUSED_STATUS = {ErrorCode.WRONG_WORKER: 403, ErrorCode.BATCH_NOT_LEASED: 409,
+                  ErrorCode.CONTEXT_NOT_ASSIGNED: 409, ErrorCode.PEER_ADDRESS: 400,
+                  ErrorCode.TOO_MANY_WORKERS: 409}
+
+
+def refused(e: Refused) -> ApiError:
+    return ApiError(REFUSED_STATUS[e.code], e.code, str(e), e.field)
+
+
 def call(fn: Callable[..., T], *args: Any) -> T:
-    """A core call for a worker: an unknown, lost or retired worker gets its own answer."""
+    """A core call for a worker: an unknown, lost or retired worker gets its own answer, a call
+    that is not its to make a refusal that changed nothing."""
     try:
         return fn(*args)
     except UnknownWorker as e:
         raise unknown_worker(e) from None
+    except Refused as e:
+        raise refused(e) from None
 
 
 def as_json(model: BaseModel) -> Response:
@@ -63,11 +79,40 @@ def as_json(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
+async def long_poll(changes: Changes, plan_for: Callable[[R], FetchPlan], req: R) -> FetchPlan:
+    """A transfer plan; with ``wait`` it long-polls until a source frees up."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + req.wait
+    while True:
+        ev = changes.event
+        try:
+            plan = await run_in_threadpool(plan_for, req)
+        except KeyError:
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"unknown model manifest {req.manifest_digest}",
+                           "manifest_digest") from None
+        left = deadline - loop.time()
+        done = plan.progress.chunks_held == plan.progress.chunks_total
+        if plan.assignments or req.want == 0 or done or left <= 0 or ev is None:
+            return plan
+        req = req.model_copy(update={"results": []})  # recorded once
+        try:
+            await asyncio.wait_for(ev.wait(), left)
+        except asyncio.TimeoutError:
+            pass
+
+
 def worker_router(core: ServiceCore, changes: Changes, executor: Executor, committer: GroupCommitter,
-                  metrics: ServiceMetrics) -> APIRouter:
+                  metrics: ServiceMetrics, pool: BearerToken) -> APIRouter:
+    """Both routers, each behind its credential."""
+    router = APIRouter()
+    router.include_router(glidein_routes(core, changes, executor), dependencies=[Depends(pool)])
+    router.include_router(own_routes(core, changes, committer, metrics), dependencies=[Depends(WorkerToken(core))])
+    return router
+
+
+def glidein_routes(core: ServiceCore, changes: Changes, executor: Executor) -> APIRouter:
+    """Behind the pool token: what any glidein of the pool may ask."""
     router = APIRouter(route_class=StrictJSONRoute)
-    # the routes every worker calls all the time: group-committed on one thread
-    hot = committer.call
 
     @router.get(EXECUTOR_PATH, responses=AUTH)
     def executor_info() -> ExecutorInfo:
@@ -98,9 +143,40 @@ def worker_router(core: ServiceCore, changes: Changes, executor: Executor, commi
         return StreamingResponse(pieces, status_code=span.status, headers=span.headers,
                                  media_type="application/octet-stream")
 
-    @router.post(f"{API_PREFIX}/workers", status_code=201, responses=BODY)
-    def register(reg: WorkerRegistration) -> RegisterResponse:
-        return core.register(reg)
+    @router.post(f"{API_PREFIX}/workers", status_code=201, responses={**BODY, **errors(400, 409)})
+    def register(reg: WorkerRegistration, request: Request) -> RegisterResponse:
+        """A new worker: the answer carries its own credential (``worker_token``) for its routes."""
+        return call(core.register, reg, request.client.host if request.client else "")
+
+    @router.get(f"{API_PREFIX}/environment", responses={**AUTH, **errors(404)})
+    def environment() -> WorkerEnvironment:
+        """The packed environment glideins bootstrap from (``pcm serve --worker-env``)."""
+        if core.replicas.environment is None:
+            raise ApiError(404, ErrorCode.NOT_FOUND, "this service ships no worker environment:"
+                           " start it with --worker-env FILE (made by `pcm env pack`)")
+        return core.replicas.environment
+
+    @router.post(f"{API_PREFIX}/bootstrap/{{receiver}}/fetch", responses={**AUTH, **errors(400, 404, 422)})
+    async def bootstrap_fetch(receiver: Receiver, req: BootstrapFetchRequest, request: Request) -> FetchPlan:
+        """A transfer plan for a glidein fetching the environment (it has no worker id yet)."""
+        if req.blob_url:
+            call(check_blob_url, req.blob_url, request.client.host if request.client else "", core.config.trust)
+        return await long_poll(changes, lambda r: core.replicas.plan_bootstrap(receiver, r), req)
+
+    @router.delete(f"{API_PREFIX}/bootstrap/{{receiver}}", responses={**AUTH, **errors(422)})
+    def bootstrap_done(receiver: Receiver) -> dict[str, bool]:
+        """The glidein has the environment (or gave up): it no longer fetches nor serves."""
+        core.replicas.end_bootstrap(receiver)
+        return {"ok": True}
+
+    return router
+
+
+def own_routes(core: ServiceCore, changes: Changes, committer: GroupCommitter, metrics: ServiceMetrics) -> APIRouter:
+    """Behind the worker's own credential (WorkerToken): a worker acting for itself."""
+    router = APIRouter(route_class=StrictJSONRoute)
+    # the routes every worker calls all the time: group-committed on one thread
+    hot = committer.call
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/heartbeat", response_model=HeartbeatResponse,
                  responses=WORKER)
@@ -109,7 +185,7 @@ def worker_router(core: ServiceCore, changes: Changes, executor: Executor, commi
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/library", responses=WORKER)
     def library(worker_id: str, ev: LibraryEvent) -> dict[str, bool]:
-        call(core.library_event, worker_id, ev)
+        call(core.library_event, worker_id, ev, True)
         return {"ok": True}
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/lease", response_model=LeaseResponse, responses=WORKER)
@@ -124,9 +200,7 @@ def worker_router(core: ServiceCore, changes: Changes, executor: Executor, commi
 
     def record(worker_id: str, *reports: BatchReport) -> ReportResponse:
         try:
-            return core.report(worker_id, *reports)
-        except UnknownWorker as e:
-            raise unknown_worker(e) from None
+            return call(core.report, worker_id, *reports)
         except LookupError as e:
             raise ApiError(404, ErrorCode.NOT_FOUND, str(e), "batch_id") from None
 
@@ -141,53 +215,14 @@ def worker_router(core: ServiceCore, changes: Changes, executor: Executor, commi
         with metrics.report_seconds.time():
             return as_json(await hot(record, worker_id, *reps.reports))
 
-    async def long_poll(plan_for: Callable[[R], FetchPlan], req: R) -> FetchPlan:
-        """A transfer plan; with ``wait`` it long-polls until a source frees up."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + req.wait
-        while True:
-            ev = changes.event
-            try:
-                plan = await run_in_threadpool(plan_for, req)
-            except KeyError:
-                raise ApiError(404, ErrorCode.NOT_FOUND, f"unknown model manifest {req.manifest_digest}",
-                               "manifest_digest") from None
-            left = deadline - loop.time()
-            done = plan.progress.chunks_held == plan.progress.chunks_total
-            if plan.assignments or req.want == 0 or done or left <= 0 or ev is None:
-                return plan
-            req = req.model_copy(update={"results": []})  # recorded once
-            try:
-                await asyncio.wait_for(ev.wait(), left)
-            except asyncio.TimeoutError:
-                pass
-
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/fetch", responses=WORKER)
     async def fetch(worker_id: str, req: FetchRequest) -> FetchPlan:
         """A transfer plan for a model's weights."""
-        return await long_poll(lambda r: call(core.fetch_plan, worker_id, r), req)
+        return await long_poll(changes, lambda r: call(core.fetch_plan, worker_id, r), req)
 
-    @router.get(f"{API_PREFIX}/environment", responses={**AUTH, **errors(404)})
-    def environment() -> WorkerEnvironment:
-        """The packed environment glideins bootstrap from (``pcm serve --worker-env``)."""
-        if core.replicas.environment is None:
-            raise ApiError(404, ErrorCode.NOT_FOUND, "this service ships no worker environment:"
-                           " start it with --worker-env FILE (made by `pcm env pack`)")
-        return core.replicas.environment
-
-    @router.post(f"{API_PREFIX}/bootstrap/{{receiver}}/fetch", responses={**AUTH, **errors(404, 422)})
-    async def bootstrap_fetch(receiver: Receiver, req: BootstrapFetchRequest) -> FetchPlan:
-        """A transfer plan for a glidein fetching the environment (it has no worker id yet)."""
-        return await long_poll(lambda r: core.replicas.plan_bootstrap(receiver, r), req)
-
-    @router.delete(f"{API_PREFIX}/bootstrap/{{receiver}}", responses={**AUTH, **errors(422)})
-    def bootstrap_done(receiver: Receiver) -> dict[str, bool]:
-        """The glidein has the environment (or gave up): it no longer fetches nor serves."""
-        core.replicas.end_bootstrap(receiver)
-        return {"ok": True}
-
-    @router.delete(f"{API_PREFIX}/workers/{{worker_id}}", responses={**AUTH, **errors(422)})
+    @router.delete(f"{API_PREFIX}/workers/{{worker_id}}", responses={**AUTH, **errors(404, 422)})
     def retire(worker_id: str) -> dict[str, int]:
+        """The worker leaves: its unfinished batches go back to the queue."""
         return {"requeued_batches": core.retire(worker_id)}
 
     return router

@@ -12,7 +12,6 @@ from pcm_service.core.factories import FactoryRegistry
 from pcm_service.protocol import (
     ContextSpec,
     Demand,
-    ErrorCode,
     FactoryLimits,
     Heartbeat,
     NamedModel,
@@ -40,16 +39,6 @@ class UnknownWorkload(LookupError):
     pass
 
 
-class Refused(ValueError):
-    """A worker's call that the service will not carry out because it is not that worker's to
-    make (another worker's batch, a context it was not given, a blob server elsewhere): nothing
-    changed. ``code`` says which rule; the HTTP layer picks the status from it."""
-
-    def __init__(self, code: ErrorCode, message: str, field: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.code, self.field = code, field
-
-
 class UnknownModel(LookupError):
     """No model registered by that name (``pcm model add``)."""
 
@@ -74,6 +63,7 @@ class CoreBase:
     throughput: ThroughputMeter
     ramp: Ramp
     _progress: threading.Condition
+    _worker_tokens: dict[str, str]
 
     # what one part of the core calls on another (each defined in the part named)
     def _live_worker(self, db: sqlite3.Connection, worker_id: str) -> sqlite3.Row:  # workers

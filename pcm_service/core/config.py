@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pcm_service.core.demand import DemandPolicy
+from pcm_service.core.trust import WorkerTrust
 from pcm_service.weights.replicas import TransferPolicy
 
 RUN_IDLE_TIMEOUT = 30.0  # `pcm run`: an idle worker on this machine retires sooner than in a pool
@@ -23,6 +24,7 @@ class ServiceConfig:
     max_losses: int = 50
     demand: DemandPolicy = field(default_factory=DemandPolicy)
     transfers: TransferPolicy = field(default_factory=TransferPolicy)  # model weights
+    trust: WorkerTrust = field(default_factory=WorkerTrust)  # what a worker may say of itself
     # model weights are read only from directories under these (ModelPolicy); never from the
     # state directory or these secret files (token files, the TLS key), whatever the roots
     model_roots: tuple[Path, ...] = ()

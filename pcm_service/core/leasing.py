@@ -8,6 +8,7 @@ from typing import Optional
 
 from pcm_service.core.placement import PlacementOps
 from pcm_service.core.results import ROW_OF_BATCH, count_done, fail_rows, requeue, settle_batch
+from pcm_service.core.trust import Refused
 from pcm_service.protocol import (
     OPEN_BATCH_STATES,
     BatchLease,
@@ -16,6 +17,7 @@ from pcm_service.protocol import (
     ChatMessage,
     ContextSpec,
     ContextState,
+    ErrorCode,
     Heartbeat,
     LeaseRequest,
     LeaseResponse,
@@ -61,8 +63,8 @@ class LeaseOps(PlacementOps):
         asking counts it among that context's workers before its first heartbeat says so."""
         spec = self._place(db, worker_id, current)
         if spec is not None:
-            db.execute("UPDATE workers SET context_id=?, context_state=? WHERE worker_id=?",
-                       (spec.context_id, ContextState.FETCHING.value, worker_id))
+            db.execute("UPDATE workers SET context_id=?, context_state=?, assigned_context=? WHERE worker_id=?",
+                       (spec.context_id, ContextState.FETCHING.value, spec.context_id, worker_id))
         return spec
 
     def contexts_with_work(self) -> dict[str, tuple[ContextSpec, int]]:
@@ -89,9 +91,11 @@ class LeaseOps(PlacementOps):
                                 " ORDER BY b.batch_id LIMIT ?",
                                 (BatchState.QUEUED.value, req.context_id, req.max_batches)).fetchall()
             # a lease shows the worker alive as a heartbeat does: a busy worker heartbeats seldom
+            # a worker leased a context's batches is assigned that context (its engine events count)
             db.execute("UPDATE workers SET lease_seq=?, last_heartbeat=?,"
-                       " last_busy=CASE WHEN ? THEN ? ELSE last_busy END WHERE worker_id=?",
-                       (seq, now, bool(queued), now, worker_id))
+                       " last_busy=CASE WHEN ? THEN ? ELSE last_busy END,"
+                       " assigned_context=CASE WHEN ? THEN ? ELSE assigned_context END WHERE worker_id=?",
+                       (seq, now, bool(queued), now, bool(queued), req.context_id, worker_id))
             if not queued:
                 if w["inflight"] == 0 and req.max_batches > 0:
                     other = self._assign(db, worker_id, current=req.context_id)
@@ -118,6 +122,7 @@ class LeaseOps(PlacementOps):
         now = self.clock()
         accepted = results = 0
         with self.store.transaction() as db:
+            self._check_leased(db, worker_id, reports)
             for rep in reports:
                 accepted += self._record(db, now, worker_id, rep)
                 results += len(rep.results)
@@ -127,12 +132,23 @@ class LeaseOps(PlacementOps):
         self.store.after_commit(self._notify_progress)
         return ReportResponse(accepted=accepted, duplicates=results - accepted)
 
+    def _check_leased(self, db: sqlite3.Connection, worker_id: str, reports: tuple[BatchReport, ...]) -> None:
+        """Every report is for a batch leased to this worker (or one it held, now ended: a late
+        duplicate); else the whole request is refused before anything is written."""
+        marks, ids = in_list({rep.batch_id for rep in reports})
+        owner = {r["batch_id"]: r["worker_id"] for r in db.execute(
+            f"SELECT batch_id, worker_id FROM batches WHERE batch_id IN {marks}", ids)}
+        for rep in reports:
+            if rep.batch_id not in owner:
+                raise LookupError(f"unknown batch {rep.batch_id}")
+            if owner[rep.batch_id] != worker_id:
+                raise Refused(ErrorCode.BATCH_NOT_LEASED, f"batch {rep.batch_id} is not leased to worker"
+                              f" {worker_id}: its results are not taken", "batch_id")
+
     def _record(self, db: sqlite3.Connection, now: float, worker_id: str, rep: BatchReport) -> int:
         """One batch's report; how many of its results were the rows' first."""
         b = db.execute("SELECT batch_id, workload_id, worker_id FROM batches WHERE batch_id=?",
                        (rep.batch_id,)).fetchone()
-        if b is None:
-            raise LookupError(f"unknown batch {rep.batch_id}")
         done, pending, rejected = RowState.DONE.value, RowState.PENDING.value, RowErrorCode.REJECTED.value
         counts = [0, 0]  # first results: texts, errors
         split = ([r for r in rep.results if not r.error], [r for r in rep.results if r.error])

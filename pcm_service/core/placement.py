@@ -28,6 +28,7 @@ from pcm_service.protocol import (
     WorkloadState,
 )
 from pcm_service.store import MANAGER_KIND, RUNS_ROWS, in_list
+from pcm_service.weights.replicas import held_by
 
 # a worker in one of these is (or soon will be) running its context
 WARM_CONTEXT_STATES = (ContextState.FETCHING, ContextState.CACHED, ContextState.LOADING, ContextState.READY)
@@ -109,7 +110,7 @@ class PlacementOps(CoreBase):
             if wid in on:
                 by_context[on[wid]].append(r)
         pool_rate = mean(rates.values()) if rates else None
-        held = {r[0] for r in db.execute("SELECT chunk FROM replicas WHERE worker_id=?", (worker_id,))}
+        held = held_by(db, worker_id)
         warm = Counter(on.values())
         options = [ContextWork(spec=specs[c], rows_left=left.get(c) or 0, queued_batches=n, first_batch=first,
                                warm=warm[c], rate=mean(by_context[c]) if by_context[c] else pool_rate,

@@ -49,6 +49,7 @@ class ServiceCore(WorkloadOps, ModelOps, BatchOps, WorkerOps, LeaseOps, FactoryO
         self.throughput = ThroughputMeter(self.config.demand)
         self.ramp = Ramp(self.config.demand)
         self._progress = threading.Condition()
+        self._worker_tokens: dict[str, str] = {}  # worker → its credential's digest (a cache of the table)
         self._recover()
 
     def _recover(self) -> None:

@@ -1,18 +1,21 @@
 """Workers: registration, heartbeats, engine events, retirement, loss."""
 from __future__ import annotations
 
+import hmac
 import sqlite3
 import uuid
 from typing import Optional
 
 from pcm_service.core.base import CoreBase, UnknownWorker
 from pcm_service.core.results import fail_rows, requeue
+from pcm_service.core.trust import Refused, check_blob_url
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
     OPEN_BATCH_STATES,
     STAYING_WORKER_STATES,
     BatchState,
     ContextState,
+    ErrorCode,
     FetchPlan,
     FetchRequest,
     Heartbeat,
@@ -27,23 +30,60 @@ from pcm_service.protocol import (
     WorkerState,
 )
 from pcm_service.store import MANAGER_KIND, RUNS_ROWS, in_list
+from pcm_service.tokens import new_worker_token, worker_token_digest
 
 
 class WorkerOps(CoreBase):
     """The life of a worker as the service sees it, and the weights it fetches."""
 
-    def register(self, reg: WorkerRegistration) -> RegisterResponse:
+    def register(self, reg: WorkerRegistration, client_host: Optional[str] = None) -> RegisterResponse:
+        """A new worker and its own credential (the service keeps only its digest). ``client_host``:
+        the address its request came from (None: an in-process caller, the service's executor)."""
+        if reg.blob_url:
+            check_blob_url(reg.blob_url, client_host, self.config.trust)
         worker_id = "w-" + uuid.uuid4().hex[:10]
+        token, digest = new_worker_token()
         now = self.clock()
         with self.store.transaction() as db:
+            self._check_room(db, reg.glidein_id)
             db.execute(
                 "INSERT INTO workers (worker_id, host, pid, glidein_id, kind, resources, state, context_state,"
-                " registered_at, last_heartbeat, last_busy, environment) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " registered_at, last_heartbeat, last_busy, environment, token_hash)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (worker_id, reg.host, reg.pid, reg.glidein_id, reg.kind.value, reg.resources.model_dump_json(),
-                 WorkerState.STARTING.value, ContextState.ABSENT.value, now, now, now, reg.environment or None))
+                 WorkerState.STARTING.value, ContextState.ABSENT.value, now, now, now, reg.environment or None,
+                 digest))
             self.replicas.add_worker(db, worker_id, reg)
-        return RegisterResponse(worker_id=worker_id, heartbeat_interval=self.config.heartbeat_interval,
+        self._worker_tokens[worker_id] = digest
+        return RegisterResponse(worker_id=worker_id, worker_token=token,
+                                heartbeat_interval=self.config.heartbeat_interval,
                                 idle_timeout=self.config.idle_timeout)
+
+    def _check_room(self, db: sqlite3.Connection, glidein_id: Optional[str]) -> None:
+        """Registrations are bounded per glidein and in all: one host must not fill the tables."""
+        live, states = in_list(LIVE_WORKER_STATES)
+        trust = self.config.trust
+        if glidein_id is not None and db.execute(
+                f"SELECT COUNT(*) FROM workers WHERE glidein_id=? AND state IN {live}",
+                (glidein_id, *states)).fetchone()[0] >= trust.max_workers_per_glidein:
+            raise Refused(ErrorCode.TOO_MANY_WORKERS, f"glidein {glidein_id} already has"
+                          f" {trust.max_workers_per_glidein} live workers", "glidein_id")
+        if db.execute(f"SELECT COUNT(*) FROM workers WHERE state IN {live}",
+                      states).fetchone()[0] >= trust.max_live_workers:
+            raise Refused(ErrorCode.TOO_MANY_WORKERS, f"the service has {trust.max_live_workers} live workers,"
+                          " its bound; try again later")
+
+    def worker_token_matches(self, worker_id: str, token: str) -> Optional[bool]:
+        """Whether ``token`` is ``worker_id``'s own credential; None for a worker never registered."""
+        digest = self._worker_tokens.get(worker_id)
+        if digest is None:
+            with self.store.read() as db:
+                row = db.execute("SELECT token_hash FROM workers WHERE worker_id=?", (worker_id,)).fetchone()
+            if row is None:
+                return None
+            digest = row[0] or ""  # a worker registered before credentials existed: re-registers
+            self._worker_tokens[worker_id] = digest
+        return bool(digest) and hmac.compare_digest(worker_token_digest(token), digest)
 
     def _live_worker(self, db: sqlite3.Connection, worker_id: str) -> sqlite3.Row:
         w = db.execute("SELECT * FROM workers WHERE worker_id=?", (worker_id,)).fetchone()
@@ -103,23 +143,34 @@ class WorkerOps(CoreBase):
                        (WorkerState.DRAINING.value, worker_id))
         return RetireDecision(retire=True, reason=f"idle for {rep.idle_seconds:.0f}s with no work")
 
-    def library_event(self, worker_id: str, ev: LibraryEvent) -> None:
+    def library_event(self, worker_id: str, ev: LibraryEvent, assigned_only: bool = False) -> None:
+        """An engine event. ``assigned_only`` (what a worker itself sends): it counts only for
+        the context the service assigned that worker, else Refused, so a worker cannot fail a
+        context it was never given. In-process callers (the TaskVine executor) saw the call."""
         with self.store.transaction() as db:
-            self._live_worker(db, worker_id)
+            w = self._live_worker(db, worker_id)
+            if assigned_only and ev.context_id != w["assigned_context"]:
+                raise Refused(ErrorCode.CONTEXT_NOT_ASSIGNED, f"context {ev.context_id} is not the one assigned"
+                              f" to worker {worker_id}", "context_id")
             db.execute("INSERT INTO library_events (worker_id, context_id, state, seconds, error, at)"
                        " VALUES (?,?,?,?,?,?)",
                        (worker_id, ev.context_id, ev.state.value, ev.seconds, ev.error, self.clock()))
             db.execute("UPDATE workers SET context_id=?, context_state=? WHERE worker_id=?",
                        (ev.context_id, ev.state.value, worker_id))
-            if ev.state == ContextState.FAILED:
+            if ev.state == ContextState.READY:  # the context can start: earlier failures were the workers'
+                db.execute("UPDATE contexts SET start_failures=0 WHERE context_id=?", (ev.context_id,))
+            elif ev.state == ContextState.FAILED:
                 self._fail_broken_context(db, ev)
 
     def _fail_broken_context(self, db: sqlite3.Connection, ev: LibraryEvent) -> None:
-        """An engine that failed to start ``max_attempts`` times fails its rows instead of looping."""
-        n = db.execute("SELECT COUNT(*) FROM library_events WHERE context_id=? AND state=?",
-                       (ev.context_id, ContextState.FAILED.value)).fetchone()[0]
+        """An engine that failed to start ``max_attempts`` times since one was last ready fails
+        its context's open rows instead of looping (and the count starts again)."""
+        row = db.execute("UPDATE contexts SET start_failures=start_failures+1 WHERE context_id=?"
+                         " RETURNING start_failures", (ev.context_id,)).fetchone()
+        n = row[0] if row is not None else 0
         if n < self.config.max_attempts:
             return
+        db.execute("UPDATE contexts SET start_failures=0 WHERE context_id=?", (ev.context_id,))
         open_, states = in_list(OPEN_BATCH_STATES)
         for b in db.execute(f"SELECT batch_id, workload_id FROM batches WHERE context_id=? AND state IN {open_}",
                             (ev.context_id, *states)).fetchall():

@@ -39,7 +39,7 @@ class RegisterResponse(Strict):
     worker_id: str
     # this worker's own credential: every /workers/{worker_id}/... call carries it as its bearer
     # token (the pool token only registers); kept like a token, never logged
-    worker_token: str = Field(default="", repr=False)
+    worker_token: str = Field(repr=False)
     heartbeat_interval: float
     idle_timeout: float
 

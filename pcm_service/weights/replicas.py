@@ -44,6 +44,9 @@ from pcm_service.weights.chunks import (
 from pcm_service.weights.modelpaths import ModelPolicy, ModelUnavailable
 
 log = logging.getLogger("pcm.replicas")
+CORRUPT_REPORTERS = 2  # distinct workers that must find a source's copy corrupt before it is dropped
+MAX_EXPIRED = 100_000  # timed-out transfers whose late results are still believed
+ERROR_KEPT = 500  # characters of a worker's transfer error kept in the transfers table
 BOOTSTRAP_SILENCE = 60.0  # a bootstrapping glidein silent this long is gone (it asks every second)
 
 
@@ -69,6 +72,19 @@ class _Holder(NamedTuple):
     slots: int
 
 
+def printable(text: str) -> str:
+    """A worker's string made safe for one log line: control characters (newlines, ESC) escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def held_by(db: sqlite3.Connection, worker_id: str) -> set[str]:
+    """The chunks a worker holds as far as its own placement and fetches go: those it fetched,
+    and those it said it had at registration (its own cache is its own business)."""
+    return {r[0] for r in db.execute("SELECT chunk FROM replicas WHERE worker_id=?"
+                                     " UNION SELECT chunk FROM claimed_chunks WHERE worker_id=?",
+                                     (worker_id, worker_id))}
+
+
 class ReplicaMap:
     def __init__(self, store: Store, policy: TransferPolicy, clock: Callable[[], float],
                  models: ModelPolicy = ModelPolicy()) -> None:
@@ -86,6 +102,8 @@ class ReplicaMap:
         self._origin_copies: Counter[str] = Counter()
         self._fetching: dict[str, str] = {}  # worker → manifest digest it is fetching
         self._booting: dict[str, tuple[float, Optional[str]]] = {}  # bootstrapping → (last call, glidein)
+        self._expired: dict[tuple[str, str], str] = {}  # (receiver, chunk) → source, timed out
+        self._reporters: dict[tuple[str, str], set[str]] = {}  # (chunk, source) → who found it corrupt
         self.environment: Optional[WorkerEnvironment] = None
         self._load_models()
 
@@ -164,8 +182,10 @@ class ReplicaMap:
         if reg.blob_url and reg.upload_slots > 0:
             db.execute("INSERT OR REPLACE INTO peers VALUES (?,?,?)",
                        (worker_id, reg.blob_url.rstrip("/"), reg.upload_slots))
-        db.executemany("INSERT OR IGNORE INTO replicas VALUES (?, ?)",
-                       ((c, worker_id) for c in reg.chunks))
+        # what it says it holds places it (and spares it fetching its own cache again), but it
+        # is no source for others until the service has seen it fetch the chunk (see _record)
+        known = [c for c in set(reg.chunks) if c in self._origin]
+        db.executemany("INSERT OR IGNORE INTO claimed_chunks VALUES (?, ?)", ((c, worker_id) for c in known))
 
     def drop_worker(self, worker_id: str) -> None:
         """A worker left: it neither holds nor fetches anything any more."""
@@ -176,7 +196,10 @@ class ReplicaMap:
             self._fetching.pop(worker_id, None)
             with self.store.transaction() as db:
                 db.execute("DELETE FROM replicas WHERE worker_id=?", (worker_id,))
+                db.execute("DELETE FROM claimed_chunks WHERE worker_id=?", (worker_id,))
                 db.execute("DELETE FROM peers WHERE worker_id=?", (worker_id,))
+            self._reporters = {k: v for k, v in self._reporters.items() if k[1] != worker_id}
+            self._expired = {k: v for k, v in self._expired.items() if worker_id not in (k[0], v)}
         self.on_change()
 
     # ----- glideins bootstrapping ------------------------------------------------
@@ -223,7 +246,9 @@ class ReplicaMap:
                 self._fetching[worker_id] = m.digest
                 for key, t in list(self._active.items()):
                     if now - t.started > self.policy.transfer_timeout:
-                        self._release(key)
+                        self._release(key)  # its slot is free; a late result is still believed
+                        if len(self._expired) < MAX_EXPIRED:
+                            self._expired[key] = t.source
                 held = self._held(db, worker_id, lengths)
                 copies = self.policy.origin_copies if origin_copies is None else origin_copies
                 out = self._assign(db, worker_id, lengths, held, req.want, now, copies) if req.want else []
@@ -233,8 +258,7 @@ class ReplicaMap:
         return FetchPlan(assignments=out, progress=progress)
 
     def _held(self, db: sqlite3.Connection, worker_id: str, lengths: dict[str, int]) -> set[str]:
-        return {r[0] for r in db.execute("SELECT chunk FROM replicas WHERE worker_id=?", (worker_id,))
-                if r[0] in lengths}
+        return {c for c in held_by(db, worker_id) if c in lengths}
 
     def _assign(self, db: sqlite3.Connection, worker_id: str, lengths: dict[str, int],
                 held: set[str], want: int, now: float, origin_copies: int) -> list[ChunkAssignment]:
@@ -280,10 +304,23 @@ class ReplicaMap:
             self._origin_copies[key[1]] -= 1
 
     def _record(self, db: sqlite3.Connection, worker_id: str, r: TransferResult, now: float) -> None:
-        t = self._active.pop((worker_id, r.chunk), None)
+        """A transfer's result, believed only for a transfer the service planned: that worker,
+        that chunk, that source. Anything else is dropped (a worker may not make itself a
+        holder of chunks it never fetched, nor blame a source it was not sent to)."""
+        key = (worker_id, r.chunk)
+        t = self._active.get(key)
+        source = t.source if t is not None else self._expired.get(key)
+        if source != r.source:
+            log.warning("%s reported a transfer of %s… from %s that was not planned: ignored",
+                        worker_id, r.chunk[:12], printable(r.source))
+            return
+        self._active.pop(key, None)
+        self._expired.pop(key, None)
+        length = self._origin[r.chunk][2] if r.chunk in self._origin else 0
         db.execute("INSERT INTO transfers (worker_id, source, chunk, bytes, seconds, ok, error, at)"
                    " VALUES (?,?,?,?,?,?,?,?)",
-                   (worker_id, r.source, r.chunk, r.bytes, r.seconds, int(r.ok), r.error, now))
+                   (worker_id, r.source, r.chunk, min(r.bytes, length), r.seconds, int(r.ok),
+                    printable(r.error)[:ERROR_KEPT] if r.error else None, now))
         if r.ok:
             db.execute("INSERT OR IGNORE INTO replicas VALUES (?, ?)", (r.chunk, worker_id))
             return
@@ -292,9 +329,15 @@ class ReplicaMap:
         if r.source != ORIGIN and not r.busy:
             self._avoid[r.source] = now + self.policy.avoid_seconds
             log.warning("%s could not get chunk %s… from %s (%s): avoiding that source for %.0fs",
-                        worker_id, r.chunk[:12], r.source, r.error, self.policy.avoid_seconds)
+                        worker_id, r.chunk[:12], r.source, printable(r.error or "")[:200],
+                        self.policy.avoid_seconds)
         if r.corrupt and r.source != ORIGIN:
-            db.execute("DELETE FROM replicas WHERE chunk=? AND worker_id=?", (r.chunk, r.source))
+            # one worker's word does not take a replica away: it may be lying about the source
+            reporters = self._reporters.setdefault((r.chunk, r.source), set())
+            reporters.add(worker_id)
+            if len(reporters) >= CORRUPT_REPORTERS:
+                db.execute("DELETE FROM replicas WHERE chunk=? AND worker_id=?", (r.chunk, r.source))
+                del self._reporters[(r.chunk, r.source)]
 
     # ----- status ----------------------------------------------------------------
     def _progress(self, worker_id: str, m: ModelManifest, lengths: dict[str, int],

@@ -20,7 +20,6 @@ from pcm_service.protocol import (
     LeaseRequest,
     LeaseResponse,
     LibraryEvent,
-    RegisterResponse,
     RowIn,
     RowResult,
     SubmitResponse,
@@ -41,7 +40,7 @@ class Pool:
 
 
 def watched_pool(serve: ServeProcess, tmp_path: Path) -> Pool:
-    client, agent = serve.client(), serve.worker_client()
+    client = serve.client()
     model = str(fake_model(tmp_path / "model"))
     subs = [client.request("POST", "/workloads", WorkloadSubmission(
         name=name, context=ContextSpec(model=model), batch_size=10, output=str(tmp_path / f"{name}.jsonl"),
@@ -51,18 +50,20 @@ def watched_pool(serve: ServeProcess, tmp_path: Path) -> Pool:
                         since=time.time() - 300) for i in range(3)]
     glideins.append(Glidein(glidein_id="1207.3", state=GlideinState.HELD, detail=HELD_REASON,
                             since=time.time() - 120))
-    workers = [agent.request("POST", "/workers", WorkerRegistration(
-        host=f"node-{i}.pool.example.org", pid=100 + i, glidein_id=f"1207.{i}"), RegisterResponse).worker_id
-        for i in range(3)]
+    joined = [serve.join(WorkerRegistration(
+        host=f"node-{i}.pool.example.org", pid=100 + i, glidein_id=f"1207.{i}")) for i in range(3)]
+    workers = [wid for wid, _ in joined]
     ctx = subs[0].context_id
     states = (ContextState.READY, ContextState.LOADING, ContextState.FAILED)
-    for wid, state in zip(workers, states, strict=True):
+    for (wid, own), state in zip(joined, states, strict=True):
+        assert own.request("POST", f"/workers/{wid}/lease", LeaseRequest(max_batches=0),
+                           LeaseResponse).assign_context.context_id == ctx
         if state != ContextState.LOADING:
-            agent.request("POST", f"/workers/{wid}/library", LibraryEvent(
+            own.request("POST", f"/workers/{wid}/library", LibraryEvent(
                 context_id=ctx, state=state, seconds=31.5, error="CUDA out of memory" if state == ContextState.FAILED
                 else None))
-        agent.request("POST", f"/workers/{wid}/heartbeat", Heartbeat(context_id=ctx, context_state=state))
-    busy = workers[0]
+        own.request("POST", f"/workers/{wid}/heartbeat", Heartbeat(context_id=ctx, context_state=state))
+    busy, agent = joined[0]
     for _ in range(3):
         lease: LeaseResponse = agent.request("POST", f"/workers/{busy}/lease", LeaseRequest(
             context_id=ctx, context_state=ContextState.READY, max_batches=4), LeaseResponse)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pcm_service.client import ServiceClient
+from pcm_service.protocol import RegisterResponse, WorkerRegistration
 
 
 def free_port() -> int:
@@ -66,8 +67,13 @@ class ServeProcess:
         return ServiceClient(self.url, token=self.api_token, ca_file=self.ca_file, **kw)
 
     def worker_client(self, **kw: Any) -> ServiceClient:
-        """A client for the worker routes (the pool token)."""
+        """A client for a glidein's routes (the pool token): register, executor, manifests."""
         return ServiceClient(self.url, token=self.pool_token, ca_file=self.ca_file, **kw)
+
+    def join(self, reg: WorkerRegistration, **kw: Any) -> tuple[str, ServiceClient]:
+        """Register a worker: its id and a client with its own credential, for its routes."""
+        resp = self.worker_client().request("POST", "/workers", reg, RegisterResponse)
+        return resp.worker_id, ServiceClient(self.url, token=resp.worker_token, ca_file=self.ca_file, **kw)
 
     def start(self) -> "ServeProcess":
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
