@@ -6,12 +6,14 @@ servers), so both cut, name and serve chunks the same way.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
+import stat
 import threading
 import time
-from pathlib import Path
-from typing import Iterator, Mapping
+from pathlib import Path, PosixPath
+from typing import Iterator, Mapping, NamedTuple, Optional
 
 from pcm_service.protocol import ModelFile, ModelManifest
 
@@ -19,6 +21,70 @@ DEFAULT_CHUNK_SIZE = 64 * 2**20
 PIECE = 2**20  # read, hash, send and rate-limit in pieces of this size
 CHUNK_RE = re.compile(r"[0-9a-f]{64}")
 ModelFiles = Mapping[str, Path]  # relative name → the file to read (ModelPolicy.check makes it)
+_DIR_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO swapped in must not hang the open; fstat refuses it right after
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+class FileId(NamedTuple):
+    """Which file a name led to when the model policy checked it (inode reuse also changes size or mtime)."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "FileId":
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class RegisteredFile(PosixPath):
+    """A model file's real path with the identity checked at registration, so that a later
+    read opens that very file or nothing (``ModelPolicy.check`` makes them)."""
+
+    pin: Optional[FileId] = None
+
+    @classmethod
+    def pinned(cls, path: Path, st: os.stat_result) -> "RegisteredFile":
+        f = cls(path)
+        f.pin = FileId.of(st)
+        return f
+
+
+class FileChanged(OSError):
+    """A registered file is no longer the file that was checked: a swap, never followed."""
+
+
+def open_registered(path: Path) -> int:
+    """A descriptor on ``path`` opened one component at a time without following any link
+    (a directory swapped for a symlink is refused, not followed), and, for a RegisteredFile,
+    only if it is still the inode checked at registration (a swapped-in hard link is refused)."""
+    parts = path.parts
+    if not parts or parts[-1] in (path.anchor, ".", ".."):
+        raise FileChanged(f"{path} names no file")
+    start = path.anchor or "."
+    fd = os.open(start, _DIR_FLAGS & ~os.O_NOFOLLOW)
+    try:
+        for name in parts[1 if path.anchor else 0:-1]:
+            try:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:  # ELOOP/ENOTDIR: a symbolic link or a file where a directory was
+                raise FileChanged(f"{path}: {name} is no longer a real directory ({e.strerror})") from None
+            os.close(fd)
+            fd = sub
+        try:
+            out = os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
+        except OSError as e:
+            raise FileChanged(f"{path} is no longer a real file ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    st = os.fstat(out)
+    pin = getattr(path, "pin", None)
+    if not stat.S_ISREG(st.st_mode) or (pin is not None and FileId.of(st) != pin):
+        os.close(out)
+        raise FileChanged(f"{path} is no longer the file registered: the service does not read it")
+    return out
 
 
 def stat_signature(files: ModelFiles) -> str:
@@ -45,7 +111,8 @@ def build_manifest(files: ModelFiles, chunk_size: int = DEFAULT_CHUNK_SIZE) -> M
     out = []
     for rel, f in sorted(files.items()):
         chunks = []
-        with f.open("rb") as fh:
+        with open(open_registered(f), "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
             while True:
                 h = hashlib.sha256()
                 n = 0
@@ -58,7 +125,7 @@ def build_manifest(files: ModelFiles, chunk_size: int = DEFAULT_CHUNK_SIZE) -> M
                 if n == 0:
                     break
                 chunks.append(h.hexdigest())
-        out.append(ModelFile(path=rel, size=f.stat().st_size, chunks=chunks))
+        out.append(ModelFile(path=rel, size=size, chunks=chunks))
     return ModelManifest(chunk_size=chunk_size, files=out)
 
 
@@ -99,17 +166,20 @@ class Slots:
 
 
 def read_pieces(path: Path, offset: int, length: int, limiter: RateLimiter) -> Iterator[bytes]:
-    """A chunk's bytes from a file, paced by ``limiter`` (the origin's HTTP response body)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # registered as a real file: a link now is a swap
-    try:
+    """A chunk's bytes from a file, paced by ``limiter`` (the origin's HTTP response body).
+    The file is opened here, before any byte is sent: FileChanged if it is not the one registered."""
+    fh = open(open_registered(path), "rb", buffering=0)  # closed by the body, or when dropped unread
+    return _pieces(fh, path, offset, length, limiter)
+
+
+def _pieces(fh: io.FileIO, path: Path, offset: int, length: int, limiter: RateLimiter) -> Iterator[bytes]:
+    with fh:
         done = 0
         while done < length:
             n = min(limiter.piece, length - done)
             limiter.take(n)
-            data = os.pread(fd, n, offset + done)
+            data = os.pread(fh.fileno(), n, offset + done)
             if not data:
                 raise OSError(f"{path} is shorter than its manifest says")
             done += len(data)
             yield data
-    finally:
-        os.close(fd)

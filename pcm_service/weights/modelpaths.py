@@ -4,7 +4,8 @@ Every file of a registered model is served as chunks to any holder of the pool t
 pool tokens live on machines the service's owner does not control. So a model directory
 must sit under a configured model root (symlinks followed), look like a model, hold only
 regular files, and never be, contain or sit inside the service's state directory or any
-token or key file. Anything else is refused before a single byte is read.
+token or key file. Anything else is refused before a single byte is read. What passes is
+pinned (``RegisteredFile``): the origin later reads exactly those inodes, through no link.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+from pcm_service.weights.chunks import RegisteredFile
 
 IGNORED_PREFIX = ".pcm-"  # PCM's own bookkeeping files inside a model directory
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -88,7 +91,8 @@ class ModelPolicy:
                                        " serves (its state directory, a token or a key)")
 
     def check(self, path: str | Path) -> dict[str, Path]:
-        """The model's files: relative name → real path, every one checked. Raises ModelUnavailable."""
+        """The model's files: relative name → real path pinned to the inode checked (a
+        RegisteredFile, which the origin reads through no link). Raises ModelUnavailable."""
         text = str(path)
         if not text.strip():
             raise ModelUnavailable("is empty: give the absolute path of a model directory")
@@ -120,6 +124,7 @@ class ModelPolicy:
     def _walk(self, top: Path) -> dict[str, Path]:
         secret_inodes = self._secret_inodes()
         files: dict[str, Path] = {}
+        stats: dict[str, os.stat_result] = {}
         stack = [top]
         seen = 0
         while stack:
@@ -154,5 +159,20 @@ class ModelPolicy:
                     target = path
                 if (st.st_dev, st.st_ino) in secret_inodes:
                     raise ModelUnavailable(f"{top}/{rel} is a token or key file of the service")
-                files[rel] = target
+                files[rel] = RegisteredFile.pinned(target, st)
+                stats[rel] = st
+        _check_hard_links(top, files, stats)
         return dict(sorted(files.items()))
+
+
+def _check_hard_links(top: Path, files: dict[str, Path], stats: dict[str, os.stat_result]) -> None:
+    """Every name of a hard-linked file must be one checked here: another name could sit
+    anywhere (the state directory's database, a user's key), and no walk of the model finds it."""
+    names: dict[tuple[int, int], set[Path]] = {}
+    for rel, st in stats.items():
+        names.setdefault((st.st_dev, st.st_ino), set()).add(files[rel])
+    for rel, st in stats.items():
+        known = len(names[(st.st_dev, st.st_ino)])
+        if st.st_nlink > known:
+            raise ModelUnavailable(f"{top}/{rel} has {st.st_nlink} hard links, {known} of them in the model:"
+                                   " the others may be any file; copy it into the model instead")
