@@ -30,13 +30,15 @@ OPEN = {("GET", "/healthz"): 200, ("GET", "/"): 200, ("POST", "/ui/login"): 422,
 POOL_ROUTES = {("GET", "/v1/pcm/blobs/{chunk}"), ("GET", "/v1/pcm/models/{digest}"),
                ("GET", "/v1/pcm/executor"), ("GET", "/v1/pcm/environment"),
                ("POST", "/v1/pcm/bootstrap/{receiver}/fetch"),
-               ("DELETE", "/v1/pcm/bootstrap/{receiver}")}  # and all of /v1/pcm/workers
+               ("DELETE", "/v1/pcm/bootstrap/{receiver}"), ("POST", "/v1/pcm/workers")}
 
 
 def expected_kind(method: str, path: str) -> str:
     if (method, path) in OPEN:
         return "open"
-    return "pool" if path.startswith("/v1/pcm/workers") or (method, path) in POOL_ROUTES else "api"
+    if path.startswith("/v1/pcm/workers/{worker_id}"):
+        return "worker"  # that worker's own credential
+    return "pool" if (method, path) in POOL_ROUTES else "api"
 
 
 def every_route(tmp_path: Path) -> list[tuple[str, str]]:
@@ -49,9 +51,9 @@ def every_route(tmp_path: Path) -> list[tuple[str, str]]:
     return sorted((m, r.path) for r in routes for m in r.methods)
 
 
-def concrete(path: str) -> str:
+def concrete(path: str, worker_id: str = "w-nobody") -> str:
     return (path.replace("{chunk}", "0" * 64).replace("{digest}", "f" * 64)
-            .replace("{worker_id}", "w-nobody").replace("{workload_id}", "wl-nobody")
+            .replace("{worker_id}", worker_id).replace("{workload_id}", "wl-nobody")
             .replace("{receiver}", "boot-nobody"))
 
 
@@ -62,11 +64,15 @@ def bearer(token: str) -> dict[str, str]:
 def test_every_route_refuses_a_missing_wrong_or_other_token(serve: ServeProcess, tmp_path: Path) -> None:
     routes = every_route(tmp_path)
     assert len(routes) >= 20 and ("POST", "/v1/pcm/workers") in routes
-    tokens = {"pool": serve.pool_token, "api": serve.api_token}
+    me = httpx.post(f"{serve.url}/v1/pcm/workers", json={"host": "h", "pid": 1}, headers=bearer(serve.pool_token))
+    other_worker = httpx.post(f"{serve.url}/v1/pcm/workers", json={"host": "h", "pid": 2},
+                              headers=bearer(serve.pool_token)).json()["worker_token"]
+    tokens = {"pool": serve.pool_token, "api": serve.api_token, "worker": me.json()["worker_token"]}
+    others = {"pool": serve.api_token, "api": serve.pool_token, "worker": other_worker}
     seen = []
     with httpx.Client(base_url=serve.url, timeout=30) as http:
         for method, path in routes:
-            url, kind = concrete(path), expected_kind(method, path)
+            url, kind = concrete(path, me.json()["worker_id"]), expected_kind(method, path)
 
             def call(headers: dict[str, str], method: str = method, url: str = url) -> int:
                 return http.request(method, url, headers=headers).status_code
@@ -74,13 +80,14 @@ def test_every_route_refuses_a_missing_wrong_or_other_token(serve: ServeProcess,
             if kind == "open":
                 assert call({}) == OPEN[(method, path)], (method, path)
                 continue
-            other = tokens["api" if kind == "pool" else "pool"]
-            got = (call({}), call(bearer("not-the-token")), call(bearer(other)),
+            got = (call({}), call(bearer("not-the-token")), call(bearer(others[kind])),
                    call({"Authorization": f"Basic {tokens[kind]}"}), call(bearer(tokens[kind])))
             seen.append((method, path, kind, got))
             assert got[:4] == (401, 403, 403, 401), (method, path, kind, got)
             assert got[4] not in (401, 403), (method, path, kind, got)
-    assert {k for *_, k, _ in seen} == {"pool", "api"}
+            if kind == "worker":  # nor the pool token, nor the API token
+                assert (call(bearer(serve.pool_token)), call(bearer(serve.api_token))) == (403, 403)
+    assert {k for *_, k, _ in seen} == {"pool", "api", "worker"}
 
 
 def test_generated_token_files_are_0600_distinct_and_reused_after_a_restart(tmp_path: Path) -> None:
@@ -224,8 +231,9 @@ def test_status_views_and_logs_never_show_a_token(serve: ServeProcess, write_wor
         ["status", "--service", serve.url, "--json", "--all"], ["status", "--service", serve.url],
         ["factory", "show", "--service", serve.url], ["factory", "show", "--service", serve.url, "--json"])]
     assert '"workload_id"' in outputs[0] and '"glidein_id": "1.0"' in outputs[0]
+    worker_token = r.json()["worker_token"]
     for text in [*outputs, serve.log_path.read_text()]:
-        assert serve.api_token not in text and serve.pool_token not in text
+        assert serve.api_token not in text and serve.pool_token not in text and worker_token not in text
 
 
 def test_local_glideins_get_the_pool_token_as_a_file_and_no_token_values(

@@ -25,7 +25,6 @@ from pcm_service.protocol import (
     LeaseRequest,
     LeaseResponse,
     LibraryEvent,
-    RegisterResponse,
     RowIn,
     RowResult,
     SubmitResponse,
@@ -43,12 +42,13 @@ def scrape(serve: ServeProcess, token: str) -> dict[tuple[str, tuple[tuple[str, 
 
 
 def test_metrics_show_rows_workers_engines_latencies_glideins_and_demand(serve: ServeProcess, tmp_path: Path) -> None:
-    client, worker = serve.client(), serve.worker_client()
+    client = serve.client()
     sub: SubmitResponse = client.request("POST", "/workloads", WorkloadSubmission(
         name="claims", context=ContextSpec(model=str(fake_model(tmp_path / "m"))), batch_size=5,
         output=str(tmp_path / "out.jsonl"), rows=[RowIn(row_id=str(i), prompt=f"p{i}") for i in range(12)]),
         SubmitResponse)
-    wid = worker.request("POST", "/workers", WorkerRegistration(host="h", pid=1), RegisterResponse).worker_id
+    wid, worker = serve.join(WorkerRegistration(host="h", pid=1))
+    worker.request("POST", f"/workers/{wid}/lease", LeaseRequest(max_batches=0))  # told what to load
     worker.request("POST", f"/workers/{wid}/library",
                    LibraryEvent(context_id=sub.context_id, state=ContextState.READY, seconds=42.0))
     lease: LeaseResponse = worker.request("POST", f"/workers/{wid}/lease", LeaseRequest(
@@ -78,7 +78,7 @@ def test_metrics_show_rows_workers_engines_latencies_glideins_and_demand(serve: 
     assert m[("pcm_engine_time_to_ready_seconds_sum", ())] == 42.0
     assert m[("pcm_engine_time_to_ready_seconds_bucket", (("le", "30.0"),))] == 0
     assert m[("pcm_engine_time_to_ready_seconds_bucket", (("le", "60.0"),))] == 1
-    assert m[("pcm_lease_duration_seconds_count", ())] == 1
+    assert m[("pcm_lease_duration_seconds_count", ())] == 2  # told what to load, then a batch
     assert m[("pcm_report_duration_seconds_count", ())] == 1
     assert m[("pcm_weight_bytes_total", (("source", "origin"),))] == 0
     assert ("pcm_weight_bytes_total", (("source", "peer"),)) in m

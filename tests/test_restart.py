@@ -14,7 +14,6 @@ from pcm_service.protocol import (
     LeaseRequest,
     LeaseResponse,
     LibraryEvent,
-    RegisterResponse,
     ReportResponse,
     RowResult,
     SubmitResponse,
@@ -32,10 +31,11 @@ def result(idx: int) -> RowResult:
 def test_restart_mid_workload_keeps_workload_and_finished_rows(sig, tmp_path: Path, write_workload) -> None:
     serve = ServeProcess(tmp_path / "state").start()
     client = serve.client(retry_for=60.0)  # the user routes
-    worker = serve.worker_client(retry_for=60.0)  # the worker routes
     sub = load_workload(write_workload())  # 20 rows, batch size 5
     wl = client.request("POST", "/workloads", sub, SubmitResponse)
-    wid = worker.request("POST", "/workers", WorkerRegistration(host="h", pid=1), RegisterResponse).worker_id
+    # the worker's routes, with its own credential (which outlives the restart)
+    wid, worker = serve.join(WorkerRegistration(host="h", pid=1), retry_for=60.0)
+    worker.request("POST", f"/workers/{wid}/lease", LeaseRequest(max_batches=0))  # told what to load
     worker.request("POST", f"/workers/{wid}/library",
                    LibraryEvent(context_id=wl.context_id, state=ContextState.READY, seconds=1))
     ready = LeaseRequest(context_id=wl.context_id, context_state=ContextState.READY, max_batches=2)

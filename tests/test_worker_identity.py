@@ -46,8 +46,9 @@ def test_a_heartbeat_after_deregistering_never_registers_a_second_worker(serve: 
     agent.leave()  # deregistered: the service retires it
     agent._send_heartbeat()  # the heartbeat that was in flight arrives after that
     assert workers(serve) == [(first, "retired")]
+    assert agent.reg is not None
     r = httpx.post(f"{serve.url}/v1/pcm/workers/{first}/heartbeat", json={},
-                   headers={"Authorization": f"Bearer {serve.pool_token}"})
+                   headers={"Authorization": f"Bearer {agent.reg.worker_token}"})
     assert r.status_code == 410 and r.json()["code"] == "worker_retired"
 
 

@@ -139,7 +139,10 @@ def glidein_routes(core: ServiceCore, changes: Changes, executor: Executor) -> A
             span = byte_range(range, length)
         except RangeNotSatisfiable as e:
             raise ApiError(416, ErrorCode.RANGE_NOT_SATISFIABLE, str(e), "range", headers=e.headers) from None
-        pieces = read_pieces(path, offset + span.start, span.end - span.start, core.replicas.origin_limiter)
+        try:
+            pieces = read_pieces(path, offset + span.start, span.end - span.start, core.replicas.origin_limiter)
+        except OSError as e:  # not the file registered (swapped for a link, replaced): never served
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"chunk {chunk}: {e}") from None
         return StreamingResponse(pieces, status_code=span.status, headers=span.headers,
                                  media_type="application/octet-stream")
 
@@ -159,9 +162,10 @@ def glidein_routes(core: ServiceCore, changes: Changes, executor: Executor) -> A
     @router.post(f"{API_PREFIX}/bootstrap/{{receiver}}/fetch", responses={**AUTH, **errors(400, 404, 422)})
     async def bootstrap_fetch(receiver: Receiver, req: BootstrapFetchRequest, request: Request) -> FetchPlan:
         """A transfer plan for a glidein fetching the environment (it has no worker id yet)."""
+        address = request.client.host if request.client else ""
         if req.blob_url:
-            call(check_blob_url, req.blob_url, request.client.host if request.client else "", core.config.trust)
-        return await long_poll(changes, lambda r: core.replicas.plan_bootstrap(receiver, r), req)
+            call(check_blob_url, req.blob_url, address, core.config.trust)
+        return await long_poll(changes, lambda r: core.replicas.plan_bootstrap(receiver, r, address), req)
 
     @router.delete(f"{API_PREFIX}/bootstrap/{{receiver}}", responses={**AUTH, **errors(422)})
     def bootstrap_done(receiver: Receiver) -> dict[str, bool]:

@@ -53,7 +53,7 @@ class WorkerOps(CoreBase):
                 (worker_id, reg.host, reg.pid, reg.glidein_id, reg.kind.value, reg.resources.model_dump_json(),
                  WorkerState.STARTING.value, ContextState.ABSENT.value, now, now, now, reg.environment or None,
                  digest))
-            self.replicas.add_worker(db, worker_id, reg)
+            self.replicas.add_worker(db, worker_id, reg, client_host)
         self._worker_tokens[worker_id] = digest
         return RegisterResponse(worker_id=worker_id, worker_token=token,
                                 heartbeat_interval=self.config.heartbeat_interval,

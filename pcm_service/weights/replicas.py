@@ -45,6 +45,7 @@ from pcm_service.weights.modelpaths import ModelPolicy, ModelUnavailable
 
 log = logging.getLogger("pcm.replicas")
 CORRUPT_REPORTERS = 2  # distinct workers that must find a source's copy corrupt before it is dropped
+MAX_ADDRESSES = 100_000  # addresses whose fetched chunks are remembered
 MAX_EXPIRED = 100_000  # timed-out transfers whose late results are still believed
 ERROR_KEPT = 500  # characters of a worker's transfer error kept in the transfers table
 BOOTSTRAP_SILENCE = 60.0  # a bootstrapping glidein silent this long is gone (it asks every second)
@@ -103,6 +104,10 @@ class ReplicaMap:
         self._fetching: dict[str, str] = {}  # worker → manifest digest it is fetching
         self._booting: dict[str, tuple[float, Optional[str]]] = {}  # bootstrapping → (last call, glidein)
         self._expired: dict[tuple[str, str], str] = {}  # (receiver, chunk) → source, timed out
+        # chunks fetched and verified by workers that have left, per address: what a newcomer
+        # there (the worker its glidein's bootstrap starts) is believed to hold
+        self._proven: dict[str, set[str]] = {}
+        self._addresses: dict[str, str] = {}  # worker or bootstrapping glidein → the address it calls from
         self._reporters: dict[tuple[str, str], set[str]] = {}  # (chunk, source) → who found it corrupt
         self.environment: Optional[WorkerEnvironment] = None
         self._load_models()
@@ -155,10 +160,10 @@ class ReplicaMap:
         with self.store.read() as db:
             row = db.execute("SELECT digest, manifest FROM models WHERE path=? AND signature=? AND chunk_size=?",
                              (real, sig, size)).fetchone()
-        if row is not None:
-            if row["digest"] not in self._manifests:
-                with self._lock:
-                    self._index(ModelManifest.model_validate_json(row["manifest"]), files)
+        if row is not None:  # indexed again: the origin serves the files just checked (their inodes)
+            with self._lock:
+                self._index(self._manifests.get(row["digest"]) or ModelManifest.model_validate_json(row["manifest"]),
+                            files)
             return self._manifests[row["digest"]]
         total = sum(f.stat().st_size for f in files.values())
         m = build_manifest(files, swarm_chunk_size(total, size, self.policy.min_chunks))
@@ -178,14 +183,21 @@ class ReplicaMap:
         return self._origin.get(chunk)
 
     # ----- workers ---------------------------------------------------------------
-    def add_worker(self, db: sqlite3.Connection, worker_id: str, reg: WorkerRegistration) -> None:
+    def add_worker(self, db: sqlite3.Connection, worker_id: str, reg: WorkerRegistration,
+                   address: Optional[str] = None) -> None:
+        """What a worker says it holds places it (and spares it fetching its own cache again),
+        but it is a source for others only for chunks the service saw fetched and verified at
+        its address (by its glidein's bootstrap, or a worker there before it): see _record."""
         if reg.blob_url and reg.upload_slots > 0:
             db.execute("INSERT OR REPLACE INTO peers VALUES (?,?,?)",
                        (worker_id, reg.blob_url.rstrip("/"), reg.upload_slots))
-        # what it says it holds places it (and spares it fetching its own cache again), but it
-        # is no source for others until the service has seen it fetch the chunk (see _record)
-        known = [c for c in set(reg.chunks) if c in self._origin]
-        db.executemany("INSERT OR IGNORE INTO claimed_chunks VALUES (?, ?)", ((c, worker_id) for c in known))
+        known = {c for c in set(reg.chunks) if c in self._origin}
+        proven = known & self._proven.get(address, set()) if address else set()
+        db.executemany("INSERT OR IGNORE INTO replicas VALUES (?, ?)", ((c, worker_id) for c in proven))
+        db.executemany("INSERT OR IGNORE INTO claimed_chunks VALUES (?, ?)",
+                       ((c, worker_id) for c in known - proven))
+        if address:
+            self._addresses[worker_id] = address
 
     def drop_worker(self, worker_id: str) -> None:
         """A worker left: it neither holds nor fetches anything any more."""
@@ -195,6 +207,10 @@ class ReplicaMap:
                     self._release(key)
             self._fetching.pop(worker_id, None)
             with self.store.transaction() as db:
+                address = self._addresses.pop(worker_id, None)
+                if address is not None and (address in self._proven or len(self._proven) < MAX_ADDRESSES):
+                    self._proven.setdefault(address, set()).update(
+                        r[0] for r in db.execute("SELECT chunk FROM replicas WHERE worker_id=?", (worker_id,)))
                 db.execute("DELETE FROM replicas WHERE worker_id=?", (worker_id,))
                 db.execute("DELETE FROM claimed_chunks WHERE worker_id=?", (worker_id,))
                 db.execute("DELETE FROM peers WHERE worker_id=?", (worker_id,))
@@ -203,7 +219,7 @@ class ReplicaMap:
         self.on_change()
 
     # ----- glideins bootstrapping ------------------------------------------------
-    def plan_bootstrap(self, receiver: str, req: BootstrapFetchRequest) -> FetchPlan:
+    def plan_bootstrap(self, receiver: str, req: BootstrapFetchRequest, address: Optional[str] = None) -> FetchPlan:
         """A plan for a glidein fetching the environment before it runs a worker; while it
         keeps asking, the chunks it verified are offered to others from its own server."""
         if self.environment is None or req.manifest_digest != self.environment.digest:
@@ -213,6 +229,8 @@ class ReplicaMap:
             if now - seen > BOOTSTRAP_SILENCE:
                 self.end_bootstrap(r)
         self._booting[receiver] = (now, req.glidein_id)
+        if address:
+            self._addresses[receiver] = address
         if req.blob_url and req.upload_slots > 0:
             with self.store.transaction() as db:
                 db.execute("INSERT OR REPLACE INTO peers VALUES (?,?,?)",
