@@ -45,7 +45,11 @@ class Http:
 
     def __init__(self, host: str, port: int, token: str) -> None:
         self.host, self.port = host, port
-        self.head = f"Host: {host}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+        self.bearer(token)
+
+    def bearer(self, token: str) -> None:
+        """Send this credential from now on (a worker's own, once it registered)."""
+        self.head = f"Host: {self.host}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n"
 
     async def open(self) -> "Http":
         self.r, self.w = await asyncio.open_connection(self.host, self.port)
@@ -71,7 +75,10 @@ class Http:
 async def worker(http: Http, ctx: str, stop_at: float, hb_every: float, per_lease: int,
                  counts: list[int]) -> None:
     """One simulated worker: lease ``per_lease`` batches, report all their rows at once, repeat."""
-    wid = (await http.post("/workers", {"host": "sim", "pid": os.getpid()}))["worker_id"]
+    reg = await http.post("/workers", {"host": "sim", "pid": os.getpid()})
+    wid = reg["worker_id"]
+    http.bearer(reg["worker_token"])  # the pool token only registers
+    await http.post(f"/workers/{wid}/lease", {"max_batches": 0})  # told what to load, as an agent is
     await http.post(f"/workers/{wid}/library", {"context_id": ctx, "state": READY, "seconds": 0.0})
     seq, next_tick, beat_at = 0, time.monotonic() + hb_every, 0.0
     alive_at = time.monotonic()

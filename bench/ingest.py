@@ -133,20 +133,22 @@ def finish_output(serve: ServeProcess, wl_id: str) -> tuple[float, int]:
                         headers={"authorization": f"Bearer {serve.pool_token}",
                                  "content-type": "application/json"})
 
-    def post(path: str, body: BaseModel) -> Any:
-        r = http.post(path, content=body.model_dump_json())
+    def post(path: str, body: BaseModel, token: str = serve.pool_token) -> Any:
+        r = http.post(path, content=body.model_dump_json(), headers={"authorization": f"Bearer {token}"})
         r.raise_for_status()
         return r.json()
 
-    wid = RegisterResponse.model_validate(post("/workers", WorkerRegistration(host="bench", pid=1))).worker_id
+    reg = RegisterResponse.model_validate(post("/workers", WorkerRegistration(host="bench", pid=1)))
+    wid, own = reg.worker_id, reg.worker_token
     ctx = db_context(serve, wl_id)
-    post(f"/workers/{wid}/library", LibraryEvent(context_id=ctx, state=ContextState.READY, seconds=0.0))
+    post(f"/workers/{wid}/lease", LeaseRequest(), own)  # told what to load, as an agent is
+    post(f"/workers/{wid}/library", LibraryEvent(context_id=ctx, state=ContextState.READY, seconds=0.0), own)
     lease = LeaseResponse.model_validate(post(f"/workers/{wid}/lease", LeaseRequest(
-        context_id=ctx, context_state=ContextState.READY, max_batches=1)))
+        context_id=ctx, context_state=ContextState.READY, max_batches=1), own))
     [b] = lease.batches
     t0 = time.monotonic()
     post(f"/workers/{wid}/report", BatchReport(batch_id=b.batch_id, results=[
-        RowResult(idx=r.idx, text="True", finish_reason="stop") for r in b.rows]))
+        RowResult(idx=r.idx, text="True", finish_reason="stop") for r in b.rows]), own)
     return time.monotonic() - t0, n + len(b.rows)
 
 

@@ -62,7 +62,7 @@ class WorkerToken(HTTPBearer):
                          description="A worker's own credential: the worker_token its registration returned")
         self.core = core
 
-    async def __call__(self, request: Request) -> None:  # type: ignore[override]
+    async def __call__(self, request: Request) -> None:
         worker_id = str(request.path_params.get("worker_id", ""))
         authorization = request.headers.get("authorization") or ""
         if not authorization.startswith("Bearer "):

@@ -1,6 +1,7 @@
 """`pcm serve`: the service (HTTP API, SQLite state, the origin of model weights)."""
 from __future__ import annotations
 
+import ipaddress
 import logging
 from pathlib import Path
 from typing import Optional
@@ -14,6 +15,7 @@ from pcm_service.cli.common import (
 )
 from pcm_service.cli.executors import ExecutorOpt, VinePortOpt, VineProjectOpt, make_executor
 from pcm_service.core.config import ServiceConfig
+from pcm_service.core.trust import WorkerTrust
 from pcm_service.protocol import ExecutorKind
 from pcm_service.tokens import Token
 from pcm_service.weights.chunks import DEFAULT_CHUNK_SIZE
@@ -54,6 +56,9 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
           model_root: list[Path] = typer.Option(
               [], "--model-root", help="A directory models may be read from (repeatable); a model"
                                        " path outside every root is refused"),
+          peer_network: list[str] = typer.Option(
+              [], "--peer-network", help="A network (CIDR) a worker's blob server may be in besides the"
+                                         " address its requests come from (repeatable; workers behind NAT)"),
           tls_cert: Optional[Path] = typer.Option(None, help="Serve HTTPS with this certificate (PEM)"),
           tls_key: Optional[Path] = typer.Option(None, help="The certificate's private key (PEM, mode 0600)"),
           max_request_mb: float = typer.Option(
@@ -86,6 +91,10 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
     for root in model_root:
         if not root.is_dir():
             fail(f"--model-root {root}: not a directory", code=2)
+    try:
+        trust = WorkerTrust(peer_networks=tuple(ipaddress.ip_network(n, strict=False) for n in peer_network))
+    except ValueError as e:
+        fail(f"--peer-network: {e} (give a network such as 10.1.0.0/16)", code=2)
     if (tls_cert is None) != (tls_key is None):
         fail("--tls-cert and --tls-key go together", code=2)
     if tls_cert is not None and tls_key is not None:
@@ -99,7 +108,7 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
     secrets = tuple(p for p in (pool_token.path, api_token.path, metrics_token.path, tls_key) if p is not None)
     core = ServiceCore(state_dir, ServiceConfig(
         heartbeat_interval=heartbeat_interval, worker_timeout=worker_timeout, idle_timeout=idle_timeout,
-        transfers=transfers, model_roots=tuple(model_root), secret_paths=secrets,
+        transfers=transfers, model_roots=tuple(model_root), secret_paths=secrets, trust=trust,
         max_request_bytes=int(max_request_mb * MIB), max_submission_bytes=int(max_submission_mb * MIB)))
     if worker_env is not None:
         env = core.replicas.register_environment(worker_env)
