@@ -7,6 +7,12 @@ which worker runs a call and reruns the calls of a worker it lost, so a batch st
 until its call answers. Each answer is recorded through the core like an agent's report
 (first result per row wins), so exactly-once, ordering, output files and OpenAI batches work
 unchanged. A call that fails (its library died) hands its rows back with a crash counted.
+
+A worker's answer is data, never code (vine_answers): the service reads the call's raw output
+file, never ndcctools' ``task.output`` (which unpickles it). An answer that is not plain data
+crashes its call and the worker's host is blocked, so the batch runs elsewhere. The library
+checks the weights against PCM's manifest before it starts the engine; a library that refused
+them makes the service drop every cached copy and fetch them again.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from typing import Any, Callable, Optional
 
 from pcm_service.core import ServiceCore, UnknownWorker
 from pcm_service.executors.base import Executor
+from pcm_service.executors.vine_answers import CallAnswer, UntrustedAnswer, call_answer
 from pcm_service.executors.vine_pool import VineWorkers
 from pcm_service.protocol import (
     BatchLease,
@@ -31,7 +38,7 @@ from pcm_service.protocol import (
     ExecutorKind,
     Heartbeat,
     LeaseRequest,
-    RowResult,
+    ModelManifest,
     TaskVineStatus,
     WorkerKind,
     WorkerRegistration,
@@ -45,11 +52,11 @@ SYNC_INTERVAL = 1.0  # seconds between updates of the pool's records from the ma
 @dataclass(frozen=True)
 class VineFunctions:
     """What runs on the workers (worker_image.vine_library, handed in by the CLI): pickled by
-    reference, so the workers' Python must import PCM."""
+    reference, so the workers' Python must import PCM. Each returns its answer as JSON text."""
 
-    load_engine: Callable[..., None]  # the Library's context
-    run_batch: Callable[[str], dict[str, Any]]  # one FunctionCall per batch
-    run_batch_cold: Callable[..., dict[str, Any]]  # a plain task: starts an engine for one batch
+    load_engine: Callable[..., None]  # the Library's context: (context, engine, manifest JSON)
+    run_batch: Callable[[str], str]  # one FunctionCall per batch
+    run_batch_cold: Callable[..., str]  # a plain task: starts an engine for one batch
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,8 @@ class TaskVineExecutor(Executor):
         self.calls: dict[int, Call] = {}
         self.libraries: dict[str, str] = {}  # context id → library name
         self.models: dict[str, Any] = {}  # model path → its TaskVine file
+        self.specs: dict[str, ContextSpec] = {}  # context id → its spec, for a library reinstalled
+        self.refused: set[tuple[str, int]] = set()  # (worker, library pid) that refused the weights
         self.views: list[dict[str, Any]] = []  # the manager's workers, as of the last sync
         self._next_sync = 0.0
         self.lease_seq = 0
@@ -209,7 +218,8 @@ class TaskVineExecutor(Executor):
     def _task(self, spec: ContextSpec, lease: BatchLease) -> Any:
         if not self.settings.context_library:
             task = self.vine.PythonTask(self.functions.run_batch_cold, spec.model_dump_json(),
-                                        lease.model_dump_json(), self.settings.engine)
+                                        lease.model_dump_json(), self.settings.engine,
+                                        self._manifest(spec).model_dump_json())
             task.add_input(self._model(spec), "model")
             if not self._ask_engine_resources(task, spec):
                 # a plain task that declares nothing is packed several to a worker: each would
@@ -225,16 +235,25 @@ class TaskVineExecutor(Executor):
             self.models[spec.model] = self.m.declare_file(spec.model, cache="worker", peer_transfer=True)
         return self.models[spec.model]
 
+    def _manifest(self, spec: ContextSpec) -> ModelManifest:
+        """PCM's manifest of the weights (sha256 per chunk): the library checks its copy against it."""
+        try:
+            return self.core.replicas.manifest(spec.model_digest)
+        except KeyError:
+            return self.core.replicas.register_model(spec.model)
+
     def _install(self, spec: ContextSpec) -> str:
         name = library_name(spec.context_id)
+        args = [spec.model_dump_json(), self.settings.engine, self._manifest(spec).model_dump_json()]
         lib = self.m.create_library_from_functions(
             name, self.functions.run_batch, add_env=False, exec_mode="direct",
-            library_context_info=[self.functions.load_engine, [spec.model_dump_json(), self.settings.engine], {}])
+            library_context_info=[self.functions.load_engine, args, {}])
         lib.add_input(self._model(spec), "model")
         lib.set_function_slots(1)  # direct mode: one call at a time in the one engine
         gpus = self._ask_engine_resources(lib, spec)
         self.m.install_library(lib)
         self.libraries[spec.context_id] = name
+        self.specs[spec.context_id] = spec
         log.info("TaskVine library %s installed for %s (%s)", name, spec.model,
                  "the engine's GPUs" if gpus else "whole workers")
         return name
@@ -252,16 +271,17 @@ class TaskVineExecutor(Executor):
         if call is None:
             return
         lease = call.lease
-        out = t.output if t.successful() else None
         rec = self.pool.record_of(t.addrport or "")
-        if not isinstance(out, dict):  # the library died (or never started) under this call
-            log.warning("call for batch %d failed on %s: %s %s", lease.batch_id, t.addrport, t.result,
-                        str(out)[:200] if out is not None else "")
+        answer = self._read_answer(t, lease) if t.successful() else None
+        if answer is None:  # the library died (or never started) under this call, or lied
+            log.warning("call for batch %d failed on %s: %s", lease.batch_id, t.addrport, t.result)
             self.core.report(self.holder, BatchReport(batch_id=lease.batch_id,
                                                       crashed=[r.idx for r in lease.rows]))
             return
-        self.pool.saw_library(t.addrport, out["library"])
-        results = [RowResult.model_validate(r) for r in out["results"]]
+        self.pool.saw_library(t.addrport, answer.library.model_dump())
+        if answer.library.refused:
+            self._refetch(t.addrport or "", answer.library.pid or 0, lease.context_id, answer.library.refused)
+        results = answer.results
         if results:
             self.core.report(rec.worker_id if rec else self.holder,
                              BatchReport(batch_id=lease.batch_id, results=results))
@@ -269,6 +289,46 @@ class TaskVineExecutor(Executor):
         missing = [r.idx for r in lease.rows if r.idx not in answered]
         if missing:  # the engine failed to start: the rows wait for another library
             self.core.report(self.holder, BatchReport(batch_id=lease.batch_id, returned=missing))
+
+    def _read_answer(self, t: Any, lease: BatchLease) -> Optional[CallAnswer]:
+        """The call's output file as plain data (never ``t.output``, which unpickles it); None
+        when there is none or it is untrusted, whose worker's host then gets no more calls."""
+        try:
+            raw = t.output_file.contents()
+        except Exception as e:  # no output file: a failed call
+            log.warning("call for batch %d on %s left no output: %s", lease.batch_id, t.addrport, e)
+            return None
+        try:
+            return call_answer(raw, lease, envelope=self.settings.context_library)
+        except UntrustedAnswer as e:
+            self._distrust(t.addrport or "", f"batch {lease.batch_id}: {e}")
+            return None
+
+    def _distrust(self, addr: str, why: str) -> None:
+        """A worker that answered with something other than plain data: its host is blocked in
+        TaskVine (no call goes there again) and its PCM record retired."""
+        rec = self.pool.record_of(addr)
+        host = rec.view.get("hostname") if rec else None
+        log.error("untrusted answer from TaskVine worker %s (%s): %s; blocking its host", addr, host, why)
+        if host:
+            self.m.block_host(str(host))
+        self.pool.distrust(addr)
+
+    def _refetch(self, addr: str, pid: int, ctx: str, why: str) -> None:
+        """A library refused its copy of the weights (a poisoned cache or peer transfer): every
+        cached copy is dropped and the library reinstalled, so the weights come again from the
+        service. Once per refusing library process (each of its calls says so)."""
+        if (addr, pid) in self.refused or ctx not in self.specs:
+            return
+        self.refused.add((addr, pid))
+        spec = self.specs[ctx]
+        log.error("TaskVine worker %s refused the weights of %s: %s; fetching them again", addr, spec.model, why)
+        name = self.libraries.pop(ctx, None)
+        if name:
+            self.m.remove_library(name)
+        if spec.model in self.models:
+            self.m.prune_file(self.models[spec.model])
+        self._install(spec)  # the calls waiting for this context run on it
 
     def _publish(self, views: list[dict[str, Any]]) -> None:
         stats = self.m.stats

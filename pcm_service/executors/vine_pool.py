@@ -80,6 +80,13 @@ class VineWorkers:
         log.info("TaskVine worker %s joined: %s (%s), glidein %s", rec.worker_id, reg.host, addr, reg.glidein_id)
         return rec
 
+    def distrust(self, addr: str) -> None:
+        """A worker that sent an untrusted answer: retired, and never registered again."""
+        self.gone.add(addr)
+        rec = self.by_addr.pop(addr, None)
+        if rec is not None:
+            self.core.retire(rec.worker_id)
+
     def record_of(self, addr: str) -> Optional[VineRecord]:
         return self.by_addr.get(addr)
 
