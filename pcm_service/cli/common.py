@@ -3,6 +3,7 @@ finding the API token, failing clearly."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Optional
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.text import Text
 
 from pcm_service.client import ServiceClient, ServiceError, default_service_url
 from pcm_service.protocol import EngineSettings, RowIn, WorkloadHeader, WorkloadStatus, WorkloadSubmission
@@ -35,6 +37,24 @@ CaFileOpt = typer.Option(
     None, "--ca-file", envvar=CA_FILE_ENV,
     help=f"CA certificate(s) that sign the service's TLS certificate [env {CA_FILE_ENV}; else the"
          " system store] (for an https:// service)")
+
+
+# C0 and C1 controls, DEL, and the invisible format characters that reorder or hide text (bidi
+# overrides and isolates, zero-width spaces, line and paragraph separators, the BOM)
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
+def printable(value: object) -> str:
+    """``value`` as text with every control character written out as its escape (ESC → ``\\x1b``):
+    a string a worker sent (its host, GPU names, errors) cannot retitle, clear or recolour the
+    terminal, nor hide or reorder what is shown around it."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(value))
+
+
+def plain(value: object) -> Text:
+    """``printable(value)`` as a Rich Text: printed as it is, never read as markup (``[red]``,
+    ``[link=…]``) or emoji codes. Every table cell and line of `pcm status` goes through this."""
+    return Text(printable(value))
 
 
 def fail(msg: str, code: int = 1) -> NoReturn:

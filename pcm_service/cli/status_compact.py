@@ -1,15 +1,17 @@
 """`pcm status` for an 80-column terminal, in the spirit of `condor_q`'s summary: one line per
 workload, a few summary lines for the pool, then the workers with short ids and states (the
-full view is `--wide`, the raw one `--json`)."""
+full view is `--wide`, the raw one `--json`). Every cell and line is a ``plain`` Text: what
+workers sent prints as it is, never as Rich markup or terminal control sequences."""
 from __future__ import annotations
 
 import time
 from collections import Counter, deque
 from typing import Any, Iterable, Mapping, Optional
 
-from rich.console import Group
+from rich.console import Group, RenderableType
 from rich.table import Table
 
+from pcm_service.cli.common import plain
 from pcm_service.protocol import (
     ContextState,
     Glidein,
@@ -99,8 +101,9 @@ def workload_table(st: ServiceStatus, rates: Optional[RecentRates]) -> Table:
     for wl in st.workloads:
         rate = rates.rate(wl.workload_id) if rates is not None else wl.rows_per_second
         pct = 100 * wl.rows_done // wl.rows_total if wl.rows_total else 100
-        t.add_row(short(wl.workload_id), wl.name[:16], count(wl.rows_done), count(wl.rows_total), f"{pct}%",
-                  count(wl.rows_failed), "-" if rate is None else f"{rate:.1f}", eta(wl, rate))
+        t.add_row(*map(plain, (short(wl.workload_id), wl.name[:16], count(wl.rows_done), count(wl.rows_total),
+                               f"{pct}%", count(wl.rows_failed), "-" if rate is None else f"{rate:.1f}",
+                               eta(wl, rate))))
     return t
 
 
@@ -143,22 +146,22 @@ def worker_table(st: ServiceStatus) -> Table:
     hosts = {g.glidein_id: g.host for g in st.glideins if g.host}
     for w in st.workers:
         host = (hosts.get(w.glidein_id or "") or w.host).split(".")[0][:12]
-        t.add_row(short(w.worker_id), (w.glidein_id or "-")[:12], host, WORKER_STATE[w.state],
-                  short(w.context_id, 4), context_cell(w), count(w.rows_done), str(w.library_starts))
+        t.add_row(*map(plain, (short(w.worker_id), (w.glidein_id or "-")[:12], host, WORKER_STATE[w.state],
+                               short(w.context_id, 4), context_cell(w), count(w.rows_done), w.library_starts)))
     return t
 
 
 def render_compact(st: ServiceStatus, rates: Optional[RecentRates] = None) -> Group:
     """``rates``: rows/s over the last minute (``--watch``); else each workload's average."""
-    parts: list[object] = [workload_table(st, rates), "", *pool_lines(st)]
+    parts: list[RenderableType] = [workload_table(st, rates), "", *map(plain, pool_lines(st))]
     with_worker = {w.glidein_id for w in st.workers}
     waiting = [g for g in st.glideins if g.glidein_id not in with_worker and g.state != GlideinState.EXITED]
     envs = {b.glidein_id: b.progress for b in st.bootstrapping if b.glidein_id}
     if st.bootstrapping:
         held = sum(b.progress.bytes_held for b in st.bootstrapping)
         total = sum(b.progress.bytes_total for b in st.bootstrapping)
-        parts.append(f"Environment: {plural(len(st.bootstrapping), 'glidein')} fetching,"
-                     f" {held / 2**20:.0f}/{total / 2**20:.0f} MiB")
+        parts.append(plain(f"Environment: {plural(len(st.bootstrapping), 'glidein')} fetching,"
+                           f" {held / 2**20:.0f}/{total / 2**20:.0f} MiB"))
     if waiting:
         now = time.time()
 
@@ -169,6 +172,6 @@ def render_compact(st: ServiceStatus, rates: Optional[RecentRates] = None) -> Gr
         shown = ", ".join(f"{g.glidein_id} {g.state.value}" + (f" {duration(now - g.since)}" if g.since else "")
                           + env(g) for g in waiting[:3])
         more = f" (+{len(waiting) - 3})" if len(waiting) > 3 else ""
-        parts.append(f"No worker yet: {shown}{more}")
+        parts.append(plain(f"No worker yet: {shown}{more}"))
     parts += ["", worker_table(st) if st.workers else "No workers."]
-    return Group(*parts)  # type: ignore[arg-type]  # tables and strings: all renderables
+    return Group(*parts)

@@ -1,4 +1,5 @@
-"""A short summary of a run's output JSONL: rows ok and failed, tokens, verdicts, examples."""
+"""A short summary of a run's output JSONL: rows ok and failed, tokens, verdicts, examples. The
+texts and errors in it came from workers: printed escaped, without their control characters."""
 from __future__ import annotations
 
 import json
@@ -8,9 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as escape_markup
+
+from pcm_service.cli.common import printable
 
 _PUNCT = string.punctuation + "“”‘’«»…"
+
+
+def escape(value: object) -> str:
+    """``value`` safe inside a markup string: no Rich markup, no terminal control characters."""
+    return escape_markup(printable(value))
 
 
 def _first_word(text: str) -> str:
@@ -33,7 +41,7 @@ def print_summary(output: Path, console: Console, examples: int = 3) -> None:
         rows.extend(json.loads(line) for line in f if line.strip())
     ok = [r for r in rows if not r.get("error")]
     tokens = sum(int(r.get("completion_tokens") or 0) for r in ok)
-    console.print(f"{output}: {len(ok)} rows ok, {len(rows) - len(ok)} failed, {tokens} tokens generated",
+    console.print(f"{escape(output)}: {len(ok)} rows ok, {len(rows) - len(ok)} failed, {tokens} tokens generated",
                   highlight=False, soft_wrap=True)
     failed = next((r for r in rows if r.get("error")), None)
     if failed is not None:
