@@ -77,7 +77,8 @@ CREATE TABLE IF NOT EXISTS batches (
     worker_id TEXT,
     lease_seq INTEGER NOT NULL DEFAULT 0,  -- the worker's lease response that leased it
     losses INTEGER NOT NULL DEFAULT 0,  -- requeued because its worker was lost
-    leased_at REAL
+    leased_at REAL,
+    audit_of INTEGER  -- an audit copy (core/audit.py) of this batch: its results go to audit_results
 );
 CREATE INDEX IF NOT EXISTS batches_by_state ON batches (state, context_id, batch_id);
 CREATE INDEX IF NOT EXISTS batches_by_worker ON batches (worker_id, state);
@@ -100,7 +101,8 @@ CREATE TABLE IF NOT EXISTS workers (
     last_busy REAL NOT NULL,
     environment TEXT,  -- the packed environment's digest (NULL: a venv or an image)
     token_hash TEXT,  -- sha256 of the worker's own credential (its bearer token on its routes)
-    assigned_context TEXT  -- the context the service placed it on (engine events count for it alone)
+    assigned_context TEXT,  -- the context the service placed it on (engine events count for it alone)
+    address TEXT  -- the IP it registered from (NULL: loopback or in-process): its host for audits
 );
 CREATE INDEX IF NOT EXISTS workers_by_glidein ON workers (glidein_id);
 -- every change of a worker's state or of its context's, for `pcm report`: written by the
@@ -197,6 +199,33 @@ CREATE TABLE IF NOT EXISTS openai_batches (
     cancelling_at REAL,
     expires_at REAL NOT NULL
 );
+-- spot-check audits (core/audit.py): one per audit batch, finished when agreed is set
+CREATE TABLE IF NOT EXISTS audits (
+    audit_batch INTEGER PRIMARY KEY,
+    batch_id INTEGER NOT NULL,  -- the audited batch
+    workload_id TEXT NOT NULL,
+    original_worker TEXT NOT NULL,
+    original_host TEXT NOT NULL,
+    auditor_worker TEXT,
+    auditor_host TEXT,
+    rows_compared INTEGER,
+    rows_matched INTEGER,
+    agreed INTEGER,  -- NULL while open
+    created_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS audits_by_host ON audits (original_host, agreed);
+CREATE TABLE IF NOT EXISTS audit_results (  -- an auditor's answers, never a row's result
+    audit_batch INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    text TEXT,
+    error TEXT,
+    PRIMARY KEY (audit_batch, idx)
+);
+CREATE TABLE IF NOT EXISTS barred_hosts (  -- hosts whose workers get no more leases
+    host TEXT PRIMARY KEY,
+    barred_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -206,7 +235,8 @@ CREATE TABLE IF NOT EXISTS settings (
 ADDED_COLUMNS = [("workloads", "model_name"), ("workloads", "openai"), ("rows", "request"),
                  ("rows", "choices"), ("rows", "error_code"), ("workers", "kind"),
                  ("workers", "environment"), ("workers", "token_hash"), ("workers", "assigned_context"),
-                 ("contexts", "start_failures INTEGER NOT NULL DEFAULT 0")]
+                 ("contexts", "start_failures INTEGER NOT NULL DEFAULT 0"), ("batches", "audit_of INTEGER"),
+                 ("workers", "address")]
 
 
 class Store:

@@ -87,6 +87,17 @@ class PoolCollector(Collector):
                 g.add_metric([rep.factory, gstate.value], states[gstate])
         yield g
 
+        audited = CounterMetricFamily("pcm_audits", "Batches of a host run again by another host and compared",
+                                      labels=["host"])
+        disagreed = CounterMetricFamily("pcm_audit_disagreements", "Audits of a host's batches that disagreed",
+                                        labels=["host"])
+        for h in st.audits:
+            audited.add_metric([h.host], h.audited)
+            disagreed.add_metric([h.host], h.disagreements)
+        yield from (audited, disagreed)
+        yield GaugeMetricFamily("pcm_barred_hosts", "Hosts barred from leases after failed audits",
+                                value=sum(h.barred for h in st.audits))
+
         d = st.demand
         yield GaugeMetricFamily("pcm_demand_workers", "Workers the demand model wants (after limits)",
                                 value=d.workers_wanted)

@@ -59,6 +59,9 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
           peer_network: list[str] = typer.Option(
               [], "--peer-network", help="A network (CIDR) a worker's blob server may be in besides the"
                                          " address its requests come from (repeatable; workers behind NAT)"),
+          audit_fraction: float = typer.Option(
+              WorkerTrust.audit_fraction, min=0, max=1, help="Share of finished batches run again by a worker"
+              " of another host and compared (spot-check audits); a host that disagrees is barred"),
           tls_cert: Optional[Path] = typer.Option(None, help="Serve HTTPS with this certificate (PEM)"),
           tls_key: Optional[Path] = typer.Option(None, help="The certificate's private key (PEM, mode 0600)"),
           max_request_mb: float = typer.Option(
@@ -92,7 +95,8 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
         if not root.is_dir():
             fail(f"--model-root {root}: not a directory", code=2)
     try:
-        trust = WorkerTrust(peer_networks=tuple(ipaddress.ip_network(n, strict=False) for n in peer_network))
+        trust = WorkerTrust(peer_networks=tuple(ipaddress.ip_network(n, strict=False) for n in peer_network),
+                            audit_fraction=audit_fraction)
     except ValueError as e:
         fail(f"--peer-network: {e} (give a network such as 10.1.0.0/16)", code=2)
     if (tls_cert is None) != (tls_key is None):

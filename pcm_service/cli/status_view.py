@@ -53,6 +53,13 @@ def render_status(st: ServiceStatus) -> Group:
     parts: list[RenderableType] = [workers]
     if st.taskvine is not None:
         parts.append(taskvine_table(st.taskvine))
+    if st.audits:  # spot-check audits: hosts whose batches others ran again
+        au = Table(title=f"Audited hosts ({len(st.audits)})", title_justify="left")
+        for col in ("host", "audited", "disagreements", "leases"):
+            au.add_column(col)
+        for h in st.audits:
+            au.add_row(plain(h.host), str(h.audited), str(h.disagreements), "barred" if h.barred else "ok")
+        parts.append(au)
     with_worker = {w.glidein_id for w in st.workers}
     orphans = [g for g in st.glideins if g.glidein_id not in with_worker and g.state != GlideinState.EXITED]
     if orphans:

@@ -6,8 +6,9 @@ import sqlite3
 from functools import lru_cache
 from typing import Optional
 
+from pcm_service.core.audit import AuditOps
 from pcm_service.core.placement import PlacementOps
-from pcm_service.core.results import ROW_OF_BATCH, count_done, fail_rows, requeue, settle_batch
+from pcm_service.core.results import ROW_OF_BATCH, count_done, fail_rows, requeue, row_identity, settle_batch
 from pcm_service.core.trust import Refused
 from pcm_service.protocol import (
     OPEN_BATCH_STATES,
@@ -49,7 +50,7 @@ def sampling_of(stored: str) -> SamplingSettings:
     return SamplingSettings.model_validate_json(stored)
 
 
-class LeaseOps(PlacementOps):
+class LeaseOps(PlacementOps, AuditOps):
     """Lease batches of the loaded context (or say what to load), record row results."""
 
     def _reconcile(self, db: sqlite3.Connection, worker_id: str, hb: Heartbeat) -> None:
@@ -81,15 +82,19 @@ class LeaseOps(PlacementOps):
         now = self.clock()
         with self.store.transaction() as db:
             w = self._live_worker(db, worker_id)
-            if w["state"] == WorkerState.DRAINING.value:
-                return LeaseResponse()  # it asked to retire: no new work
+            if w["state"] == WorkerState.DRAINING.value or self._barred(db, w):
+                return LeaseResponse()  # it asked to retire, or its host failed an audit: no new work
             if req.context_id is None or req.context_state != ContextState.READY:
                 return LeaseResponse(assign_context=self._assign(db, worker_id))
             seq = w["lease_seq"] + 1
-            queued = db.execute("SELECT b.batch_id, b.workload_id, w.sampling FROM batches b"
+            # an audit copy goes only to a worker of another host than the one that answered first
+            queued = db.execute("SELECT b.batch_id, b.workload_id, b.audit_of, w.sampling FROM batches b"
                                 " JOIN workloads w USING (workload_id) WHERE b.state=? AND b.context_id=?"
+                                " AND (b.audit_of IS NULL OR NOT EXISTS (SELECT 1 FROM audits a"
+                                " WHERE a.audit_batch=b.batch_id AND a.original_host=?))"
                                 " ORDER BY b.batch_id LIMIT ?",
-                                (BatchState.QUEUED.value, req.context_id, req.max_batches)).fetchall()
+                                (BatchState.QUEUED.value, req.context_id, row_identity(w),
+                                 req.max_batches)).fetchall()
             # a lease shows the worker alive as a heartbeat does: a busy worker heartbeats seldom
             # a worker leased a context's batches is assigned that context (its engine events count)
             db.execute("UPDATE workers SET lease_seq=?, last_heartbeat=?,"
@@ -110,6 +115,11 @@ class LeaseOps(PlacementOps):
                                 f" WHERE batch_id IN {marks} AND state=? ORDER BY batch_id, idx",
                                 (*ids, RowState.PENDING.value)):
                 rows[r["batch_id"]].append(row_task(r))
+            for b in queued:  # an audit copy: the audited batch's rows that have a text
+                if b["audit_of"] is not None:
+                    rows[b["batch_id"]] = [row_task(r) for r in db.execute(
+                        "SELECT idx, row_id, prompt, request FROM rows WHERE batch_id=? AND state=?"
+                        " AND error IS NULL ORDER BY idx", (b["audit_of"], RowState.DONE.value))]
         self.throughput.leased(worker_id, now)
         return LeaseResponse(lease_seq=seq, batches=[
             BatchLease(batch_id=b["batch_id"], workload_id=b["workload_id"], context_id=req.context_id,
@@ -147,8 +157,12 @@ class LeaseOps(PlacementOps):
 
     def _record(self, db: sqlite3.Connection, now: float, worker_id: str, rep: BatchReport) -> int:
         """One batch's report; how many of its results were the rows' first."""
-        b = db.execute("SELECT batch_id, workload_id, worker_id FROM batches WHERE batch_id=?",
+        b = db.execute("SELECT batch_id, workload_id, worker_id, audit_of FROM batches WHERE batch_id=?",
                        (rep.batch_id,)).fetchone()
+        if b["audit_of"] is not None:  # an auditor's answers are compared, never a row's result
+            if b["worker_id"] == worker_id:
+                self._record_audit(db, now, worker_id, b, rep)
+            return 0
         done, pending, rejected = RowState.DONE.value, RowState.PENDING.value, RowErrorCode.REJECTED.value
         counts = [0, 0]  # first results: texts, errors
         split = ([r for r in rep.results if not r.error], [r for r in rep.results if r.error])
@@ -163,6 +177,8 @@ class LeaseOps(PlacementOps):
                       json.dumps([c.model_dump(mode="json") for c in r.choices]) if r.choices else None,
                       worker_id, now, b["workload_id"], r.idx, rep.batch_id, pending) for r in results]).rowcount
         accepted = counts[0] + counts[1]
+        if accepted and settle_batch(db, rep.batch_id):  # before counting: completion waits for its audit
+            self._maybe_audit(db, now, rep.batch_id)
         state = count_done(db, now, b["workload_id"], accepted, counts[1])
         if rep.crashed:
             self._count_crashes(db, now, b, rep.crashed)

@@ -16,6 +16,7 @@ from typing import IO, Any, Iterator, Optional, Sequence
 
 from pcm_service.batchapi.outputs import error_line, output_line
 from pcm_service.protocol import (
+    LIVE_WORKER_STATES,
     OPEN_BATCH_STATES,
     BatchState,
     Choice,
@@ -24,7 +25,7 @@ from pcm_service.protocol import (
     RowState,
     WorkloadState,
 )
-from pcm_service.store import in_list
+from pcm_service.store import MANAGER_KIND, RUNS_ROWS, in_list
 
 DONE, PENDING = RowState.DONE.value, RowState.PENDING.value
 # one row of a batch, found by its primary key (workload_id, idx): by (batch_id, idx) SQLite walks
@@ -54,8 +55,40 @@ def count_done(db: sqlite3.Connection, now: float, wl_id: str, done: int, failed
     wl = db.execute("UPDATE workloads SET rows_done=rows_done+?, rows_failed=rows_failed+?"
                     " WHERE workload_id=? RETURNING rows_done, rows_total, state", (done, failed, wl_id)).fetchone()
     if wl["rows_done"] >= wl["rows_total"] and wl["state"] == WorkloadState.RUNNING.value:
-        complete(db, now, wl_id)
+        maybe_complete(db, now, wl_id)
     return WorkloadState(wl["state"])
+
+
+def row_identity(w: sqlite3.Row) -> str:
+    """A worker's host for audits (core/audit.py): its address, else its declared name."""
+    return str(w["address"] or w["host"])
+
+
+def maybe_complete(db: sqlite3.Connection, now: float, wl_id: str) -> bool:
+    """Complete a running workload whose rows are all done and whose audits are (core/audit.py):
+    a queued audit that no live, unbarred worker of another host could run is dropped."""
+    wl = db.execute("SELECT rows_done, rows_total, state FROM workloads WHERE workload_id=?", (wl_id,)).fetchone()
+    if wl["rows_done"] < wl["rows_total"] or wl["state"] != WorkloadState.RUNNING.value:
+        return False
+    open_, states = in_list(OPEN_BATCH_STATES)
+    live, live_states = in_list(LIVE_WORKER_STATES)
+    audits = db.execute(f"SELECT b.batch_id, b.state, a.original_host FROM batches b JOIN audits a"
+                        f" ON a.audit_batch=b.batch_id WHERE b.workload_id=? AND b.state IN {open_}",
+                        (wl_id, *states)).fetchall()
+    waiting = False
+    for a in audits:
+        auditor = a["state"] == BatchState.LEASED.value or db.execute(
+            f"SELECT 1 FROM workers WHERE state IN {live} AND {RUNS_ROWS} AND COALESCE(address, host)!=?"
+            " AND COALESCE(address, host) NOT IN (SELECT host FROM barred_hosts) LIMIT 1",
+            (*live_states, MANAGER_KIND, a["original_host"])).fetchone() is not None
+        if auditor:
+            waiting = True
+        else:
+            db.execute("UPDATE batches SET state=? WHERE batch_id=?", (BatchState.CANCELLED.value, a["batch_id"]))
+    if waiting:
+        return False
+    complete(db, now, wl_id)
+    return True
 
 
 def settle_batch(db: sqlite3.Connection, batch_id: int) -> bool:

@@ -31,6 +31,12 @@ class WorkerTrust:
     peer_networks: tuple[Network, ...] = ()
     max_workers_per_glidein: int = 16  # live registrations one glidein may hold at once
     max_live_workers: int = 100_000  # live registrations in all
+    # spot-check audits (core/audit.py): this share of finished batches is run again by another
+    # host; a host with audit_bar_after disagreements is barred; an audit agrees when this share
+    # of its greedy rows have the same text (below 1.0 where GPUs of different kinds may differ)
+    audit_fraction: float = 0.0
+    audit_bar_after: int = 1
+    audit_agreement: float = 1.0
 
 
 def address(host: Optional[str]) -> Optional[Address]:
@@ -44,6 +50,13 @@ def address(host: Optional[str]) -> Optional[Address]:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def audit_address(client_host: Optional[str]) -> Optional[str]:
+    """The address that names a worker's host for audits: None on loopback or in-process (the
+    trusted submit host, where a worker's declared host name is believed instead)."""
+    ip = address(client_host)
+    return None if ip is None or ip.is_loopback else str(ip)
 
 
 def check_blob_url(url: str, client_host: Optional[str], trust: WorkerTrust, field: str = "blob_url") -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 
 from pcm_service.core.base import CoreBase, UnknownWorker
 from pcm_service.core.results import fail_rows, requeue
-from pcm_service.core.trust import Refused, check_blob_url
+from pcm_service.core.trust import Refused, audit_address, check_blob_url
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
     OPEN_BATCH_STATES,
@@ -48,11 +48,11 @@ class WorkerOps(CoreBase):
             self._check_room(db, reg.glidein_id)
             db.execute(
                 "INSERT INTO workers (worker_id, host, pid, glidein_id, kind, resources, state, context_state,"
-                " registered_at, last_heartbeat, last_busy, environment, token_hash)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " registered_at, last_heartbeat, last_busy, environment, token_hash, address)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (worker_id, reg.host, reg.pid, reg.glidein_id, reg.kind.value, reg.resources.model_dump_json(),
                  WorkerState.STARTING.value, ContextState.ABSENT.value, now, now, now, reg.environment or None,
-                 digest))
+                 digest, audit_address(client_host)))
             self.replicas.add_worker(db, worker_id, reg, client_host)
         self._worker_tokens[worker_id] = digest
         return RegisterResponse(worker_id=worker_id, worker_token=token,

@@ -6,6 +6,7 @@ import uuid
 from itertools import islice
 from typing import Iterable, Iterator, Optional
 
+from pcm_service.core.audit import host_audits
 from pcm_service.core.base import CoreBase, NoChatTemplate, UnknownWorkload
 from pcm_service.core.views import worker_status, workload_status
 from pcm_service.protocol import (
@@ -153,6 +154,7 @@ class WorkloadOps(CoreBase):
         with self.store.read() as db:
             workers = db.execute(f"SELECT * FROM workers {where} ORDER BY registered_at", params).fetchall()
             workloads = db.execute("SELECT * FROM workloads ORDER BY created_at").fetchall()
+            audits = host_audits(db)
         fetching = ContextState.FETCHING.value
         return ServiceStatus(
             workers=[worker_status(w, starts.get(w["worker_id"], 0), now,
@@ -160,4 +162,4 @@ class WorkloadOps(CoreBase):
                                    if w["context_state"] == fetching else None) for w in workers],
             workloads=[workload_status(r, now) for r in workloads],
             demand=self.demand(), glideins=self.factories.glideins(now),
-            transfers=self.replicas.stats(), bootstrapping=self.replicas.bootstrap_progress())
+            transfers=self.replicas.stats(), bootstrapping=self.replicas.bootstrap_progress(), audits=audits)

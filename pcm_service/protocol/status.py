@@ -30,6 +30,15 @@ class WorkerStatus(Strict):
     kind: WorkerKind = Field(default=WorkerKind.AGENT, strict=False)
 
 
+class HostAudit(Strict):
+    """Spot-check audits of one host's batches (core/audit.py)."""
+
+    host: str  # its address, or the name a worker on the service's machine declares
+    audited: Count  # its batches run again by another host
+    disagreements: Count
+    barred: bool  # its workers get no more leases
+
+
 class ServiceStatus(Strict):
     workers: list[WorkerStatus]
     workloads: list[WorkloadStatus]
@@ -38,3 +47,4 @@ class ServiceStatus(Strict):
     transfers: TransferStats = Field(default_factory=TransferStats)
     bootstrapping: list[EnvironmentFetch] = Field(default_factory=list)  # glideins fetching the environment
     taskvine: Optional[TaskVineStatus] = None  # the manager's view, with `pcm serve --executor taskvine`
+    audits: list[HostAudit] = Field(default_factory=list)  # hosts audited or barred

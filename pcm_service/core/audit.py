@@ -1,0 +1,167 @@
+"""Spot-check audits (security issue 28, item 7), as BOINC does them: a worker with its own
+credential can still return made-up text for the batches leased to it, so a sample of
+finished batches (``WorkerTrust.audit_fraction``) is run again by a worker of another host and
+the two answers compared. The first answer stays the rows' result; the audit copy is a batch
+row with ``audit_of`` set whose results go to ``audit_results``, never to ``rows``.
+
+- **A host** is the address the service saw the worker register from (``workers.address``),
+  or, for a worker on the service's own machine (loopback) or in-process, where the address
+  says nothing, the host name it declares. The submit host is trusted, so the name is enough
+  there (and it is how tests run two "hosts"); a glidein cannot pick its address.
+- **Agreement:** rows sampled greedily (temperature 0, the workload's or the row's own
+  setting) must have the same text; sampled rows and rows that ended with an error on either
+  side are not compared. An audit agrees when at least ``audit_agreement`` of its compared
+  rows match (1.0: all; lower it where GPUs of different kinds may differ).
+- **Who is wrong:** with two answers nobody can tell. The rule: a disagreement is a strike
+  against the original's host, unless the auditor's host is barred (a barred host's word counts
+  for nothing). A host with ``audit_bar_after`` strikes is barred: its workers get no more
+  leases, what they hold is requeued, and every row they finished in a running workload is
+  reset and run again. (A third opinion, BOINC's quorum, would also protect an honest host
+  whose batches a liar audits first; not done yet.)
+- **Completion** waits for a workload's open audits, so its output is written once, from
+  answers that passed them; an audit no live unbarred worker of another host could run is
+  dropped when the workload's rows are all done (one host: nobody can audit).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from typing import Optional
+
+from pcm_service.core.base import CoreBase
+from pcm_service.core.results import maybe_complete, requeue, row_identity
+from pcm_service.protocol import (
+    BatchReport,
+    BatchState,
+    RowState,
+    SamplingSettings,
+    WorkloadState,
+)
+from pcm_service.protocol.status import HostAudit
+from pcm_service.store import in_list
+
+
+def sampled_for_audit(batch_id: int, fraction: float) -> bool:
+    """A deterministic sample (the same batch always gets the same answer; 1.0: every batch)."""
+    h = int.from_bytes(hashlib.sha256(str(batch_id).encode()).digest()[:8], "big")
+    return h < fraction * 2**64
+
+
+def _greedy(workload_sampling: SamplingSettings, request: Optional[str]) -> bool:
+    own = json.loads(request).get("sampling") if request else None
+    temperature = own.get("temperature", 0.0) if own else workload_sampling.temperature
+    return bool(temperature == 0)
+
+
+class AuditOps(CoreBase):
+    """Audit copies of finished batches, their results, strikes and barred hosts."""
+
+    def _barred(self, db: sqlite3.Connection, w: sqlite3.Row) -> bool:
+        return db.execute("SELECT 1 FROM barred_hosts WHERE host=?", (row_identity(w),)).fetchone() is not None
+
+    def _maybe_audit(self, db: sqlite3.Connection, now: float, batch_id: int) -> None:
+        """A batch just finished: if sampled, queue its audit copy, for a worker of another host."""
+        trust = self.config.trust
+        if not sampled_for_audit(batch_id, trust.audit_fraction):
+            return
+        b = db.execute("SELECT b.workload_id, b.context_id, w.host, w.address, w.worker_id FROM batches b"
+                       " JOIN workers w USING (worker_id) WHERE b.batch_id=? AND b.audit_of IS NULL",
+                       (batch_id,)).fetchone()
+        if b is None or db.execute("SELECT 1 FROM rows WHERE batch_id=? AND error IS NULL LIMIT 1",
+                                   (batch_id,)).fetchone() is None:
+            return  # an audit copy itself, or nothing but errors to compare
+        audit = db.execute("INSERT INTO batches (workload_id, context_id, state, audit_of) VALUES (?,?,?,?)"
+                           " RETURNING batch_id",
+                           (b["workload_id"], b["context_id"], BatchState.QUEUED.value, batch_id)).fetchone()[0]
+        db.execute("INSERT INTO audits (audit_batch, batch_id, workload_id, original_worker, original_host,"
+                   " created_at) VALUES (?,?,?,?,?,?)",
+                   (audit, batch_id, b["workload_id"], b["worker_id"], row_identity(b), now))
+
+    def _record_audit(self, db: sqlite3.Connection, now: float, worker_id: str, b: sqlite3.Row,
+                      rep: BatchReport) -> None:
+        """An auditor's answers: kept aside; once every row has one, compared with the original's."""
+        if db.execute("SELECT state FROM batches WHERE batch_id=?", (b["batch_id"],)).fetchone()[0] \
+                != BatchState.LEASED.value:
+            return  # a late duplicate of a finished audit
+        db.executemany("INSERT OR IGNORE INTO audit_results (audit_batch, idx, text, error) VALUES (?,?,?,?)",
+                       [(b["batch_id"], r.idx, r.text, r.error) for r in rep.results])
+        want = db.execute("SELECT COUNT(*) FROM rows WHERE batch_id=? AND state=? AND error IS NULL",
+                          (b["audit_of"], RowState.DONE.value)).fetchone()[0]
+        have = db.execute("SELECT COUNT(*) FROM audit_results r JOIN rows o ON o.workload_id=? AND o.idx=r.idx"
+                          " AND o.batch_id=? AND o.error IS NULL WHERE r.audit_batch=?",
+                          (b["workload_id"], b["audit_of"], b["batch_id"])).fetchone()[0]
+        if have < want:
+            if rep.returned or rep.crashed:
+                requeue(db, "batch_id=?", (b["batch_id"],))
+            return
+        self._settle_audit(db, now, worker_id, b)
+
+    def _settle_audit(self, db: sqlite3.Connection, now: float, worker_id: str, b: sqlite3.Row) -> None:
+        sampling = SamplingSettings.model_validate_json(db.execute(
+            "SELECT sampling FROM workloads WHERE workload_id=?", (b["workload_id"],)).fetchone()[0])
+        compared = matched = 0
+        for r in db.execute("SELECT o.text, o.error, o.request, a.text AS audit_text, a.error AS audit_error"
+                            " FROM rows o JOIN audit_results a ON a.audit_batch=? AND a.idx=o.idx"
+                            " WHERE o.workload_id=? AND o.batch_id=?",
+                            (b["batch_id"], b["workload_id"], b["audit_of"])):
+            if r["error"] is None and r["audit_error"] is None and _greedy(sampling, r["request"]):
+                compared += 1
+                matched += r["text"] == r["audit_text"]
+        agreed = compared == 0 or matched >= self.config.trust.audit_agreement * compared
+        auditor = db.execute("SELECT host, address FROM workers WHERE worker_id=?", (worker_id,)).fetchone()
+        db.execute("UPDATE audits SET auditor_worker=?, auditor_host=?, rows_compared=?, rows_matched=?,"
+                   " agreed=?, finished_at=? WHERE audit_batch=?",
+                   (worker_id, row_identity(auditor), compared, matched, agreed, now, b["batch_id"]))
+        db.execute("UPDATE batches SET state=? WHERE batch_id=?", (BatchState.DONE.value, b["batch_id"]))
+        if not agreed:
+            host = db.execute("SELECT original_host FROM audits WHERE audit_batch=?", (b["batch_id"],)).fetchone()[0]
+            strikes = db.execute("SELECT COUNT(*) FROM audits WHERE original_host=? AND agreed=0 AND auditor_host"
+                                 " NOT IN (SELECT host FROM barred_hosts)", (host,)).fetchone()[0]
+            if strikes >= self.config.trust.audit_bar_after:
+                self._bar(db, now, host)
+        maybe_complete(db, now, b["workload_id"])
+
+    def _bar(self, db: sqlite3.Connection, now: float, host: str) -> None:
+        """No more leases for this host; what it holds is requeued, what it finished run again."""
+        if db.execute("INSERT OR IGNORE INTO barred_hosts (host, barred_at) VALUES (?,?)", (host, now)).rowcount == 0:
+            return
+        theirs = "SELECT worker_id FROM workers WHERE COALESCE(address, host)=?"
+        requeue(db, f"worker_id IN ({theirs})", (host,))
+        mine = (f"state=? AND worker_id IN ({theirs})"
+                " AND workload_id IN (SELECT workload_id FROM workloads WHERE state=?)")
+        params = (RowState.DONE.value, host, WorkloadState.RUNNING.value)
+        reset = db.execute(f"SELECT workload_id, batch_id, error IS NOT NULL AS failed FROM rows WHERE {mine}",
+                           params).fetchall()
+        db.execute("UPDATE rows SET state=?, text=NULL, finish_reason=NULL, prompt_tokens=NULL,"
+                   " completion_tokens=NULL, error=NULL, error_code=NULL, choices=NULL, worker_id=NULL,"
+                   f" finished_at=NULL WHERE {mine}", (RowState.PENDING.value, *params))
+        counts: dict[str, list[int]] = {}
+        for r in reset:
+            c = counts.setdefault(r["workload_id"], [0, 0])
+            c[0], c[1] = c[0] + 1, c[1] + r["failed"]
+        db.executemany("UPDATE workloads SET rows_done=rows_done-?, rows_failed=rows_failed-? WHERE workload_id=?",
+                       [(done, failed, wl) for wl, (done, failed) in counts.items()])
+        marks, ids = in_list({r["batch_id"] for r in reset})
+        db.execute(f"UPDATE batches SET state=?, worker_id=NULL WHERE state=? AND batch_id IN {marks}",
+                   (BatchState.QUEUED.value, BatchState.DONE.value, *ids))
+        # their audits are moot: the batches will be answered, and audited, again
+        db.execute(f"UPDATE batches SET state=? WHERE state=? AND audit_of IN {marks}",
+                   (BatchState.CANCELLED.value, BatchState.QUEUED.value, *ids))
+
+    def audit_hosts(self) -> list[HostAudit]:
+        """Per host: batches of it audited, disagreements (strikes), whether it is barred."""
+        with self.store.read() as db:
+            return host_audits(db)
+
+
+def host_audits(db: sqlite3.Connection) -> list[HostAudit]:
+    """Every host audited or barred (for `pcm status` and the metrics)."""
+    rows = db.execute(
+        "SELECT h.host, COUNT(a.audit_batch) AS audited, COALESCE(SUM(a.agreed=0), 0) AS disagreed,"
+        " b.host IS NOT NULL AS barred FROM (SELECT original_host AS host FROM audits"
+        " WHERE agreed IS NOT NULL UNION SELECT host FROM barred_hosts) h"
+        " LEFT JOIN audits a ON a.original_host=h.host AND a.agreed IS NOT NULL"
+        " LEFT JOIN barred_hosts b ON b.host=h.host GROUP BY h.host ORDER BY h.host").fetchall()
+    return [HostAudit(host=r["host"], audited=r["audited"], disagreements=r["disagreed"],
+                      barred=bool(r["barred"])) for r in rows]
