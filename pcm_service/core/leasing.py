@@ -125,14 +125,16 @@ class LeaseOps(PlacementOps, AuditOps):
             BatchLease(batch_id=b["batch_id"], workload_id=b["workload_id"], context_id=req.context_id,
                        sampling=sampling_of(b["sampling"]), rows=rows[b["batch_id"]]) for b in queued])
 
-    def report(self, worker_id: str, *reports: BatchReport) -> ReportResponse:
+    def report(self, worker_id: str, *reports: BatchReport, leased_to: Optional[str] = None) -> ReportResponse:
         """Record row results (the first result for a row wins, later ones are dropped); requeue
         rows handed back; count library crashes against the rows that were in flight. Several
-        batches' reports are one transaction: one commit however many batches they cover."""
+        batches' reports are one transaction: one commit however many batches they cover.
+        ``leased_to``: the batches' lease holder when it is not the worker that ran them (the
+        TaskVine executor leases, its vine_workers run; in-process only, never from HTTP)."""
         now = self.clock()
         accepted = results = 0
         with self.store.transaction() as db:
-            self._check_leased(db, worker_id, reports)
+            self._check_leased(db, leased_to or worker_id, reports)
             for rep in reports:
                 accepted += self._record(db, now, worker_id, rep)
                 results += len(rep.results)

@@ -284,7 +284,7 @@ class TaskVineExecutor(Executor):
         results = answer.results
         if results:
             self.core.report(rec.worker_id if rec else self.holder,
-                             BatchReport(batch_id=lease.batch_id, results=results))
+                             BatchReport(batch_id=lease.batch_id, results=results), leased_to=self.holder)
         answered = {r.idx for r in results}
         missing = [r.idx for r in lease.rows if r.idx not in answered]
         if missing:  # the engine failed to start: the rows wait for another library
