@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from support.models import fake_model
-from support.serve import ServeProcess
+from support.serve import MODEL_ROOTS, ServeProcess
 
 from pcm_service.protocol import ModelManifest
 
@@ -22,8 +22,8 @@ def count(serve: ServeProcess, table: str) -> int:
 
 
 def submission(model: str) -> dict[str, object]:
-    return {"name": "t", "context": {"model": model}, "batch_size": 1, "output": "/tmp/pcm-never-written",
-            "rows": [{"row_id": "a", "prompt": "p"}]}
+    return {"name": "t", "context": {"model": model}, "batch_size": 1,
+            "output": str(MODEL_ROOTS[0] / "pcm-never-written"), "rows": [{"row_id": "a", "prompt": "p"}]}
 
 
 @pytest.fixture

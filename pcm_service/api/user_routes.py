@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from pcm_service.api.errors import AUTH, BODY, ApiError, StrictJSONRoute, errors
 from pcm_service.api.ingest import IngestError, body_chunks, parse_submission
 from pcm_service.core import NoChatTemplate, ServiceCore, UnknownModel, UnknownWorkload
+from pcm_service.core.workloads import OutputRefused
 from pcm_service.executors import Executor
 from pcm_service.protocol import (
     API_PREFIX,
@@ -44,6 +45,8 @@ def _stored(core: ServiceCore, sub: WorkloadHeader, rows: Optional[Iterable[RowI
     field = "model" if sub.model is not None else "context.model"
     try:
         return core.submit(sub, rows)
+    except OutputRefused as e:  # outside every --output-root, in the state directory, a secret
+        raise ApiError(400, ErrorCode.INVALID_VALUE, str(e), e.field) from None
     except ModelUnavailable as e:
         raise ApiError(400, ErrorCode.MODEL_UNAVAILABLE, f"{field}: {e}", field) from None
     except UnknownModel as e:

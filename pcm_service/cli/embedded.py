@@ -86,10 +86,14 @@ def run_workload(sub: WorkloadSubmission, state_dir: Path, workers: int = 1,
                  poll: float = 0.25, eviction: Optional[EvictionSettings] = None,
                  executor: ExecutorKind = ExecutorKind.NATIVE, context_library: bool = True) -> RunResult:
     """Submit one workload to a fresh embedded pool and wait for its output file. Without model
-    roots in ``config``, the workload's own model directory is the only one."""
+    roots in ``config``, the workload's own model directory is the only one; without output
+    roots, the directories of its output files are (raises OutputRefused for one in the state dir)."""
     config = config or ServiceConfig()
     if not config.model_roots and sub.context is not None:
         config = dataclasses.replace(config, model_roots=(Path(sub.context.model),))
+    if config.output_roots is None:
+        files = [sub.output, *([sub.openai.error_output] if sub.openai is not None else [])]
+        config = dataclasses.replace(config, output_roots=tuple(Path(f).parent for f in files))
     service = EmbeddedService(state_dir / "service", config, executor=executor,
                               context_library=context_library).start()
     backend = LocalBackend(service.url, state_dir / "glideins", worker_args=worker_args,

@@ -43,6 +43,7 @@ def run(workload: Path = typer.Argument(..., help="Workload YAML file, or an Ope
     """Run a workload on this machine: embedded service, local factory, local workers."""
     from pcm_service.cli.embedded import run_workload
     from pcm_service.core import ServiceConfig
+    from pcm_service.core.workloads import OutputRefused
 
     if workload.suffix == ".jsonl" and (model is None or not Path(model).is_dir()):
         fail(f"{workload}: pcm run needs --model DIR, the model directory to run an OpenAI batch file on"
@@ -61,6 +62,8 @@ def run(workload: Path = typer.Argument(..., help="Workload YAML file, or an Ope
                                                                  rate=st.rows_per_second))
         except ImportError as e:
             fail(f"--executor {executor.value}: {e}", code=2)
+        except OutputRefused as e:
+            fail(f"{workload}: {e}", code=2)
         except KeyboardInterrupt:
             fail(f"interrupted; state and logs kept in {sdir}", code=130)
     console.print(f"makespan {res.makespan:.1f}s; engine starts per worker: "

@@ -56,6 +56,10 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
           model_root: list[Path] = typer.Option(
               [], "--model-root", help="A directory models may be read from (repeatable); a model"
                                        " path outside every root is refused"),
+          output_root: list[Path] = typer.Option(
+              [], "--output-root", help="A directory workloads' output files may be written under"
+                                        " (repeatable; default: the directory pcm serve runs in); an output"
+                                        " elsewhere, or inside the state directory, is refused"),
           peer_network: list[str] = typer.Option(
               [], "--peer-network", help="A network (CIDR) a worker's blob server may be in besides the"
                                          " address its requests come from (repeatable; workers behind NAT)"),
@@ -94,6 +98,7 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
     for root in model_root:
         if not root.is_dir():
             fail(f"--model-root {root}: not a directory", code=2)
+    outputs = output_roots(output_root, state_dir)
     try:
         trust = WorkerTrust(peer_networks=tuple(ipaddress.ip_network(n, strict=False) for n in peer_network),
                             audit_fraction=audit_fraction)
@@ -113,6 +118,7 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
     core = ServiceCore(state_dir, ServiceConfig(
         heartbeat_interval=heartbeat_interval, worker_timeout=worker_timeout, idle_timeout=idle_timeout,
         transfers=transfers, model_roots=tuple(model_root), secret_paths=secrets, trust=trust,
+        output_roots=outputs,
         max_request_bytes=int(max_request_mb * MIB), max_submission_bytes=int(max_submission_mb * MIB)))
     if worker_env is not None:
         env = core.replicas.register_environment(worker_env)
@@ -122,6 +128,7 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
     console.print(f"PCM service on {scheme}://{host}:{port} (state in {state_dir.resolve()})", highlight=False)
     roots = ", ".join(str(r.resolve()) for r in model_root) or "none: every model path is refused"
     console.print(f"model roots: {roots}", highlight=False)
+    console.print(f"output roots: {', '.join(map(str, outputs))} (not the state directory)", highlight=False)
     _print_token_use("pool token", pool_token, "workers: `pcm worker --token-file {file}`; factory:"
                      " local.token_file or htcondor.token_file: {file}")
     _print_token_use("API token", api_token, "clients (submit, status, factory):"
@@ -145,6 +152,20 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
     tune_gc_for_serving()
     uvicorn.run(app, host=host, port=port, log_level="warning",
                 ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None)
+
+
+def output_roots(given: list[Path], state_dir: Path) -> tuple[Path, ...]:
+    """The directories outputs may be written under (default: the working directory), resolved;
+    one inside the state directory exits 2 (outputs there are refused whatever the roots)."""
+    for root in given:
+        if not root.is_dir():
+            fail(f"--output-root {root}: not a directory", code=2)
+    state = state_dir.resolve()
+    roots = tuple(r.resolve() for r in given) or (Path.cwd().resolve(),)
+    for root in roots:
+        if root.is_relative_to(state):
+            fail(f"--output-root {root}: inside the state directory {state}, where no output is written", code=2)
+    return roots
 
 
 def _print_token_use(what: str, token: Token, how: str) -> None:

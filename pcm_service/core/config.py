@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from pcm_service.core.demand import DemandPolicy
 from pcm_service.core.trust import WorkerTrust
@@ -29,5 +30,8 @@ class ServiceConfig:
     # state directory or these secret files (token files, the TLS key), whatever the roots
     model_roots: tuple[Path, ...] = ()
     secret_paths: tuple[Path, ...] = ()
+    # a workload's output files are written only under these (None: anywhere, for a core in a
+    # test or `pcm run`'s own); never inside the state directory nor over a secret file
+    output_roots: Optional[tuple[Path, ...]] = None
     max_request_bytes: int = 64 * 2**20  # larger request bodies get 413
     max_submission_bytes: int = 2**30  # the same for a workload submission (it holds every row)

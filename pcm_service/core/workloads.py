@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import uuid
 from itertools import islice
+from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from pcm_service.core.audit import host_audits
@@ -28,6 +29,36 @@ from pcm_service.store import MANAGER_KIND, RUNS_ROWS, in_list
 from pcm_service.weights.modelpaths import has_chat_template, no_chat_template
 
 STAGE_CHUNK = 2000  # rows per transaction while a workload streams in
+
+
+class OutputRefused(ValueError):
+    """A workload's output path the service will not write (``field``: ``output`` or
+    ``openai.error_output``): outside every output root, inside the state directory, a secret."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+
+
+def confined_output(text: str, field: str, roots: Optional[tuple[Path, ...]], state_dir: Path,
+                    secrets: tuple[Path, ...]) -> str:
+    """``text`` resolved (links followed), if the service may write there: the path it will
+    write, so the file lands where it was checked. Raises OutputRefused."""
+    p = Path(text)
+    if not p.is_absolute():
+        raise OutputRefused(field, f"{text!r} is not an absolute path (the CLI resolves workload paths)")
+    real = p.resolve()
+    if real.is_relative_to(state_dir.resolve()):
+        raise OutputRefused(field, f"{text} resolves to {real}, inside the state directory {state_dir.resolve()}")
+    if any(real == s.resolve() for s in secrets):
+        raise OutputRefused(field, f"{text} resolves to {real}, a secret file of the service")
+    if roots is not None and not any(real.is_relative_to(r.resolve()) for r in roots):
+        where = ", ".join(str(r.resolve()) for r in roots) or "none"
+        raise OutputRefused(field, f"{text} resolves to {real}, outside every output root ({where};"
+                                   " see pcm serve --output-root)")
+    if real.is_dir():
+        raise OutputRefused(field, f"{real} is a directory; name a file")
+    return str(real)
 
 
 def row_request(row: RowIn, default: SamplingSettings) -> Optional[str]:
@@ -60,14 +91,28 @@ class WorkloadOps(CoreBase):
             raise NoChatTemplate(no_chat_template(model or context.model))
 
     def submit(self, sub: WorkloadHeader, rows: Optional[Iterable[RowIn]] = None) -> SubmitResponse:
-        """Store a workload with ``rows`` (default: the submission's own). Raises ModelUnavailable,
-        UnknownModel or NoChatTemplate, or what ``rows`` raises; then nothing is stored."""
+        """Store a workload with ``rows`` (default: the submission's own). Raises OutputRefused,
+        ModelUnavailable, UnknownModel or NoChatTemplate, or what ``rows`` raises; then nothing
+        is stored (outputs are checked first: a refused one registers no model either)."""
+        output, openai = self.checked_outputs(sub.output, sub.openai)
         context = self.context_of(sub.model, sub.context)
         if rows is None:
             assert isinstance(sub, WorkloadSubmission)
             rows = sub.rows
         return self.insert_workload(sub.name, context, sub.model, sub.sampling, sub.batch_size,
-                                    sub.output, sub.openai, self._chat_checked(rows, context, sub.model))
+                                    output, openai, self._chat_checked(rows, context, sub.model))
+
+    def checked_outputs(self, output: str, openai: Optional[OpenAIOutput]) -> tuple[str, Optional[OpenAIOutput]]:
+        """The files a submission names, confined to the output roots. Raises OutputRefused."""
+        cfg = self.config
+
+        def check(text: str, field: str) -> str:
+            return confined_output(text, field, cfg.output_roots, self.state_dir, cfg.secret_paths)
+
+        output = check(output, "output")
+        if openai is not None:
+            openai = openai.model_copy(update={"error_output": check(openai.error_output, "openai.error_output")})
+        return output, openai
 
     def _chat_checked(self, rows: Iterable[RowIn], context: ContextSpec, model: Optional[str]) -> Iterator[RowIn]:
         """``rows``; the first chat row raises NoChatTemplate if the model has no chat template."""

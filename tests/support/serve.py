@@ -29,14 +29,19 @@ class ServeProcess:
     come from ``model_roots`` (default: pytest's temp root, where the tests' models are)."""
 
     def __init__(self, state_dir: Path, *args: str, env: dict[str, str] | None = None,
-                 model_roots: list[Path] | None = None, ca_file: Path | None = None) -> None:
-        """``ca_file``: the service runs TLS (the test passes --tls-cert/--tls-key); trust this CA."""
+                 model_roots: list[Path] | None = None, ca_file: Path | None = None,
+                 output_roots: list[Path] | None = None) -> None:
+        """``ca_file``: the service runs TLS (the test passes --tls-cert/--tls-key); trust this CA.
+        ``output_roots``: where outputs may be written (default: pytest's temp root, where the
+        tests write them, else the state dir's parent)."""
         self.state_dir = state_dir
         self.port = free_port()
         self.ca_file = ca_file
         self.url = f"{'https' if ca_file else 'http'}://127.0.0.1:{self.port}"
         roots = MODEL_ROOTS if model_roots is None else model_roots
-        args = (*args, *(a for r in roots for a in ("--model-root", str(r))))
+        outputs = output_roots if output_roots is not None else (MODEL_ROOTS or [state_dir.parent])
+        args = (*args, *(a for r in roots for a in ("--model-root", str(r))),
+                *(a for r in outputs for a in ("--output-root", str(r))))
         self.args = args
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
