@@ -18,7 +18,7 @@ from pcm_service.core.history import HistoryOps
 from pcm_service.core.leasing import LeaseOps
 from pcm_service.core.models import ModelOps
 from pcm_service.core.pool_ops import FactoryOps
-from pcm_service.core.results import complete
+from pcm_service.core.results import maybe_complete
 from pcm_service.core.workers import WorkerOps
 from pcm_service.core.workloads import WorkloadOps
 from pcm_service.protocol import (
@@ -62,7 +62,7 @@ class ServiceCore(WorkloadOps, ModelOps, BatchOps, WorkerOps, LeaseOps, FactoryO
                 "SELECT workload_id FROM workloads WHERE state=? AND rows_done=rows_total",
                 (WorkloadState.RUNNING.value,))]
             for wl in pending:
-                complete(db, now, wl)
+                maybe_complete(db, now, wl)  # not before its open audits
         self.discard_staged()  # submissions a crash interrupted were never acknowledged
 
     def close(self) -> None:
