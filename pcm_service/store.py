@@ -212,7 +212,16 @@ CREATE TABLE IF NOT EXISTS audits (
     rows_matched INTEGER,
     agreed INTEGER,  -- NULL while open
     created_at REAL NOT NULL,
-    finished_at REAL
+    finished_at REAL,
+    excluded_host TEXT,  -- a tie-break: neither the original's host nor this one (the first auditor's) runs it
+    tiebreak_of INTEGER  -- a tie-break: the audit whose disagreement it decides
+);
+-- an audit decided against a host: audit_bar_after of them bar it
+CREATE TABLE IF NOT EXISTS strikes (
+    host TEXT NOT NULL,
+    audit_batch INTEGER NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (host, audit_batch)
 );
 CREATE INDEX IF NOT EXISTS audits_by_host ON audits (original_host, agreed);
 CREATE TABLE IF NOT EXISTS audit_results (  -- an auditor's answers, never a row's result
@@ -236,7 +245,7 @@ ADDED_COLUMNS = [("workloads", "model_name"), ("workloads", "openai"), ("rows", 
                  ("rows", "choices"), ("rows", "error_code"), ("workers", "kind"),
                  ("workers", "environment"), ("workers", "token_hash"), ("workers", "assigned_context"),
                  ("contexts", "start_failures INTEGER NOT NULL DEFAULT 0"), ("batches", "audit_of INTEGER"),
-                 ("workers", "address")]
+                 ("workers", "address"), ("audits", "excluded_host"), ("audits", "tiebreak_of INTEGER")]
 
 
 class Store:

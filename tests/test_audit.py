@@ -151,3 +151,22 @@ def test_without_audits_nothing_is_run_twice(tmp_path: Path) -> None:
         assert core.workload_status(sub.workload_id).state == WorkloadState.COMPLETED and core.audit_hosts() == []
     finally:
         core.close()
+
+
+def test_a_liar_auditing_an_honest_host_is_outvoted_by_a_third(tmp_path: Path) -> None:
+    """A disagreement with a third host live goes to that host (BOINC's quorum): the liar who
+    audited an honest host's batches is struck and barred, not the honest host."""
+    core = core_with_audits(tmp_path)
+    try:
+        sub = core.submit(submission(tmp_path))
+        a, liar, c = (ready(core, h, sub.context_id) for h in ("a", "liar", "c"))
+        run(core, a, sub.context_id, n=2)  # both batches, honestly
+        assert len(run(core, liar, sub.context_id, n=4, lie=True)) == 2  # it audits them, and lies
+        assert run(core, liar, sub.context_id, n=4) == [] and run(core, a, sub.context_id, n=4) == []
+        assert len(run(core, c, sub.context_id, n=4)) == 2  # the tie-breaks: only for the third host
+        hosts = {h.host: (h.disagreements, h.barred) for h in core.audit_hosts()}
+        assert hosts["liar"] == (2, True) and hosts["a"] == (0, False)
+        assert core.workload_status(sub.workload_id).state == WorkloadState.COMPLETED
+        assert outputs(tmp_path) == [honest(f"p{i}") for i in range(4)]
+    finally:
+        core.close()

@@ -32,6 +32,7 @@ from typing import Optional
 from pcm_service.core.base import CoreBase
 from pcm_service.core.results import maybe_complete, requeue, row_identity
 from pcm_service.protocol import (
+    LIVE_WORKER_STATES,
     BatchReport,
     BatchState,
     RowState,
@@ -39,7 +40,7 @@ from pcm_service.protocol import (
     WorkloadState,
 )
 from pcm_service.protocol.status import HostAudit
-from pcm_service.store import in_list
+from pcm_service.store import MANAGER_KIND, RUNS_ROWS, in_list
 
 
 def sampled_for_audit(batch_id: int, fraction: float) -> bool:
@@ -110,17 +111,47 @@ class AuditOps(CoreBase):
                 matched += r["text"] == r["audit_text"]
         agreed = compared == 0 or matched >= self.config.trust.audit_agreement * compared
         auditor = db.execute("SELECT host, address FROM workers WHERE worker_id=?", (worker_id,)).fetchone()
+        auditor_host = row_identity(auditor)
         db.execute("UPDATE audits SET auditor_worker=?, auditor_host=?, rows_compared=?, rows_matched=?,"
                    " agreed=?, finished_at=? WHERE audit_batch=?",
-                   (worker_id, row_identity(auditor), compared, matched, agreed, now, b["batch_id"]))
+                   (worker_id, auditor_host, compared, matched, agreed, now, b["batch_id"]))
         db.execute("UPDATE batches SET state=? WHERE batch_id=?", (BatchState.DONE.value, b["batch_id"]))
-        if not agreed:
-            host = db.execute("SELECT original_host FROM audits WHERE audit_batch=?", (b["batch_id"],)).fetchone()[0]
-            strikes = db.execute("SELECT COUNT(*) FROM audits WHERE original_host=? AND agreed=0 AND auditor_host"
-                                 " NOT IN (SELECT host FROM barred_hosts)", (host,)).fetchone()[0]
-            if strikes >= self.config.trust.audit_bar_after:
-                self._bar(db, now, host)
+        a = db.execute("SELECT original_host, tiebreak_of FROM audits WHERE audit_batch=?", (b["batch_id"],)).fetchone()
+        if a["tiebreak_of"] is not None:  # the third opinion: the one of the two it disagrees with lied
+            first = db.execute("SELECT auditor_host FROM audits WHERE audit_batch=?", (a["tiebreak_of"],)).fetchone()
+            self._strike(db, now, first[0] if agreed else a["original_host"], b["batch_id"])
+        elif not agreed and not self._barred(db, auditor):
+            if self._third_host(db, a["original_host"], auditor_host):
+                self._tie_break(db, now, b, auditor_host)
+            else:  # two hosts only: the auditor's word against the original's, the original answers for it
+                self._strike(db, now, a["original_host"], b["batch_id"])
         maybe_complete(db, now, b["workload_id"])
+
+    def _third_host(self, db: sqlite3.Connection, *hosts: str) -> bool:
+        live, states = in_list(LIVE_WORKER_STATES)
+        marks, names = in_list(hosts)
+        return db.execute(f"SELECT 1 FROM workers WHERE state IN {live} AND {RUNS_ROWS}"
+                          f" AND COALESCE(address, host) NOT IN {marks}"
+                          " AND COALESCE(address, host) NOT IN (SELECT host FROM barred_hosts) LIMIT 1",
+                          (*states, MANAGER_KIND, *names)).fetchone() is not None
+
+    def _tie_break(self, db: sqlite3.Connection, now: float, b: sqlite3.Row, auditor_host: str) -> None:
+        """Two hosts disagree: a third runs the batch again, and the one it disagrees with is struck
+        (BOINC's quorum), so a liar auditing an honest host's batch cannot get that host barred."""
+        first = db.execute("SELECT * FROM audits WHERE audit_batch=?", (b["batch_id"],)).fetchone()
+        again = db.execute("INSERT INTO batches (workload_id, context_id, state, audit_of) SELECT workload_id,"
+                           " context_id, ?, batch_id FROM batches WHERE batch_id=? RETURNING batch_id",
+                           (BatchState.QUEUED.value, first["batch_id"])).fetchone()[0]
+        db.execute("INSERT INTO audits (audit_batch, batch_id, workload_id, original_worker, original_host,"
+                   " created_at, excluded_host, tiebreak_of) VALUES (?,?,?,?,?,?,?,?)",
+                   (again, first["batch_id"], b["workload_id"], first["original_worker"], first["original_host"],
+                    now, auditor_host, b["batch_id"]))
+
+    def _strike(self, db: sqlite3.Connection, now: float, host: str, audit_batch: int) -> None:
+        db.execute("INSERT OR IGNORE INTO strikes (host, audit_batch, at) VALUES (?,?,?)", (host, audit_batch, now))
+        if db.execute("SELECT COUNT(*) FROM strikes WHERE host=?", (host,)).fetchone()[0] \
+                >= self.config.trust.audit_bar_after:
+            self._bar(db, now, host)
 
     def _bar(self, db: sqlite3.Connection, now: float, host: str) -> None:
         """No more leases for this host; what it holds is requeued, what it finished run again."""
@@ -158,10 +189,10 @@ class AuditOps(CoreBase):
 def host_audits(db: sqlite3.Connection) -> list[HostAudit]:
     """Every host audited or barred (for `pcm status` and the metrics)."""
     rows = db.execute(
-        "SELECT h.host, COUNT(a.audit_batch) AS audited, COALESCE(SUM(a.agreed=0), 0) AS disagreed,"
-        " b.host IS NOT NULL AS barred FROM (SELECT original_host AS host FROM audits"
-        " WHERE agreed IS NOT NULL UNION SELECT host FROM barred_hosts) h"
-        " LEFT JOIN audits a ON a.original_host=h.host AND a.agreed IS NOT NULL"
-        " LEFT JOIN barred_hosts b ON b.host=h.host GROUP BY h.host ORDER BY h.host").fetchall()
+        "SELECT h.host, (SELECT COUNT(*) FROM audits a WHERE a.original_host=h.host AND a.agreed IS NOT NULL"
+        " AND a.tiebreak_of IS NULL) AS audited, (SELECT COUNT(*) FROM strikes s WHERE s.host=h.host) AS disagreed,"
+        " EXISTS (SELECT 1 FROM barred_hosts b WHERE b.host=h.host) AS barred"
+        " FROM (SELECT original_host AS host FROM audits WHERE agreed IS NOT NULL UNION SELECT host FROM strikes"
+        " UNION SELECT host FROM barred_hosts) h ORDER BY h.host").fetchall()
     return [HostAudit(host=r["host"], audited=r["audited"], disagreements=r["disagreed"],
                       barred=bool(r["barred"])) for r in rows]

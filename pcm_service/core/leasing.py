@@ -88,10 +88,11 @@ class LeaseOps(PlacementOps, AuditOps):
                 return LeaseResponse(assign_context=self._assign(db, worker_id))
             seq = w["lease_seq"] + 1
             # an audit copy goes only to a worker of another host than the one that answered first
+            # (a tie-break: than either of the two that disagreed)
             queued = db.execute("SELECT b.batch_id, b.workload_id, b.audit_of, w.sampling FROM batches b"
                                 " JOIN workloads w USING (workload_id) WHERE b.state=? AND b.context_id=?"
                                 " AND (b.audit_of IS NULL OR NOT EXISTS (SELECT 1 FROM audits a"
-                                " WHERE a.audit_batch=b.batch_id AND a.original_host=?))"
+                                " WHERE a.audit_batch=b.batch_id AND ? IN (a.original_host, a.excluded_host)))"
                                 " ORDER BY b.batch_id LIMIT ?",
                                 (BatchState.QUEUED.value, req.context_id, row_identity(w),
                                  req.max_batches)).fetchall()

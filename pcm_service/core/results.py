@@ -72,15 +72,16 @@ def maybe_complete(db: sqlite3.Connection, now: float, wl_id: str) -> bool:
         return False
     open_, states = in_list(OPEN_BATCH_STATES)
     live, live_states = in_list(LIVE_WORKER_STATES)
-    audits = db.execute(f"SELECT b.batch_id, b.state, a.original_host FROM batches b JOIN audits a"
+    audits = db.execute(f"SELECT b.batch_id, b.state, a.original_host, a.excluded_host FROM batches b JOIN audits a"
                         f" ON a.audit_batch=b.batch_id WHERE b.workload_id=? AND b.state IN {open_}",
                         (wl_id, *states)).fetchall()
     waiting = False
     for a in audits:
         auditor = a["state"] == BatchState.LEASED.value or db.execute(
-            f"SELECT 1 FROM workers WHERE state IN {live} AND {RUNS_ROWS} AND COALESCE(address, host)!=?"
+            f"SELECT 1 FROM workers WHERE state IN {live} AND {RUNS_ROWS} AND COALESCE(address, host) NOT IN (?, ?)"
             " AND COALESCE(address, host) NOT IN (SELECT host FROM barred_hosts) LIMIT 1",
-            (*live_states, MANAGER_KIND, a["original_host"])).fetchone() is not None
+            (*live_states, MANAGER_KIND, a["original_host"], a["excluded_host"] or a["original_host"])
+        ).fetchone() is not None
         if auditor:
             waiting = True
         else:

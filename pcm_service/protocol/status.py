@@ -35,7 +35,7 @@ class HostAudit(Strict):
 
     host: str  # its address, or the name a worker on the service's machine declares
     audited: Count  # its batches run again by another host
-    disagreements: Count
+    disagreements: Count  # audits decided against it (strikes)
     barred: bool  # its workers get no more leases
 
 
