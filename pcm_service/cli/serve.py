@@ -66,6 +66,11 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
           audit_fraction: float = typer.Option(
               WorkerTrust.audit_fraction, min=0, max=1, help="Share of finished batches run again by a worker"
               " of another host and compared (spot-check audits); a host that disagrees is barred"),
+          audit_bar_after: int = typer.Option(
+              WorkerTrust.audit_bar_after, min=1, help="Audits decided against a host before it is barred"),
+          audit_agreement: float = typer.Option(
+              WorkerTrust.audit_agreement, min=0, max=1, help="Share of an audited batch's greedy rows whose"
+              " texts must match (below 1 where GPUs of different kinds may differ)"),
           tls_cert: Optional[Path] = typer.Option(None, help="Serve HTTPS with this certificate (PEM)"),
           tls_key: Optional[Path] = typer.Option(None, help="The certificate's private key (PEM, mode 0600)"),
           max_request_mb: float = typer.Option(
@@ -101,7 +106,8 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
     outputs = output_roots(output_root, state_dir)
     try:
         trust = WorkerTrust(peer_networks=tuple(ipaddress.ip_network(n, strict=False) for n in peer_network),
-                            audit_fraction=audit_fraction)
+                            audit_fraction=audit_fraction, audit_bar_after=audit_bar_after,
+                            audit_agreement=audit_agreement)
     except ValueError as e:
         fail(f"--peer-network: {e} (give a network such as 10.1.0.0/16)", code=2)
     if (tls_cert is None) != (tls_key is None):
