@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from pcm_service.protocol import BatchState, RowState, WorkerKind
+from pcm_service.tokens import private_dir, private_file
 
 T = TypeVar("T")
 
@@ -255,7 +256,10 @@ class Store:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)  # 0700 and the database files 0600, whatever the umask
+        private_file(self.path)
+        for leftover in ("-wal", "-shm", "-journal"):  # SQLite makes new ones with the database's mode
+            private_file(Path(f"{self.path}{leftover}"), create=False)
         self._conn = self._connect()
         self.set_clock(time.time)
         self._conn.execute("PRAGMA journal_mode=WAL")

@@ -72,9 +72,36 @@ def read_token(path: str | Path) -> str:
     return token
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only its owner may enter (0700), made so or tightened whatever
+    the umask: the state directory holds the tokens, the database, every prompt and result."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if stat.S_IMODE(path.stat().st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def private_file(path: Path, create: bool = True) -> None:
+    """``path`` readable and writable by its owner alone (0600), created so (``create``) or
+    tightened if it is there: the database, its WAL and shared-memory files."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if create else 0), 0o600)
+    except FileNotFoundError:
+        if create:
+            raise
+        return
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def write_secret(path: Path, value: str) -> None:
-    """``value`` as the whole content of ``path``, created 0600 (a token handed on as a file)."""
+    """``value`` as the whole content of ``path``, 0600 (a token handed on as a file); a file
+    there before is tightened before it is written."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(value)
 
@@ -82,7 +109,7 @@ def write_secret(path: Path, value: str) -> None:
 def create_token_file(path: Path) -> str:
     """A new random token in a new file created 0600 (never readable by others, even briefly)."""
     token = secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(token + "\n")
@@ -110,9 +137,11 @@ def service_token(kind: TokenKind, file: Optional[Path], state_dir: Path) -> Tok
 
 
 def state_token(kind: TokenKind, state_dir: Path) -> Token:
-    """state_dir/filename: created on first use, read on later ones."""
+    """state_dir/filename: created on first use, read on later ones; the state directory is
+    made (or tightened to) 0700 first."""
     path = Path(state_dir) / kind.filename
     try:
+        private_dir(Path(state_dir))
         return Token(create_token_file(path), str(path), path, generated=True)
     except FileExistsError:
         return Token(read_token(path), str(path), path)
