@@ -20,6 +20,9 @@ from pcm_service.protocol import LIVE_WORKER_STATES, RunHistory, WorkerState
 pytestmark = pytest.mark.engine
 N_ROWS = N_REFERENCE
 KILLS = 2
+# the first kill comes 2 s after the first engine is ready, the second 2 s later: a warm worker
+# leases twice its engine's capacity (52 batches of 10 here), so 1,200 rows are all leased soon
+# after the second engine is ready, and a later kill would find only idle workers
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def drilled_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # 
     tmp = tmp_path_factory.mktemp("churn")
     wl = write_engine_workload(tmp, tiny_model, N_ROWS)
     proc = subprocess.run([sys.executable, "-m", "pcm_service.cli", "run", str(wl), "--workers", "2",
-                           "--state-dir", str(tmp / "state"), "--evict-every", "6", "--evict-signal", "kill",
+                           "--state-dir", str(tmp / "state"), "--evict-every", "2", "--evict-signal", "kill",
                            "--evict-count", str(KILLS), "--seed", "7"],
                           capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

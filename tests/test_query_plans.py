@@ -65,11 +65,12 @@ def test_lease_report_heartbeat_use_indexes_and_few_statements(tmp_path: Path) -
         # entries (which made a report of n rows cost n² steps)
         row_updates = {s for s in report_sql if s.startswith("UPDATE rows") and "idx=" in s}
         assert row_updates and all(plan_uses(core.store._conn, s, "sqlite_autoindex_rows_1") for s in row_updates)
-        # a lease: a few statements for 4 batches of 100 rows; a report: a few per batch and none
-        # per row besides its update (one executemany per batch, traced once per row)
+        # a lease: a few statements for 4 batches of 100 rows; a report: one ownership check, a
+        # few per batch and none per row besides its update (one executemany per batch, traced
+        # once per row)
         assert len([s for s in lease_sql if not s.startswith(("BEGIN", "COMMIT"))]) <= 5, lease_sql
         assert len({s.split(" WHERE")[0] for s in report_sql if s.startswith("UPDATE rows")}) == 1
         assert len([s for s in report_sql if not s.startswith(("BEGIN", "COMMIT", "UPDATE rows SET state"))]) \
-            <= 1 + 4 * 4, report_sql
+            <= 2 + 4 * 4, report_sql
     finally:
         core.close()

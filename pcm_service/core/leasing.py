@@ -82,7 +82,7 @@ class LeaseOps(PlacementOps, AuditOps):
         now = self.clock()
         with self.store.transaction() as db:
             w = self._live_worker(db, worker_id)
-            if w["state"] == WorkerState.DRAINING.value or self._barred(db, w):
+            if w["state"] == WorkerState.DRAINING.value or w["barred"]:
                 return LeaseResponse()  # it asked to retire, or its host failed an audit: no new work
             if req.context_id is None or req.context_state != ContextState.READY:
                 return LeaseResponse(assign_context=self._assign(db, worker_id))
@@ -180,13 +180,15 @@ class LeaseOps(PlacementOps, AuditOps):
                       json.dumps([c.model_dump(mode="json") for c in r.choices]) if r.choices else None,
                       worker_id, now, b["workload_id"], r.idx, rep.batch_id, pending) for r in results]).rowcount
         accepted = counts[0] + counts[1]
-        if accepted and settle_batch(db, rep.batch_id):  # before counting: completion waits for its audit
+        settled = bool(accepted) and settle_batch(db, rep.batch_id)
+        if settled:  # before counting: completion waits for its audit
             self._maybe_audit(db, now, rep.batch_id)
         state = count_done(db, now, b["workload_id"], accepted, counts[1])
         if rep.crashed:
-            self._count_crashes(db, now, b, rep.crashed)
-        if not settle_batch(db, rep.batch_id) and (rep.returned or rep.crashed) \
-                and b["worker_id"] == worker_id:
+            self._count_crashes(db, now, b, rep.crashed)  # may fail its last pending rows
+        if not settled and (rep.crashed or not accepted):
+            settled = settle_batch(db, rep.batch_id)
+        if not settled and (rep.returned or rep.crashed) and b["worker_id"] == worker_id:
             requeue(db, "batch_id=?", (rep.batch_id,))
         if state != WorkloadState.RUNNING:  # (None: nothing counted, its state unread)
             self._settle_cancelling(db, now, b["workload_id"])

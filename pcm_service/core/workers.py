@@ -86,7 +86,9 @@ class WorkerOps(CoreBase):
         return bool(digest) and hmac.compare_digest(worker_token_digest(token), digest)
 
     def _live_worker(self, db: sqlite3.Connection, worker_id: str) -> sqlite3.Row:
-        w = db.execute("SELECT * FROM workers WHERE worker_id=?", (worker_id,)).fetchone()
+        # barred: its host failed audits (core/audit.py), read here to spare the lease a statement
+        w = db.execute("SELECT *, EXISTS (SELECT 1 FROM barred_hosts b WHERE b.host=COALESCE(workers.address,"
+                       " workers.host)) AS barred FROM workers WHERE worker_id=?", (worker_id,)).fetchone()
         if w is None:
             raise UnknownWorker(worker_id)
         if w["state"] not in LIVE_WORKER_STATES:
