@@ -55,7 +55,7 @@ def test_paths_outside_the_policy_are_400_and_register_nothing(serve: ServeProce
     (root / "hardlink" / "model.safetensors").unlink()
     os.link(serve.api_token_file, root / "hardlink" / "model.safetensors")
     refused = {
-        "": "is empty", ".": "not an absolute path", "..": "not an absolute path", "good": "not an absolute path",
+        ".": "not an absolute path", "..": "not an absolute path", "good": "not an absolute path",
         "/": "outside every model root", str(serve.state_dir): "never serves",
         str(root): "contains", str(serve.state_dir / ".."): "contains",
         str(tmp_path / "outside"): "outside every model root", str(root / "escape"): "outside every model root",
@@ -74,6 +74,10 @@ def test_paths_outside_the_policy_are_400_and_register_nothing(serve: ServeProce
                 err = r.json()
                 assert err["code"] == "model_unavailable" and err["field"] == field, (path, err)
                 assert err["detail"].startswith(f"{field}: ") and why in err["detail"], (path, err["detail"])
+        for route, body, field in (("/v1/pcm/workloads", submission(""), "context.model"),
+                                   ("/v1/pcm/models", {"path": ""}, "path")):  # empty: the schema's own rule
+            r = http.post(route, json=body)
+            assert r.status_code == 422 and r.json()["field"] == field, r.text
         assert (count(serve, "models"), count(serve, "workloads"), count(serve, "rows")) == (0, 0, 0)
         r = http.post("/v1/pcm/workloads", json=submission(str(root / "good")))
         assert r.status_code == 201, r.text

@@ -16,6 +16,7 @@ from pcm_service.api.auth import BearerToken, ReadToken, WorkerToken, api_token,
 from pcm_service.api.changes import Changes
 from pcm_service.api.committer import GroupCommitter
 from pcm_service.api.errors import BodyLimit, StrictJSONRoute, install_error_handlers
+from pcm_service.api.headers import SecurityHeaders
 from pcm_service.api.metrics import ServiceMetrics, metrics_router
 from pcm_service.api.openai_routes import FILES_PATH, openai_router, validate_batch
 from pcm_service.api.page import LOGIN_PATH, LOGOUT_PATH, PAGE_PATH, PageToken, page_routers
@@ -71,12 +72,15 @@ def create_app(core: ServiceCore, pool: str, api: str, executor: Optional[Execut
         committer.stop()
         t.join(timeout=5)
 
-    app = FastAPI(title="PCM service", version="1", lifespan=lifespan)
+    # no /docs or /redoc: FastAPI loads their scripts from a third-party CDN; /openapi.json
+    # describes the API for any OpenAPI viewer
+    app = FastAPI(title="PCM service", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.router.route_class = StrictJSONRoute
     install_error_handlers(app)
     cfg = core.config
     app.add_middleware(BodyLimit, limit_for=lambda path: cfg.max_submission_bytes
                        if path in (SUBMIT_PATH, STREAM_PATH, FILES_PATH) else cfg.max_request_bytes)
+    app.add_middleware(SecurityHeaders)
     app.state.core = core
 
     @app.get("/healthz")

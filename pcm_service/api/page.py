@@ -2,18 +2,19 @@
 ``/ui/status`` every few seconds. Logging in with the API token (``POST /ui/login``) sets a
 session cookie (HttpOnly, SameSite=Strict; Secure over HTTPS) that reads ``/ui/status`` and
 nothing else; its value is derived from the API token, never the token itself, and changes
-when the token does."""
+when the token does. Login and logout refuse posts from other sites' pages (``same_site``)."""
 from __future__ import annotations
 
 import hashlib
 import hmac
 from importlib.resources import files
 
-from fastapi import APIRouter, Form, Request, Response
+from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.responses import HTMLResponse
 
 from pcm_service.api.auth import BearerToken
 from pcm_service.api.errors import AUTH, ApiError, errors
+from pcm_service.api.headers import same_site
 from pcm_service.core import ServiceCore
 from pcm_service.protocol import ErrorCode, ServiceStatus
 
@@ -51,7 +52,7 @@ def page_routers(core: ServiceCore, api: str) -> tuple[APIRouter, APIRouter]:
                                            "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline';"
                                            " style-src 'unsafe-inline'; frame-ancestors 'none'"})
 
-    @open_.post(LOGIN_PATH, status_code=204, responses=errors(403, 422))
+    @open_.post(LOGIN_PATH, status_code=204, responses=errors(403, 422), dependencies=[Depends(same_site)])
     def login(request: Request, token: str = Form(..., min_length=1, description="The API token")) -> Response:
         """Log the status page in: a session cookie that reads the page's data."""
         if not hmac.compare_digest(token.strip().encode(), api.encode()):
@@ -61,7 +62,7 @@ def page_routers(core: ServiceCore, api: str) -> tuple[APIRouter, APIRouter]:
                         secure=request.url.scheme == "https", path="/ui/")
         return resp
 
-    @open_.post(LOGOUT_PATH, status_code=204)
+    @open_.post(LOGOUT_PATH, status_code=204, responses=errors(403), dependencies=[Depends(same_site)])
     def logout() -> Response:
         resp = Response(status_code=204)
         resp.delete_cookie(SESSION_COOKIE, path="/ui/")

@@ -74,7 +74,7 @@ def user_router(core: ServiceCore, executor: Executor) -> APIRouter:
 
         def ingest() -> SubmitResponse:
             try:
-                header, rows = parse_submission(body_chunks(stream))
+                header, rows = parse_submission(body_chunks(stream), core.config.max_request_bytes)
                 return _stored(core, header, rows)
             except IngestError as e:
                 raise ApiError(400, ErrorCode.INVALID_VALUE, str(e), e.field) from None

@@ -36,6 +36,9 @@ Ident = Annotated[str, StringConstraints(max_length=128, pattern=r"^[A-Za-z0-9._
 Message = Annotated[str, StringConstraints(max_length=8192)]  # an error a worker reports
 Chunk = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]  # a chunk's sha256
 BlobURL = Annotated[str, StringConstraints(max_length=512, pattern=r"^https?://[^\s]+$")]  # a peer's blob server
+# a file or directory path a user names (model, output): no NUL or other control character,
+# which no file system takes (a NUL was a 500, and an output with one never completed), at most PATH_MAX
+FilePath = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 class Strict(BaseModel):
@@ -74,6 +77,7 @@ class ErrorCode(str, enum.Enum):
     CONTEXT_NOT_ASSIGNED = "context_not_assigned"  # 409: an engine event for a context not assigned to it
     PEER_ADDRESS = "peer_address"  # 400: a blob URL on another address than the worker's own
     TOO_MANY_WORKERS = "too_many_workers"  # 409/503: registrations over the glidein's or the service's bound
+    CROSS_SITE = "cross_site_request"  # 403: the status page's login or logout posted from another site
 
 
 # the code an error answer gets from its status alone, where the answer says no more

@@ -7,7 +7,7 @@ from typing import Optional
 
 from pydantic import Field
 
-from pcm_service.protocol.base import BlobURL, Chunk, Count, Ident, Message, Positive, Strict
+from pcm_service.protocol.base import BlobURL, Chunk, Count, FilePath, Ident, Message, Positive, Strict
 
 ORIGIN = "origin"  # the source name of the service's own copy of a model
 
@@ -49,7 +49,7 @@ class ModelManifest(Strict):
 
 
 class ModelRegistration(Strict):
-    path: str  # a model directory readable by the service: it becomes an origin copy
+    path: FilePath  # a model directory readable by the service: it becomes an origin copy
 
 
 class TransferResult(Strict):

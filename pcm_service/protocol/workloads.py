@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 from annotated_types import Ge, Le
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from pcm_service.protocol.base import Count, Int, Positive, Strict, integral
+from pcm_service.protocol.base import Count, FilePath, Int, Positive, Strict, integral
 from pcm_service.protocol.states import BatchEndpoint, ChatRole, WorkloadState
 
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
@@ -82,7 +82,7 @@ class ChatMessage(Strict):
 class ContextSpec(Strict):
     """What a batch needs loaded before it can run: a model and an engine configuration."""
 
-    model: str  # absolute path of a Hugging Face-format model directory (the origin copy)
+    model: FilePath  # absolute path of a Hugging Face-format model directory (the origin copy)
     model_digest: str = ""  # the digest of the model's manifest; the service sets it on submit
     engine: EngineSettings = Field(default_factory=EngineSettings)
     # the packed worker environment's digest when the service ships one (``pcm serve
@@ -103,7 +103,7 @@ class NamedModel(Strict):
     OpenAI line's ``body.model`` or a submission's ``model`` selects."""
 
     name: str = Field(min_length=1, max_length=256)
-    path: str = Field(min_length=1)  # a model directory under one of the service's model roots
+    path: FilePath  # a model directory under one of the service's model roots
     engine: EngineSettings = Field(default_factory=EngineSettings)
     created: Optional[float] = None  # set by the service
 
@@ -130,7 +130,7 @@ class OpenAIOutput(Strict):
     """An OpenAI-format workload: results written as OpenAI Batch output and error lines."""
 
     endpoint: BatchEndpoint = Field(strict=False)
-    error_output: str = Field(min_length=1)  # the error file (failed and expired requests)
+    error_output: FilePath  # the error file (failed and expired requests)
     model: Optional[str] = None  # the name responses carry (default: the registered model's)
     batch_id: Optional[str] = None  # the OpenAI batch it runs for, if any
     expires_at: Optional[float] = None  # end of the completion window (rows left: batch_expired)
@@ -149,7 +149,7 @@ class WorkloadHeader(Strict):
     model: Optional[str] = Field(default=None, min_length=1)
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     batch_size: Positive
-    output: str = Field(min_length=1)
+    output: FilePath
     openai: Optional[OpenAIOutput] = None
 
     @model_validator(mode="after")
