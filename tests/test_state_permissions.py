@@ -1,11 +1,14 @@
 """The state directory is 0700 and every file in it 0600 (the SQLite database with its WAL and
-SHM files, the token files) whatever the umask `pcm serve` starts under (issue 28, item 6)."""
+SHM files, the token files, OpenAI uploads under files/) whatever the umask `pcm serve` starts
+under (issue 28, item 6)."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
 
+import httpx
 from support.models import fake_model
 from support.serve import ServeProcess
 
@@ -41,9 +44,13 @@ def test_state_dir_0700_and_files_0600_under_umask_022(tmp_path: Path) -> None:
         finally:
             client.close()
         serve.join(WorkerRegistration(host="node-1", pid=1))
+        line = {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": "p"}}
+        upload = httpx.post(f"{serve.url}/v1/files", headers={"Authorization": f"Bearer {serve.api_token}"},
+                            files={"file": ("in.jsonl", json.dumps(line).encode())}, data={"purpose": "batch"})
+        assert upload.status_code == 200, upload.text
         found = modes(serve.state_dir)
         assert {"pcm.sqlite3", "pcm.sqlite3-wal", "pcm.sqlite3-shm", "api.token", "pool.token",
-                "metrics.token"} <= set(found), found
+                "metrics.token", "files", f"files/{upload.json()['id']}.jsonl"} <= set(found), found
         assert found == wanted(serve.state_dir, found)
     finally:
         serve.stop()

@@ -59,7 +59,7 @@ def _store_upload(core: ServiceCore, upload: UploadFile, purpose: str) -> FileOb
     """Copy the spooled upload to the state directory in 1 MiB pieces, fsync, then record it."""
     file_id, path = core.new_file_id()
     try:
-        with path.open("wb") as fh:
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as fh:
             shutil.copyfileobj(upload.file, fh, COPY_CHUNK)
             fh.flush()
             os.fsync(fh.fileno())

@@ -32,6 +32,7 @@ from pcm_service.protocol import (
     SamplingSettings,
     WorkloadState,
 )
+from pcm_service.tokens import private_dir
 from pcm_service.weights.modelpaths import ModelUnavailable
 
 BATCH_SIZE = 16  # rows per leased batch of an OpenAI batch
@@ -84,9 +85,7 @@ def _batch_object(b: sqlite3.Row, wl: Optional[sqlite3.Row]) -> BatchObject:
 class BatchOps(CoreBase):
     @property
     def files_dir(self) -> Path:
-        d = self.state_dir / "files"
-        d.mkdir(exist_ok=True)
-        return d
+        return private_dir(self.state_dir / "files")  # uploads hold prompts: 0700, as the state dir
 
     # Files
 
