@@ -10,7 +10,7 @@ DEMO_MODEL := build/models/smollm2-135m-instruct
 CCTOOLS_SRC ?= ../shared/vendor/cctools-7.17.1-src.tar.gz
 TASKVINE := $(VENV)/bin/vine_worker
 
-.PHONY: venv demo lint test taskvine bench bench-p2p bench-churn clean
+.PHONY: venv demo lint docs test taskvine bench bench-p2p bench-churn clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,20 +45,24 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
+# the documentation site (docs/, mkdocs.yml): --strict fails on a broken link, a missing page or a stale generated page
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+
 # tests/test_taskvine.py: built first when the cctools tarball is there, skipped (with the reason) otherwise
-test: lint $(if $(wildcard $(CCTOOLS_SRC)),$(TASKVINE))
+test: lint docs $(if $(wildcard $(CCTOOLS_SRC)),$(TASKVINE))
 	$(PY) -m pytest -q -ra --durations=8 tests
 
 bench: $(STAMP) $(TINY)/config.json
-	$(PY) bench/context_reuse.py
+	$(PY) -m bench.context_reuse
 
 # ~1 GiB of random weights to 1, 4, 8 and 16 newcomers: p2p vs origin-only (~10 min)
 bench-p2p: $(STAMP)
-	$(PY) bench/p2p.py
+	$(PY) -m bench.p2p
 
 # makespan with no evictions vs. SIGKILL of a random warm worker every 20/40 s, batch sizes 10/100 (~20 min)
 bench-churn: $(STAMP)
-	$(PY) bench/churn.py
+	$(PY) -m bench.churn
 
 clean:
 	rm -rf $(VENV) build
