@@ -7,7 +7,6 @@ saw and did to the service, where `pcm factory show` and `pcm status` read it.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -38,12 +37,15 @@ from pcm_service.protocol import (
 log = logging.getLogger("pcm.factory")
 
 
+_DEFAULT = FactoryConfig.model_fields  # the one home of the factory's defaults
+
+
 @dataclass
 class Policy:
-    per_cycle: int = 4  # glideins submitted per cycle at most
-    max_idle: float = math.inf  # glideins waiting in the queue (idle or held) at most
-    idle_grace: float = 5.0  # a worker idle this long may be removed
-    held_timeout: float = math.inf  # a held glidein is removed after this long
+    per_cycle: int = FactoryLimits.model_fields["per_cycle"].default  # glideins submitted per cycle at most
+    max_idle: float = _DEFAULT["max_idle"].default  # glideins waiting in the queue (idle or held) at most
+    idle_grace: float = _DEFAULT["idle_grace"].default  # a worker idle this long may be removed
+    held_timeout: float = _DEFAULT["held_timeout"].default  # a held glidein is removed after this long
 
 
 def decide(wanted: int, glideins: list[Glidein], workers: list[WorkerStatus], policy: Policy,
