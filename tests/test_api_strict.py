@@ -9,8 +9,9 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-from support.models import fake_model
-from support.serve import ServeProcess
+
+from tests.support.models import fake_model
+from tests.support.serve import ServeProcess
 
 LIMIT_KIB = 4  # --max-request-mb, in KiB, for the 413 checks
 

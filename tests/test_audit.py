@@ -8,9 +8,6 @@ from pathlib import Path
 
 import httpx
 from rich.console import Console
-from support.clock import FakeClock
-from support.models import fake_model
-from support.serve import ServeProcess
 
 from pcm_service.cli.status_view import render_status
 from pcm_service.client import ServiceClient
@@ -32,6 +29,9 @@ from pcm_service.protocol import (
     WorkloadState,
     WorkloadSubmission,
 )
+from tests.support.clock import FakeClock
+from tests.support.models import fake_model
+from tests.support.serve import ServeProcess
 
 
 def honest(prompt: str) -> str:

@@ -9,10 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import REPO
-from support.serve import ServeProcess
-from support.waiting import wait_for
-from support.workloads import assert_exactly_once_and_identical, expected, write_engine_workload
 
 from pcm_service.protocol import (
     BatchReport,
@@ -27,6 +23,10 @@ from pcm_service.protocol import (
     WorkloadStatus,
 )
 from pcm_service.workload import load_workload
+from tests.support import REPO
+from tests.support.serve import ServeProcess
+from tests.support.waiting import wait_for
+from tests.support.workloads import assert_exactly_once_and_identical, expected, write_engine_workload
 
 pytestmark = pytest.mark.engine
 N_ROWS = 20

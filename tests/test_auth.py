@@ -12,8 +12,6 @@ from typing import Iterator
 import httpx
 import pytest
 from fastapi.routing import APIRoute
-from support.serve import ServeProcess
-from support.waiting import wait_for
 from typer.testing import CliRunner
 
 from factory.backends.local import LocalBackend
@@ -22,6 +20,8 @@ from pcm_service.cli import app
 from pcm_service.core import ServiceCore
 from pcm_service.protocol import FactoryReport
 from pcm_service.tokens import API, TokenError, client_token, create_token_file, read_token
+from tests.support.serve import ServeProcess
+from tests.support.waiting import wait_for
 
 runner = CliRunner()
 # the routes without a token and what they answer without one: the status page holds no data

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from support.clock import FakeClock
-from support.models import fake_model
-from support.openai_batch import chat_body, line, write_lines
-from test_core import lease, ok, ready_worker
-
 from pcm_service.core import ServiceConfig, ServiceCore
 from pcm_service.protocol import BatchReport, NamedModel, OpenAIBatchStatus
+from tests.support.clock import FakeClock
+from tests.support.models import fake_model
+from tests.support.openai_batch import chat_body, line, write_lines
+from tests.test_core import lease, ok, ready_worker
 
 DAY = 24 * 3600
 

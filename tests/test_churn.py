@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import REPO
-from support.state import db, files_containing
-from support.workloads import N_REFERENCE, assert_exactly_once_and_identical, expected, write_engine_workload
 
 from pcm_service.cli.plots import PLOTS, states_over_time
 from pcm_service.protocol import LIVE_WORKER_STATES, RunHistory, WorkerState
+from tests.support import REPO
+from tests.support.state import db, files_containing
+from tests.support.workloads import N_REFERENCE, assert_exactly_once_and_identical, expected, write_engine_workload
 
 pytestmark = pytest.mark.engine
 N_ROWS = N_REFERENCE

@@ -5,8 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-from support.clock import FakeClock
-from support.models import fake_model
 
 from pcm_service.core import ServiceConfig, ServiceCore, UnknownWorker
 from pcm_service.protocol import (
@@ -24,6 +22,8 @@ from pcm_service.protocol import (
     WorkloadState,
     WorkloadSubmission,
 )
+from tests.support.clock import FakeClock
+from tests.support.models import fake_model
 
 
 def submission(tmp_path: Path, n: int = 7, batch_size: int = 3) -> WorkloadSubmission:

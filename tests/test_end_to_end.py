@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import REPO
-from support.models import ENGINE, reference_texts
+
+from tests.support import REPO
+from tests.support.models import ENGINE, reference_texts
 
 pytestmark = pytest.mark.engine
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from support import REPO
-from support.serve import ServeProcess
-from support.state import db, files_containing
-from support.waiting import wait_for
-from support.workloads import assert_exactly_once_and_identical, expected, write_engine_workload
 
 from pcm_service.protocol import BatchState, ServiceStatus, SubmitResponse, WorkloadStatus
 from pcm_service.workload import load_workload
+from tests.support import REPO
+from tests.support.serve import ServeProcess
+from tests.support.state import db, files_containing
+from tests.support.waiting import wait_for
+from tests.support.workloads import assert_exactly_once_and_identical, expected, write_engine_workload
 
 pytestmark = pytest.mark.engine
 N_ROWS = 600

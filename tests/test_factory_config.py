@@ -9,12 +9,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from support.serve import ServeProcess
 
 from factory.backends.local import LocalBackend
 from factory.config import FactoryConfig, load_factory_config
 from factory.daemon import Factory
 from pcm_service.protocol import FactoryLimits
+from tests.support.serve import ServeProcess
 
 
 def factory_run(cfg: Path, *args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:

@@ -17,9 +17,6 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from support import REPO
-from support.models import fake_model
-from support.serve import ServeProcess
 
 from pcm_service.protocol import (
     ContextSpec,
@@ -32,6 +29,9 @@ from pcm_service.protocol import (
     WorkerRegistration,
     WorkloadSubmission,
 )
+from tests.support import REPO
+from tests.support.models import fake_model
+from tests.support.serve import ServeProcess
 
 FUZZ = REPO / "tests" / "fuzz"
 SEEDS = (1, 2)

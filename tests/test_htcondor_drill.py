@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from htcondor_pool.fixtures import PoolHandle
-from support.waiting import wait_for
 
 from factory.backends.htcondor import HTCondorBackend
 from factory.config import HTCondorSettings
 from pcm_service.protocol import GlideinState
+from tests.htcondor_pool.fixtures import PoolHandle
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.htcondor
 

@@ -16,11 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
-from htcondor_pool.fixtures import REPO, FactoryProcess, PoolHandle, pool_factory_config
-from support.models import ENGINE, reference_texts
-from support.serve import MODEL_ROOTS, ServeProcess
-from support.state import db
-from support.waiting import wait_for
 
 from pcm_service.client import ServiceClient
 from pcm_service.protocol import (
@@ -33,6 +28,11 @@ from pcm_service.protocol import (
     WorkloadStatus,
 )
 from pcm_service.workload import load_workload
+from tests.htcondor_pool.fixtures import REPO, FactoryProcess, PoolHandle, pool_factory_config
+from tests.support.models import ENGINE, reference_texts
+from tests.support.serve import MODEL_ROOTS, ServeProcess
+from tests.support.state import db
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.htcondor
 

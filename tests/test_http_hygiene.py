@@ -14,11 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.models import fake_model
-from support.serve import ServeProcess
 
 from pcm_service.api.ingest import IngestError, ndjson_lines
 from pcm_service.tokens import peer_key, sign_peer_request
+from tests.support.models import fake_model
+from tests.support.serve import ServeProcess
 from worker_image.blobserver import BlobServer
 
 

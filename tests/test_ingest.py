@@ -9,14 +9,14 @@ from pathlib import Path
 
 import httpx
 import yaml
-from support import REPO
-from support.memory import PeakRss, rss_mb
-from support.models import fake_model
-from support.serve import ServeProcess
-from support.state import db
-from support.waiting import wait_for
 
 from pcm_service.protocol import NDJSON, BatchState
+from tests.support import REPO
+from tests.support.memory import PeakRss, rss_mb
+from tests.support.models import fake_model
+from tests.support.serve import ServeProcess
+from tests.support.state import db
+from tests.support.waiting import wait_for
 
 N_ROWS = 200_000
 FILLER = "The committee reviewed the evidence on the river's course and the survey records. " * 4  # ~330 bytes

@@ -10,10 +10,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from support.models import ENGINE
-from support.waiting import wait_for
 
 from pcm_service.protocol import ContextSpec, EngineSettings
+from tests.support.models import ENGINE
+from tests.support.waiting import wait_for
 from worker_image.library_handle import LibraryFailed, LibraryHandle
 from worker_image.processes import process_tree, running
 

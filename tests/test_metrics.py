@@ -10,8 +10,6 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from support.models import fake_model
-from support.serve import ServeProcess, free_port
 
 from pcm_service.protocol import (
     BatchReport,
@@ -31,6 +29,8 @@ from pcm_service.protocol import (
     WorkerRegistration,
     WorkloadSubmission,
 )
+from tests.support.models import fake_model
+from tests.support.serve import ServeProcess, free_port
 
 
 def scrape(serve: ServeProcess, token: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

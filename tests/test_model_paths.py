@@ -10,10 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.models import fake_model
-from support.serve import MODEL_ROOTS, ServeProcess
 
 from pcm_service.protocol import ModelManifest
+from tests.support.models import fake_model
+from tests.support.serve import MODEL_ROOTS, ServeProcess
 
 
 def count(serve: ServeProcess, table: str) -> int:

@@ -13,12 +13,12 @@ from typing import Callable
 
 import httpx
 import pytest
-from support.models import fake_model
-from support.serve import ServeProcess
 
 from pcm_service.protocol import ModelManifest
 from pcm_service.weights.chunks import RateLimiter, build_manifest, read_pieces
 from pcm_service.weights.modelpaths import ModelPolicy, ModelUnavailable
+from tests.support.models import fake_model
+from tests.support.serve import ServeProcess
 
 SECRET = b"SECRET-TOKEN-0123456789abcdef\n"
 

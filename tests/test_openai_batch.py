@@ -15,9 +15,10 @@ import pytest
 import yaml
 from openai.types import Batch, Completion
 from openai.types.chat import ChatCompletion
-from support import REPO
-from support.models import ENGINE
-from support.openai_batch import (
+
+from tests.support import REPO
+from tests.support.models import ENGINE
+from tests.support.openai_batch import (
     COMPLETIONS,
     chat_body,
     line,
@@ -25,9 +26,9 @@ from support.openai_batch import (
     reference_choices,
     write_lines,
 )
-from support.serve import ServeProcess
-from support.state import db
-from support.waiting import wait_for
+from tests.support.serve import ServeProcess
+from tests.support.state import db
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.engine
 MODEL = "tiny-chat"

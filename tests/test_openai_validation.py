@@ -11,15 +11,15 @@ from typing import Any, Callable
 
 import openai
 import pytest
-from support import REPO
-from support.models import fake_model
-from support.openai_batch import COMPLETIONS, chat_body, line, write_lines
-from support.serve import ServeProcess
-from support.state import db
-from support.waiting import wait_for
 
 from pcm_service.batchapi.lines import check_batch_file
 from pcm_service.protocol import NamedModel
+from tests.support import REPO
+from tests.support.models import fake_model
+from tests.support.openai_batch import COMPLETIONS, chat_body, line, write_lines
+from tests.support.serve import ServeProcess
+from tests.support.state import db
+from tests.support.waiting import wait_for
 
 MODEL = "m"
 

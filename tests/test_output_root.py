@@ -11,10 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.models import fake_model
-from support.serve import ServeProcess
 
 from pcm_service.cli.serve import output_roots
+from tests.support.models import fake_model
+from tests.support.serve import ServeProcess
 
 
 def submission(model: Path, output: str, **fields: object) -> dict[str, object]:

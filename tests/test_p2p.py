@@ -18,14 +18,14 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
-from support import REPO
-from support.serve import ServeProcess, free_port
 
 from pcm_service.cli.status_view import context_cell
 from pcm_service.client import ServiceClient
 from pcm_service.protocol import ORIGIN, ChunkAssignment, ContextState, ModelManifest, ServiceStatus
 from pcm_service.tokens import peer_key, sign_peer_request
 from pcm_service.weights.chunks import build_manifest, swarm_chunk_size
+from tests.support import REPO
+from tests.support.serve import ServeProcess, free_port
 from worker_image.agent import PeerSettings, WorkerAgent
 from worker_image.blobserver import BlobServer
 

@@ -9,15 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import REPO
-from support.models import ENGINE, reference_texts
-from support.serve import ServeProcess
-from support.waiting import wait_for
-from support.workloads import write_claims
-from test_end_to_end import BAD_ROW, rows
 
 from pcm_service.protocol import ORIGIN, ServiceStatus, SubmitResponse, WorkloadState, WorkloadStatus
 from pcm_service.workload import load_workload
+from tests.support import REPO
+from tests.support.models import ENGINE, reference_texts
+from tests.support.serve import ServeProcess
+from tests.support.waiting import wait_for
+from tests.support.workloads import write_claims
+from tests.test_end_to_end import BAD_ROW, rows
 
 pytestmark = pytest.mark.engine
 TOKEN = "p2p-engine-test-token"

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support.clock import FakeClock
-from support.models import fake_model
 
 from pcm_service.core import ServiceConfig, ServiceCore
 from pcm_service.core.demand import DemandPolicy
@@ -23,6 +21,8 @@ from pcm_service.protocol import (
     WorkerRegistration,
     WorkloadSubmission,
 )
+from tests.support.clock import FakeClock
+from tests.support.models import fake_model
 
 
 @pytest.fixture

@@ -5,9 +5,6 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from support.clock import FakeClock
-from support.models import fake_model
-
 from pcm_service.core import ServiceConfig, ServiceCore
 from pcm_service.protocol import (
     BatchReport,
@@ -21,6 +18,8 @@ from pcm_service.protocol import (
     WorkerRegistration,
     WorkloadSubmission,
 )
+from tests.support.clock import FakeClock
+from tests.support.models import fake_model
 
 BIG_TABLES = ("rows", "batches")
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support.clock import FakeClock
 
 from pcm_service.core import ServiceConfig, ServiceCore
 from pcm_service.protocol import ORIGIN, FetchRequest, ModelManifest, TransferResult, WorkerRegistration
 from pcm_service.weights.modelpaths import ModelUnavailable
 from pcm_service.weights.replicas import TransferPolicy
+from tests.support.clock import FakeClock
 
 CHUNK = 1024
 

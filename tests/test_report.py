@@ -6,11 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from support.pool import watched_pool
-from support.serve import ServeProcess
-
 from pcm_service.cli.plots import PLOTS, states_over_time
 from pcm_service.protocol import ContextState, RunHistory, WorkerState
+from tests.support.pool import watched_pool
+from tests.support.serve import ServeProcess
 
 
 def test_history_records_every_state_change_engine_start_and_row(serve: ServeProcess, tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ import signal
 from pathlib import Path
 
 import pytest
-from support.serve import ServeProcess
 
 from pcm_service.protocol import (
     BatchReport,
@@ -21,6 +20,7 @@ from pcm_service.protocol import (
     WorkloadStatus,
 )
 from pcm_service.workload import load_workload
+from tests.support.serve import ServeProcess
 
 
 def result(idx: int) -> RowResult:

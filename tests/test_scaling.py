@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO
-from support.serve import ServeProcess
-from support.state import db
-from support.waiting import wait_for
-from support.workloads import write_engine_workload
 
 from pcm_service.protocol import ContextState, ServiceStatus, SubmitResponse, WorkloadStatus
 from pcm_service.workload import load_workload
+from tests.support import REPO
+from tests.support.serve import ServeProcess
+from tests.support.state import db
+from tests.support.waiting import wait_for
+from tests.support.workloads import write_engine_workload
 
 pytestmark = pytest.mark.engine
 MAX = 3

@@ -9,10 +9,10 @@ import stat
 from pathlib import Path
 
 import httpx
-from support.models import fake_model
-from support.serve import ServeProcess
 
 from pcm_service.protocol import SubmitResponse, WorkerRegistration, WorkloadSubmission
+from tests.support.models import fake_model
+from tests.support.serve import ServeProcess
 
 
 def modes(state: Path) -> dict[str, str]:

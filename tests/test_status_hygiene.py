@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from support.serve import ServeProcess
 
 from pcm_service.cli.status_compact import RecentRates, render_compact
 from pcm_service.cli.status_view import render_status
 from pcm_service.cli.summary import print_summary
 from pcm_service.protocol import Resources, ServiceStatus, WorkerRegistration
+from tests.support.serve import ServeProcess
 
 TITLE = "pwned"
 CONTROL_HOST = f"\x1b]0;{TITLE}\x07\x1b[2J"  # retitle the terminal, then clear it

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.pool import HELD_REASON, watched_pool
-from support.serve import ServeProcess
+
+from tests.support.pool import HELD_REASON, watched_pool
+from tests.support.serve import ServeProcess
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

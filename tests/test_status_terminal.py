@@ -11,10 +11,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from support.pool import watched_pool
-from support.serve import ServeProcess
 
 from pcm_service.cli.status_compact import short
+from tests.support.pool import watched_pool
+from tests.support.serve import ServeProcess
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 WIDTH, HEIGHT = 80, 24

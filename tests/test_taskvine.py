@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from support import REPO
-from support.taskvine import require_taskvine
+
+from tests.support import REPO
+from tests.support.taskvine import require_taskvine
 
 VENV_BIN = Path(sys.executable).parent
 vine = require_taskvine()
@@ -20,7 +21,7 @@ vine = require_taskvine()
 
 def start_worker(port: int, password: Path | None, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-           "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
+           "PYTHONPATH": str(REPO)}
     args = ["--password", str(password)] if password else []
     return subprocess.Popen([str(VENV_BIN / "vine_worker"), *args, "--cores", "2", "--memory", "2000",
                              "--disk", "2000", "--timeout", "60", "127.0.0.1", str(port)],
@@ -39,7 +40,7 @@ def manager(tmp_path: Path) -> Iterator[tuple[vine.Manager, Path]]:
 
 
 def test_a_library_loads_its_context_once_for_many_calls(manager: tuple[vine.Manager, Path], tmp_path: Path) -> None:
-    from support import vine_functions
+    from tests.support import vine_functions
 
     m, password = manager
     lib = m.create_library_from_functions("ctx-lib", vine_functions.double, add_env=False, exec_mode="direct",

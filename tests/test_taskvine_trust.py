@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import pytest
-from support import REPO
-from support.models import fake_model
-from support.state import db
-from support.taskvine import require_taskvine
-from support.waiting import wait_for
 
 from pcm_service.core import ServiceConfig, ServiceCore
 from pcm_service.executors.vine_answers import UntrustedAnswer, call_answer, loads_plain
 from pcm_service.protocol import BatchLease, ContextSpec, RowIn, WorkloadSubmission
+from tests.support import REPO
+from tests.support.models import fake_model
+from tests.support.state import db
+from tests.support.taskvine import require_taskvine
+from tests.support.waiting import wait_for
 
 VENV_BIN = Path(sys.executable).parent
 N = 6
@@ -38,7 +38,8 @@ def _lease(n: int = 2) -> BatchLease:
 
 def test_a_pickle_that_runs_code_is_refused_unrun(tmp_path: Path) -> None:
     import cloudpickle
-    from support.vine_trust import RunsCode
+
+    from tests.support.vine_trust import RunsCode
 
     marker = tmp_path / "pwned"
     raw = cloudpickle.dumps({"Result": RunsCode(str(marker)), "Success": True, "Reason": None})
@@ -70,9 +71,8 @@ class Pool:
     """The service's TaskVine executor on a fresh core, and the vine_workers it is given."""
 
     def __init__(self, tmp: Path) -> None:
-        from support import vine_trust
-
         from pcm_service.executors.taskvine import TaskVineExecutor, TaskVineSettings, VineFunctions
+        from tests.support import vine_trust
         from worker_image.vine_library import run_batch_cold
 
         self.tmp = tmp
@@ -103,7 +103,7 @@ class Pool:
         if hostname:
             argv = ["unshare", "--user", "--map-root-user", "--uts", "sh", "-c",
                     f'hostname {hostname} && exec "$@"', "sh", *argv]
-        full = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PYTHONPATH": f"{REPO / 'tests'}:{REPO}",
+        full = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PYTHONPATH": str(REPO),
                 "PCM_TEST_STARTS": str(self.starts), **env}
         (self.tmp / name).mkdir()
         self.workers.append(subprocess.Popen(argv, env=full, stdout=(self.tmp / f"{name}.log").open("wb"),

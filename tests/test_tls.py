@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO
-from support.serve import ServeProcess
-from support.workloads import write_engine_workload
 
 from pcm_service.protocol import ServiceStatus
+from tests.support import REPO
+from tests.support.serve import ServeProcess
+from tests.support.workloads import write_engine_workload
 
 pytestmark = pytest.mark.engine
 N_ROWS = 40

@@ -12,10 +12,10 @@ from typing import Iterator
 
 import httpx
 import pytest
-from support.serve import ServeProcess
 
 from pcm_service.client import ServiceClient, ServiceError
 from pcm_service.protocol import FactoryReport, Glidein, GlideinState, Heartbeat, IdleReport
+from tests.support.serve import ServeProcess
 from worker_image.agent import PeerSettings, WorkerAgent
 
 

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.models import fake_model
-from support.serve import ServeProcess
 
 from pcm_service.client import ServiceClient, ServiceError
 from pcm_service.protocol import (
@@ -28,6 +26,8 @@ from pcm_service.protocol import (
     WorkerRegistration,
     WorkloadSubmission,
 )
+from tests.support.models import fake_model
+from tests.support.serve import ServeProcess
 
 
 def submit(serve: ServeProcess, tmp_path: Path, name: str = "w", n: int = 8) -> SubmitResponse:

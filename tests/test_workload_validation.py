@@ -4,11 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support.serve import ServeProcess
 from typer.testing import CliRunner
 
 from pcm_service.cli import app
 from pcm_service.workload import load_workload
+from tests.support.serve import ServeProcess
 
 runner = CliRunner()
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from support import REPO
+from tests.support import REPO
 
 ENGINE = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True,
           "kv_cache_memory_bytes": 128 * 2**20}

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from support import REPO
+from tests.support import REPO
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 

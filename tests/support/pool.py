@@ -26,8 +26,8 @@ from pcm_service.protocol import (
     WorkerRegistration,
     WorkloadSubmission,
 )
-from support.models import fake_model
-from support.serve import ServeProcess
+from tests.support.models import fake_model
+from tests.support.serve import ServeProcess
 
 HELD_REASON = "Error from slot1@node-4: memory usage exceeded request_memory"
 

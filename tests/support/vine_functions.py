@@ -1,5 +1,6 @@
 """Functions a TaskVine Library serves in tests/test_taskvine.py (imported by reference in
-the library process: tests/ is on the vine_worker's PYTHONPATH)."""
+the library process as tests.support.vine_functions: the repository root is on the vine_worker's
+PYTHONPATH)."""
 from __future__ import annotations
 
 import os

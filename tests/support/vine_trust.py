@@ -1,6 +1,7 @@
 """The TaskVine Library of tests/test_taskvine_trust.py (imported by reference in the library
-process: tests/ is on the vine_worker's PYTHONPATH): PCM's own library functions around an
-echo engine, plus what a hostile or damaged worker does, switched on by its environment."""
+process as tests.support.vine_trust: the repository root is on the vine_worker's PYTHONPATH):
+PCM's own library functions around an echo engine, plus what a hostile or damaged worker does,
+switched on by its environment."""
 from __future__ import annotations
 
 import json

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from support.models import ENGINE, fake_model, reference_texts
+from tests.support.models import ENGINE, fake_model, reference_texts
 
 
 def write_claims(tmp_path: Path, rows: list[dict[str, Any]] | None = None, model: str | Path = "model",
