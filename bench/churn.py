@@ -1,7 +1,7 @@
 """Makespan under preemption: one workload with no evictions and with the eviction drill
 (SIGKILL of a random warm worker every X seconds), for two batch sizes.
 
-    python bench/churn.py [--rows 2000] [--workers 2] [--every 20,40] [--batch-sizes 10,100]
+    python -m bench.churn [--rows 2000] [--workers 2] [--every 20,40] [--batch-sizes 10,100]
 
 Each run is `pcm run` in-process (embedded service, local factory, real vLLM CPU engines).
 Prints each makespan, its ratio to the undisturbed run of the same batch size, the
@@ -19,13 +19,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from factory.drill import EvictionSettings
+from pcm_service.cli.embedded import run_workload
+from pcm_service.core import ServiceConfig
+from pcm_service.protocol import ContextSpec, EngineSettings, RowIn, SamplingSettings, WorkloadSubmission
 
-from factory.drill import EvictionSettings  # noqa: E402
-from pcm_service.cli.embedded import run_workload  # noqa: E402
-from pcm_service.core import ServiceConfig  # noqa: E402
-from pcm_service.protocol import ContextSpec, EngineSettings, RowIn, SamplingSettings, WorkloadSubmission  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 ENGINE = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True,
           "kv_cache_memory_bytes": 256 * 2**20}

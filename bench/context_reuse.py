@@ -4,7 +4,7 @@ The baseline is what a job-per-batch HTCondor workflow does: each batch is a job
 that starts Python, loads the engine, generates its rows, and exits. It runs with
 as many concurrent slots as PCM has workers.
 
-    python bench/context_reuse.py [--rows 300] [--batch-size 10] [--workers 2]
+    python -m bench.context_reuse [--rows 300] [--batch-size 10] [--workers 2]
 
 Prints both makespans, their ratio, and PCM's makespan over the ideal (one engine
 start per worker + pure generation time, both measured in this run).
@@ -21,11 +21,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from pcm_service.cli.embedded import run_workload
+from pcm_service.protocol import ContextSpec, EngineSettings, RowIn, SamplingSettings, WorkloadSubmission
 
-from pcm_service.cli.embedded import run_workload  # noqa: E402
-from pcm_service.protocol import ContextSpec, EngineSettings, RowIn, SamplingSettings, WorkloadSubmission  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 ONE_BATCH = r"""
 import json, sys, time

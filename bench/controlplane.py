@@ -4,7 +4,7 @@ and answer every row at once, so what is measured is the service: rows/s and bat
 (lease + report) per second (one batch per lease and per report unless ``--batches-per-lease``),
 and the service's CPU per 1,000 rows.
 
-    python bench/controlplane.py [--workers 16,64,256] [--batch-sizes 10,100] [--seconds 20]
+    python -m bench.controlplane [--workers 16,64,256] [--batch-sizes 10,100] [--seconds 20]
 
 The workers run as asyncio tasks in ``--procs`` client processes, each with its own
 keep-alive HTTP connection. ``--repeat N`` runs the whole table N times, the cases interleaved
@@ -20,21 +20,15 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-from support.models import fake_model  # noqa: E402
-from support.serve import ServeProcess  # noqa: E402
-
-from pcm_service.protocol import ContextState, RowIn, WorkloadHeader  # noqa: E402
-from worker_image.agent import FULL_HEARTBEAT_EVERY  # noqa: E402
+from pcm_service.protocol import ContextState, RowIn, WorkloadHeader
+from tests.support.models import fake_model
+from tests.support.serve import ServeProcess
+from worker_image.agent import FULL_HEARTBEAT_EVERY
 
 READY = ContextState.READY.value
 

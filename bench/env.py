@@ -8,9 +8,9 @@ unpacks it, then execs a small program from it that registers a worker with the 
 it has verified while it fetches. For K = 1, 4, 8 it prints the time until all K workers are
 registered, the bytes the origin served, and the ratios; one run, no timed assertions.
 
-    .venv/bin/python bench/env.py                 # the environment without the engine stack (~150 MiB)
-    .venv/bin/python bench/env.py --rate 10 --ks 1,4
-    .venv/bin/python bench/env.py --archive pcm-env.tar.gz   # an archive made by `pcm env pack`
+    .venv/bin/python -m bench.env                 # the environment without the engine stack (~150 MiB)
+    .venv/bin/python -m bench.env --rate 10 --ks 1,4
+    .venv/bin/python -m bench.env --archive pcm-env.tar.gz   # an archive made by `pcm env pack`
 """
 from __future__ import annotations
 
@@ -23,12 +23,11 @@ import time
 from contextlib import closing
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from tests.support.serve import ServeProcess
+from tests.support.state import db
+from tests.test_env_bootstrap import LIGHT
 
-from tests.support.serve import ServeProcess  # noqa: E402
-from tests.support.state import db  # noqa: E402
-from tests.test_env_bootstrap import LIGHT  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 REGISTER = ("import os, socket; from pcm_service.client import ServiceClient;"
             " from pcm_service.protocol import WorkerRegistration;"

@@ -9,7 +9,7 @@
 each with an embedded service, a local factory and ``--workers`` glideins on this machine,
 for each batch size. (a) pays an engine start per batch: keep --rows such that it ends.
 
-    python bench/executors.py [--rows 400] [--max-tokens 32] [--batch-sizes 10,100] [--workers 2]
+    python -m bench.executors [--rows 400] [--max-tokens 32] [--batch-sizes 10,100] [--workers 2]
 
 Prints, from the service's own records: makespan, engine starts, time to first row, rows/s
 from the first engine ready to the last row, and the ratios.
@@ -23,12 +23,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from bench.context_reuse import ENGINE, TINY_MODEL, ensure_model, prompts  # noqa: E402
-from pcm_service.cli.embedded import run_workload  # noqa: E402
-from pcm_service.protocol import (  # noqa: E402
+from bench.context_reuse import ENGINE, TINY_MODEL, ensure_model, prompts
+from pcm_service.cli.embedded import run_workload
+from pcm_service.protocol import (
     ContextSpec,
     EngineSettings,
     ExecutorKind,

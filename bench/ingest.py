@@ -1,6 +1,6 @@
 """A million-row workload through `pcm submit` into a real `pcm serve`, and its output.
 
-    python bench/ingest.py [--rows 1000000] [--prompt-bytes 300] [--json-rows 200000]
+    python -m bench.ingest [--rows 1000000] [--prompt-bytes 300] [--json-rows 200000]
 
 Measures, in one run: how fast the rows are accepted (from starting `pcm submit` to its
 answer), the peak RSS of the service and of the CLI, how long `GET /status` takes while
@@ -27,18 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+import httpx
+import yaml
+from pydantic import BaseModel
 
-import httpx  # noqa: E402
-import yaml  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
-from support.memory import PeakRss, rss_mb  # noqa: E402
-from support.models import fake_model  # noqa: E402
-from support.serve import ServeProcess  # noqa: E402
-
-from pcm_service.protocol import (  # noqa: E402
+from pcm_service.protocol import (
     BatchReport,
     BatchState,
     ContextState,
@@ -50,7 +43,12 @@ from pcm_service.protocol import (  # noqa: E402
     RowState,
     WorkerRegistration,
 )
-from pcm_service.workload import load_workload  # noqa: E402
+from pcm_service.workload import load_workload
+from tests.support.memory import PeakRss, rss_mb
+from tests.support.models import fake_model
+from tests.support.serve import ServeProcess
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def write_inputs(path: Path, rows: int, prompt_bytes: int) -> None:

@@ -6,8 +6,8 @@ server, no engine) whose upload rate is limited the same way. All K start at onc
 on 127.0.0.1. For each K it prints the time until all K hold a verified copy, the
 bytes the origin served, and both ratios; one run, no timed assertions.
 
-    .venv/bin/python bench/p2p.py                      # ~1 GiB, 100 MB/s, K = 1,4,8,16
-    .venv/bin/python bench/p2p.py --model-mib 256 --rate 25 --chunk-mib 16
+    .venv/bin/python -m bench.p2p                      # ~1 GiB, 100 MB/s, K = 1,4,8,16
+    .venv/bin/python -m bench.p2p --model-mib 256 --rate 25 --chunk-mib 16
 """
 from __future__ import annotations
 
@@ -21,13 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
+from pcm_service.client import ServiceClient
+from pcm_service.protocol import ModelManifest, ServiceStatus
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import httpx  # noqa: E402
-
-from pcm_service.client import ServiceClient  # noqa: E402
-from pcm_service.protocol import ModelManifest, ServiceStatus  # noqa: E402
 
 TOKEN = "bench-pool-token"
 

@@ -4,7 +4,7 @@ simulated clock, the real factory (`factory.daemon.Factory`: its `decide()`, its
 window) through a simulated batch system, and simulated workers that speak the worker
 protocol to the core in-process.
 
-    python bench/simulate.py [--rows 150000] [--seed 1] [--plot docs/simulation.png] [--sweep]
+    python -m bench.simulate [--rows 150000] [--seed 1] [--plot docs/simulation.png] [--sweep]
 
 What is simulated: GPU slots that appear (a Poisson process, up to a maximum) and vanish
 (evictions); a context start (the model from the shared filesystem, or from a peer once one
@@ -25,7 +25,6 @@ import heapq
 import itertools
 import random
 import shutil
-import sys
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -33,18 +32,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-from support.models import fake_model  # noqa: E402
-
-from factory.backends.base import Glidein, GlideinBackend, GlideinState  # noqa: E402
-from factory.config import FactoryConfig  # noqa: E402
-from factory.daemon import Factory  # noqa: E402
-from pcm_service.cli.plots import draw_pool, draw_rows, pyplot  # noqa: E402
-from pcm_service.core import ServiceConfig, ServiceCore, UnknownWorker  # noqa: E402
-from pcm_service.protocol import (  # noqa: E402
+from factory.backends.base import Glidein, GlideinBackend, GlideinState
+from factory.config import FactoryConfig
+from factory.daemon import Factory
+from pcm_service.cli.plots import draw_pool, draw_rows, pyplot
+from pcm_service.core import ServiceConfig, ServiceCore, UnknownWorker
+from pcm_service.protocol import (
     BatchReport,
     ContextSpec,
     ContextState,
@@ -59,6 +52,7 @@ from pcm_service.protocol import (  # noqa: E402
     WorkerRegistration,
     WorkloadSubmission,
 )
+from tests.support.models import fake_model
 
 
 @dataclass

@@ -8,7 +8,7 @@
 for each batch size, greedy with a fixed number of output tokens, so both sides produce the same
 tokens; the texts must be equal row by row.
 
-    python bench/throughput.py [--rows 2000] [--max-tokens 64] [--batch-sizes 10,100] [--repeat 3]
+    python -m bench.throughput [--rows 2000] [--max-tokens 64] [--batch-sizes 10,100] [--repeat 3]
 
 Prints both rates (output tokens/s and rows/s), the ratio PCM/raw, and whether the outputs match.
 The speed of these shared machines drifts by up to ±20 % over minutes (raw alone, back to back:
@@ -28,12 +28,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench.context_reuse import ENGINE, TINY_MODEL, ensure_model, prompts
+from pcm_service.cli.embedded import run_workload
+from pcm_service.protocol import ContextSpec, EngineSettings, RowIn, SamplingSettings, WorkloadSubmission
 
-from bench.context_reuse import ENGINE, TINY_MODEL, ensure_model, prompts  # noqa: E402
-from pcm_service.cli.embedded import run_workload  # noqa: E402
-from pcm_service.protocol import ContextSpec, EngineSettings, RowIn, SamplingSettings, WorkloadSubmission  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 RAW = r"""
 import json, sys, time

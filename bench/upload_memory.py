@@ -1,7 +1,7 @@
 """Memory of `pcm serve` while the official openai client uploads a 100,000-line batch file and
 the service validates it and stores its rows (goal: RSS grows by < 200 MB).
 
-    python bench/upload_memory.py [--lines 100000]
+    python -m bench.upload_memory [--lines 100000]
 
 No engine runs: the batch's model is a stand-in directory (with a chat template), so the run
 measures the service alone. RSS is sampled every 20 ms from /proc.
@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
 import openai
-from support.memory import PeakRss, rss_mb
-from support.models import fake_model
-from support.serve import ServeProcess
 
 from pcm_service.protocol import NamedModel
+from tests.support.memory import PeakRss, rss_mb
+from tests.support.models import fake_model
+from tests.support.serve import ServeProcess
 
 
 def main() -> None:
