@@ -15,8 +15,21 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pcm_service.core import UnknownWorker
+from pcm_service.api.ingest import IngestError
+from pcm_service.core import (
+    Conflict,
+    CoreError,
+    NoChatTemplate,
+    OutputRefused,
+    Refused,
+    UnknownBatch,
+    UnknownModel,
+    UnknownObject,
+    UnknownWorker,
+    UnknownWorkload,
+)
 from pcm_service.protocol import API_PREFIX, CODE_OF_STATUS, ErrorBody, ErrorCode, ErrorItem, WorkerState
+from pcm_service.weights.modelpaths import ModelUnavailable
 
 _DESCRIPTIONS = {
     400: "The request is well formed but cannot be carried out (e.g. a refused model path)",
@@ -53,13 +66,53 @@ BODY = errors(401, 403, 413, 422)  # routes that take a request body (or query p
 WORKER = {**BODY, **errors(404, 409, 410)}  # a worker route: unknown, lost or retired; 409: not its own
 
 
-def unknown_worker(e: UnknownWorker) -> ApiError:
-    """404 for a worker that may register again (never seen, or declared lost); 410 for one that left."""
-    if e.state == WorkerState.RETIRED:
-        return ApiError(410, ErrorCode.WORKER_RETIRED, f"worker {e.worker_id} has retired; it may not come back")
-    if e.state == WorkerState.LOST:
-        return ApiError(404, ErrorCode.WORKER_LOST, f"worker {e.worker_id} was declared lost; register again")
-    return ApiError(404, ErrorCode.WORKER_UNKNOWN, f"unknown worker {e.worker_id}; register again")
+# a worker's call that is not its to make (core.Refused), by the rule it broke
+REFUSED_STATUS = {ErrorCode.WRONG_WORKER: 403, ErrorCode.BATCH_NOT_LEASED: 409,
+                  ErrorCode.CONTEXT_NOT_ASSIGNED: 409, ErrorCode.PEER_ADDRESS: 400,
+                  ErrorCode.TOO_MANY_WORKERS: 409}
+# what the table answers: the core's own errors, a model path the policy refuses, a bad NDJSON line
+ANSWERED: tuple[type[Exception], ...] = (CoreError, ModelUnavailable, IngestError)
+
+
+def api_error(e: Exception, field: Optional[str] = None, named_in_body: bool = False) -> ApiError:
+    """The one table from an error of the core to its HTTP answer: status, code, wording, the
+    field at fault. Routes let these errors propagate (``install_error_handlers`` answers them)
+    and catch one only to say which request ``field`` named what is at fault; an unknown object
+    ``named_in_body`` (a reference in the request, not the object the URL asks for) is the
+    request's fault: 400, not 404."""
+    match e:
+        case UnknownWorker(state=WorkerState.RETIRED):  # it left: it must not come back
+            return ApiError(410, ErrorCode.WORKER_RETIRED, f"worker {e.worker_id} has retired; it may not come back")
+        case UnknownWorker(state=WorkerState.LOST):
+            return ApiError(404, ErrorCode.WORKER_LOST, f"worker {e.worker_id} was declared lost; register again")
+        case UnknownWorker():
+            return ApiError(404, ErrorCode.WORKER_UNKNOWN, f"unknown worker {e.worker_id}; register again")
+        case Refused():
+            return ApiError(REFUSED_STATUS[e.code], e.code, str(e), e.field)
+        case UnknownBatch():
+            return ApiError(404, ErrorCode.NOT_FOUND, str(e), field or "batch_id")
+        case UnknownWorkload():
+            return ApiError(404, ErrorCode.NOT_FOUND, f"unknown workload {e.workload_id}", field)
+        case UnknownModel() if named_in_body:
+            at = field or "model"
+            return ApiError(400, ErrorCode.MODEL_NOT_FOUND, f"{at}: no model named {e.name} is registered"
+                            " (pcm model list)", at)
+        case UnknownModel():  # OpenAI's wording: only GET /v1/models/{model} asks for one by name
+            return ApiError(404, ErrorCode.MODEL_NOT_FOUND, f"The model '{e.name}' does not exist", field)
+        case UnknownObject():  # OpenAI's Files and Batches; the message is OpenAI's wording
+            return ApiError(404, ErrorCode.NOT_FOUND, str(e), field)
+        case Conflict():
+            return ApiError(409, ErrorCode.CONFLICT, str(e), field)
+        case NoChatTemplate():
+            return ApiError(400, ErrorCode.NO_CHAT_TEMPLATE, str(e), field or "rows.messages")
+        case OutputRefused():  # outside every --output-root, in the state directory, a secret
+            return ApiError(400, ErrorCode.INVALID_VALUE, str(e), e.field)
+        case ModelUnavailable():  # the model policy refuses the directory
+            at = field or "path"
+            return ApiError(400, ErrorCode.MODEL_UNAVAILABLE, f"{at}: {e}", at)
+        case IngestError():
+            return ApiError(400, ErrorCode.INVALID_VALUE, str(e), e.field)
+    raise TypeError(f"no HTTP answer for {type(e).__name__}: add it to api_error") from e
 
 
 def error_response(status: int, body: ErrorBody, headers: Optional[dict[str, str]] = None,
@@ -131,6 +184,15 @@ def install_error_handlers(app: FastAPI) -> None:
             body = ErrorBody(code=code, detail=str(exc.detail))
         return error_response(exc.status_code, body, headers=dict(exc.headers) if exc.headers else None,
                               path=request.url.path)
+
+    async def core_error(request: Request, exc: Exception) -> Response:
+        """A core error a route let through: answered from the table."""
+        e = api_error(exc)
+        return error_response(e.status_code, ErrorBody(code=e.code, detail=str(e.detail), field=e.field),
+                              path=request.url.path)
+
+    for kind in ANSWERED:
+        app.add_exception_handler(kind, core_error)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:

@@ -1,6 +1,7 @@
 """OpenAI's Files, Batches and Models routes (behind the API token), so the official
 ``openai`` client works with ``base_url=<service>/v1`` and the API token as its key.
-Errors answer in OpenAI's shape (``{"error": {message, type, param, code}}``)."""
+Errors answer in OpenAI's shape (``{"error": {message, type, param, code}}``); the core's errors
+(an unknown File, Batch or model, a batch not cancellable) are answered by ``api/errors.py``'s table."""
 from __future__ import annotations
 
 import logging
@@ -24,7 +25,7 @@ from pcm_service.batchapi.objects import (
     ModelObject,
     OpenAIErrorBody,
 )
-from pcm_service.core import Conflict, ServiceCore, UnknownModel, UnknownObject
+from pcm_service.core import ServiceCore
 from pcm_service.protocol import ErrorCode
 
 log = logging.getLogger("pcm.service")
@@ -49,10 +50,6 @@ def validate_batch(core: ServiceCore, batch_id: str) -> None:
     except Exception as e:  # never leave a batch validating forever
         log.exception("validating batch %s failed", batch_id)
         core.fail_batch(batch_id, [BatchErrorItem(code="server_error", message=f"{type(e).__name__}: {e}")])
-
-
-def _not_found(e: LookupError) -> ApiError:
-    return ApiError(404, ErrorCode.NOT_FOUND, str(e.args[0]) if e.args else "not found")
 
 
 def _store_upload(core: ServiceCore, upload: UploadFile, purpose: str) -> FileObject:
@@ -101,25 +98,16 @@ def openai_router(core: ServiceCore) -> APIRouter:
 
     @router.get(f"{FILES_PATH}/{{file_id}}", responses={**AUTH, **oa_errors(404)})
     def get_file(file_id: str) -> FileObject:
-        try:
-            return core.file(file_id)
-        except UnknownObject as e:
-            raise _not_found(e) from None
+        return core.file(file_id)  # unknown: 404 (api/errors.py answers every core error)
 
     @router.get(f"{FILES_PATH}/{{file_id}}/content", response_class=FileResponse,
                 responses={**AUTH, **oa_errors(404)})
     def file_content(file_id: str) -> FileResponse:
-        try:
-            return FileResponse(core.file_path(file_id), media_type="application/jsonl")
-        except UnknownObject as e:
-            raise _not_found(e) from None
+        return FileResponse(core.file_path(file_id), media_type="application/jsonl")
 
     @router.delete(f"{FILES_PATH}/{{file_id}}", responses={**AUTH, **oa_errors(404)})
     def delete_file(file_id: str) -> FileDeleted:
-        try:
-            core.delete_file(file_id)
-        except UnknownObject as e:
-            raise _not_found(e) from None
+        core.delete_file(file_id)
         return FileDeleted(id=file_id)
 
     @router.post(f"{OPENAI_PREFIX}/batches", responses={**BODY, **oa_errors(400)})
@@ -139,19 +127,11 @@ def openai_router(core: ServiceCore) -> APIRouter:
 
     @router.get(f"{OPENAI_PREFIX}/batches/{{batch_id}}", responses={**AUTH, **oa_errors(404)})
     def get_batch(batch_id: str) -> BatchObject:
-        try:
-            return core.batch(batch_id)
-        except UnknownObject as e:
-            raise _not_found(e) from None
+        return core.batch(batch_id)
 
     @router.post(f"{OPENAI_PREFIX}/batches/{{batch_id}}/cancel", responses={**AUTH, **oa_errors(404, 409)})
     def cancel_batch(batch_id: str) -> BatchObject:
-        try:
-            return core.cancel_batch(batch_id)
-        except UnknownObject as e:
-            raise _not_found(e) from None
-        except Conflict as e:
-            raise ApiError(409, ErrorCode.CONFLICT, str(e)) from None
+        return core.cancel_batch(batch_id)  # unknown: 404; not cancellable in its state: 409
 
     @router.get(f"{OPENAI_PREFIX}/models", responses=AUTH)
     def list_models() -> ListPage[ModelObject]:
@@ -160,10 +140,7 @@ def openai_router(core: ServiceCore) -> APIRouter:
 
     @router.get(f"{OPENAI_PREFIX}/models/{{model:path}}", responses={**AUTH, **oa_errors(404)})
     def get_model(model: str) -> ModelObject:
-        try:
-            m = core.named_model(model)
-        except UnknownModel:
-            raise ApiError(404, ErrorCode.MODEL_NOT_FOUND, f"The model '{model}' does not exist") from None
+        m = core.named_model(model)
         return ModelObject(id=m.name, created=int(m.created or 0))
 
     return router

@@ -7,10 +7,9 @@ from typing import Iterable, Optional
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from pcm_service.api.errors import AUTH, BODY, ApiError, StrictJSONRoute, errors
-from pcm_service.api.ingest import IngestError, body_chunks, parse_submission
-from pcm_service.core import NoChatTemplate, ServiceCore, UnknownModel, UnknownWorkload
-from pcm_service.core.workloads import OutputRefused
+from pcm_service.api.errors import AUTH, BODY, ApiError, StrictJSONRoute, api_error, errors
+from pcm_service.api.ingest import body_chunks, parse_submission
+from pcm_service.core import ServiceCore, UnknownModel, UnknownWorkload
 from pcm_service.executors import Executor
 from pcm_service.protocol import (
     API_PREFIX,
@@ -42,18 +41,11 @@ SERVED_MODELS_PATH = f"{API_PREFIX}/served-models"  # models by name (OpenAI's v
 
 
 def _stored(core: ServiceCore, sub: WorkloadHeader, rows: Optional[Iterable[RowIn]] = None) -> SubmitResponse:
-    field = "model" if sub.model is not None else "context.model"
+    """Store a submission; its model, named in the body, is the request's fault if refused (400)."""
     try:
         return core.submit(sub, rows)
-    except OutputRefused as e:  # outside every --output-root, in the state directory, a secret
-        raise ApiError(400, ErrorCode.INVALID_VALUE, str(e), e.field) from None
-    except ModelUnavailable as e:
-        raise ApiError(400, ErrorCode.MODEL_UNAVAILABLE, f"{field}: {e}", field) from None
-    except UnknownModel as e:
-        raise ApiError(400, ErrorCode.MODEL_NOT_FOUND, f"model: no model named {e} is registered"
-                       " (pcm model list)", "model") from None
-    except NoChatTemplate as e:
-        raise ApiError(400, ErrorCode.NO_CHAT_TEMPLATE, str(e), "rows.messages") from None
+    except (UnknownModel, ModelUnavailable) as e:
+        raise api_error(e, "model" if sub.model is not None else "context.model", named_in_body=True) from None
 
 
 def user_router(core: ServiceCore, executor: Executor) -> APIRouter:
@@ -72,21 +64,15 @@ def user_router(core: ServiceCore, executor: Executor) -> APIRouter:
                            f"send the workload as {NDJSON} (got {media or 'no content type'})")
         stream = request.stream()
 
-        def ingest() -> SubmitResponse:
-            try:
-                header, rows = parse_submission(body_chunks(stream), core.config.max_request_bytes)
-                return _stored(core, header, rows)
-            except IngestError as e:
-                raise ApiError(400, ErrorCode.INVALID_VALUE, str(e), e.field) from None
+        def ingest() -> SubmitResponse:  # a bad line raises IngestError: 400 naming it
+            header, rows = parse_submission(body_chunks(stream), core.config.max_request_bytes)
+            return _stored(core, header, rows)
 
         return await run_in_threadpool(ingest)
 
     @router.post(SERVED_MODELS_PATH, status_code=201, responses={**BODY, **errors(400)})
     async def add_served_model(model: NamedModel) -> NamedModel:
-        try:
-            return await run_in_threadpool(core.add_model, model)
-        except ModelUnavailable as e:
-            raise ApiError(400, ErrorCode.MODEL_UNAVAILABLE, f"path: {e}", "path") from None
+        return await run_in_threadpool(core.add_model, model)  # a refused path: 400 naming "path"
 
     @router.get(SERVED_MODELS_PATH, responses=AUTH)
     def served_models() -> list[NamedModel]:
@@ -94,25 +80,19 @@ def user_router(core: ServiceCore, executor: Executor) -> APIRouter:
 
     @router.post(f"{API_PREFIX}/models", status_code=201, responses={**BODY, **errors(400)})
     async def register_model(reg: ModelRegistration) -> ModelManifest:
-        try:
-            return await run_in_threadpool(core.replicas.register_model, reg.path)
-        except ModelUnavailable as e:
-            raise ApiError(400, ErrorCode.MODEL_UNAVAILABLE, f"path: {e}", "path") from None
+        return await run_in_threadpool(core.replicas.register_model, reg.path)
 
     @router.get(f"{API_PREFIX}/workloads/{{workload_id}}", responses={**AUTH, **errors(404, 422)})
     def workload(workload_id: str) -> WorkloadStatus:
-        try:
-            return core.workload_status(workload_id)
-        except UnknownWorkload:
-            raise ApiError(404, ErrorCode.NOT_FOUND, f"unknown workload {workload_id}") from None
+        return core.workload_status(workload_id)  # unknown: 404
 
     @router.get(f"{API_PREFIX}/history", responses={**AUTH, **errors(404, 422)})
     def history(workload_id: Optional[str] = None) -> RunHistory:
         """The run over time (worker states, engine starts, rows done, bytes moved): `pcm report`."""
         try:
             return core.history(workload_id)
-        except UnknownWorkload:
-            raise ApiError(404, ErrorCode.NOT_FOUND, f"unknown workload {workload_id}", "workload_id") from None
+        except UnknownWorkload as e:
+            raise api_error(e, "workload_id") from None
 
     @router.get(f"{API_PREFIX}/status", responses={**AUTH, **errors(422)})
     def status(all: bool = False) -> ServiceStatus:

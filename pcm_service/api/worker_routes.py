@@ -15,9 +15,9 @@ from pydantic import BaseModel
 from pcm_service.api.auth import BearerToken, WorkerToken
 from pcm_service.api.changes import Changes
 from pcm_service.api.committer import GroupCommitter
-from pcm_service.api.errors import AUTH, BODY, WORKER, ApiError, StrictJSONRoute, errors, unknown_worker
+from pcm_service.api.errors import AUTH, BODY, WORKER, ApiError, StrictJSONRoute, errors
 from pcm_service.api.metrics import ServiceMetrics
-from pcm_service.core import Refused, ServiceCore, UnknownWorker
+from pcm_service.core import ServiceCore
 from pcm_service.core.trust import check_blob_url
 from pcm_service.executors import Executor
 from pcm_service.protocol import (
@@ -46,31 +46,10 @@ from pcm_service.protocol import (
 from pcm_service.weights.chunks import CHUNK_RE, read_pieces
 from pcm_service.weights.ranges import RangeNotSatisfiable, byte_range
 
-T = TypeVar("T")
 R = TypeVar("R", bound=FetchRequest)
 # a bootstrapping glidein's name in transfer plans: never a worker id
 Receiver = Annotated[str, Path(pattern=r"^boot-[A-Za-z0-9._-]{1,120}$")]
 BYTES: dict[str, Any] = {"content": {"application/octet-stream": {}}}
-
-
-REFUSED_STATUS = {ErrorCode.WRONG_WORKER: 403, ErrorCode.BATCH_NOT_LEASED: 409,
-                  ErrorCode.CONTEXT_NOT_ASSIGNED: 409, ErrorCode.PEER_ADDRESS: 400,
-                  ErrorCode.TOO_MANY_WORKERS: 409}
-
-
-def refused(e: Refused) -> ApiError:
-    return ApiError(REFUSED_STATUS[e.code], e.code, str(e), e.field)
-
-
-def call(fn: Callable[..., T], *args: Any) -> T:
-    """A core call for a worker: an unknown, lost or retired worker gets its own answer, a call
-    that is not its to make a refusal that changed nothing."""
-    try:
-        return fn(*args)
-    except UnknownWorker as e:
-        raise unknown_worker(e) from None
-    except Refused as e:
-        raise refused(e) from None
 
 
 def as_json(model: BaseModel) -> Response:
@@ -149,7 +128,7 @@ def glidein_routes(core: ServiceCore, changes: Changes, executor: Executor) -> A
     @router.post(f"{API_PREFIX}/workers", status_code=201, responses={**BODY, **errors(400, 409)})
     def register(reg: WorkerRegistration, request: Request) -> RegisterResponse:
         """A new worker: the answer carries its own credential (``worker_token``) for its routes."""
-        return call(core.register, reg, request.client.host if request.client else "")
+        return core.register(reg, request.client.host if request.client else "")
 
     @router.get(f"{API_PREFIX}/environment", responses={**AUTH, **errors(404)})
     def environment() -> WorkerEnvironment:
@@ -164,7 +143,7 @@ def glidein_routes(core: ServiceCore, changes: Changes, executor: Executor) -> A
         """A transfer plan for a glidein fetching the environment (it has no worker id yet)."""
         address = request.client.host if request.client else ""
         if req.blob_url:
-            call(check_blob_url, req.blob_url, address, core.config.trust)
+            check_blob_url(req.blob_url, address, core.config.trust)
         return await long_poll(changes, lambda r: core.replicas.plan_bootstrap(receiver, r, address), req)
 
     @router.delete(f"{API_PREFIX}/bootstrap/{{receiver}}", responses={**AUTH, **errors(422)})
@@ -185,44 +164,38 @@ def own_routes(core: ServiceCore, changes: Changes, committer: GroupCommitter, m
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/heartbeat", response_model=HeartbeatResponse,
                  responses=WORKER)
     async def heartbeat(worker_id: str, hb: Heartbeat) -> Response:
-        return as_json(await hot(call, core.heartbeat, worker_id, hb))
+        return as_json(await hot(core.heartbeat, worker_id, hb))
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/library", responses=WORKER)
     def library(worker_id: str, ev: LibraryEvent) -> dict[str, bool]:
-        call(core.library_event, worker_id, ev, True)
+        core.library_event(worker_id, ev, True)
         return {"ok": True}
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/lease", response_model=LeaseResponse, responses=WORKER)
     async def lease(worker_id: str, req: LeaseRequest) -> Response:
         with metrics.lease_seconds.time():
-            return as_json(await hot(call, core.lease_batch, worker_id, req))
+            return as_json(await hot(core.lease_batch, worker_id, req))
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/idle", responses=WORKER)
     def idle(worker_id: str, rep: IdleReport) -> RetireDecision:
         """An idle worker asks to retire; the factory's minimum may keep it."""
-        return call(core.idle, worker_id, rep)
-
-    def record(worker_id: str, *reports: BatchReport) -> ReportResponse:
-        try:
-            return call(core.report, worker_id, *reports)
-        except LookupError as e:
-            raise ApiError(404, ErrorCode.NOT_FOUND, str(e), "batch_id") from None
+        return core.idle(worker_id, rep)
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/report", responses=WORKER)
     def report(worker_id: str, rep: BatchReport) -> ReportResponse:
         with metrics.report_seconds.time():
-            return record(worker_id, rep)
+            return core.report(worker_id, rep)
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/reports", response_model=ReportResponse, responses=WORKER)
     async def reports(worker_id: str, reps: BatchReports) -> Response:
         """Several batches' reports, recorded in one transaction."""
         with metrics.report_seconds.time():
-            return as_json(await hot(record, worker_id, *reps.reports))
+            return as_json(await hot(core.report, worker_id, *reps.reports))
 
     @router.post(f"{API_PREFIX}/workers/{{worker_id}}/fetch", responses=WORKER)
     async def fetch(worker_id: str, req: FetchRequest) -> FetchPlan:
         """A transfer plan for a model's weights."""
-        return await long_poll(changes, lambda r: call(core.fetch_plan, worker_id, r), req)
+        return await long_poll(changes, lambda r: core.fetch_plan(worker_id, r), req)
 
     @router.delete(f"{API_PREFIX}/workers/{{worker_id}}", responses={**AUTH, **errors(404, 422)})
     def retire(worker_id: str) -> dict[str, int]:

@@ -9,11 +9,20 @@ policy: ``workloads``, ``models`` (served by name), ``batches`` (OpenAI Files an
 """
 from __future__ import annotations
 
-from pcm_service.core.base import Conflict, NoChatTemplate, UnknownModel, UnknownWorker, UnknownWorkload
-from pcm_service.core.batches import UnknownObject
 from pcm_service.core.config import ServiceConfig
+from pcm_service.core.errors import (
+    Conflict,
+    CoreError,
+    NoChatTemplate,
+    OutputRefused,
+    Refused,
+    UnknownBatch,
+    UnknownModel,
+    UnknownObject,
+    UnknownWorker,
+    UnknownWorkload,
+)
 from pcm_service.core.service import ServiceCore
-from pcm_service.core.trust import Refused
 
-__all__ = ["Conflict", "NoChatTemplate", "Refused", "ServiceConfig", "ServiceCore", "UnknownModel", "UnknownObject",
-           "UnknownWorker", "UnknownWorkload"]
+__all__ = ["Conflict", "CoreError", "NoChatTemplate", "OutputRefused", "Refused", "ServiceConfig", "ServiceCore",
+           "UnknownBatch", "UnknownModel", "UnknownObject", "UnknownWorker", "UnknownWorkload"]

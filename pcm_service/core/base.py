@@ -1,4 +1,4 @@
-"""What every part of the service core shares: its state and its errors."""
+"""What every part of the service core shares: its state."""
 from __future__ import annotations
 
 import sqlite3
@@ -23,32 +23,6 @@ from pcm_service.protocol import (
 )
 from pcm_service.store import Store
 from pcm_service.weights.replicas import ReplicaMap
-
-
-class UnknownWorker(LookupError):
-    """No live worker by that id. ``state`` says why: None (never registered here), LOST (the
-    service gave up on it: it may register again) or RETIRED (it left: it must not come back)."""
-
-    def __init__(self, worker_id: str, state: Optional[WorkerState] = None) -> None:
-        super().__init__(worker_id)
-        self.worker_id = worker_id
-        self.state = state
-
-
-class UnknownWorkload(LookupError):
-    pass
-
-
-class UnknownModel(LookupError):
-    """No model registered by that name (``pcm model add``)."""
-
-
-class NoChatTemplate(ValueError):
-    """Chat rows for a model whose tokenizer has no chat template."""
-
-
-class Conflict(ValueError):
-    """The request does not fit the object's state (e.g. cancelling a completed batch)."""
 
 
 class CoreBase:

@@ -21,7 +21,8 @@ from pcm_service.batchapi.objects import (
     FileObject,
     RequestCounts,
 )
-from pcm_service.core.base import Conflict, CoreBase, NoChatTemplate, UnknownModel
+from pcm_service.core.base import CoreBase
+from pcm_service.core.errors import Conflict, NoChatTemplate, UnknownModel, UnknownObject
 from pcm_service.core.results import end_workload
 from pcm_service.protocol import (
     BatchEndpoint,
@@ -41,10 +42,6 @@ _STATUS_OF = {WorkloadState.RUNNING: OpenAIBatchStatus.IN_PROGRESS,
               WorkloadState.COMPLETED: OpenAIBatchStatus.COMPLETED,
               WorkloadState.CANCELLED: OpenAIBatchStatus.CANCELLED,
               WorkloadState.EXPIRED: OpenAIBatchStatus.EXPIRED}
-
-
-class UnknownObject(LookupError):
-    pass
 
 
 def _ts(v: Optional[float]) -> Optional[int]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pcm_service.core.base import CoreBase, UnknownWorkload
+from pcm_service.core.base import CoreBase
+from pcm_service.core.errors import UnknownWorkload
 from pcm_service.core.views import workload_status
 from pcm_service.protocol import (
     ORIGIN,

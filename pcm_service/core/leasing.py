@@ -7,9 +7,9 @@ from functools import lru_cache
 from typing import Optional
 
 from pcm_service.core.audit import AuditOps
+from pcm_service.core.errors import Refused, UnknownBatch
 from pcm_service.core.placement import PlacementOps
 from pcm_service.core.results import ROW_OF_BATCH, count_done, fail_rows, requeue, row_identity, settle_batch
-from pcm_service.core.trust import Refused
 from pcm_service.protocol import (
     OPEN_BATCH_STATES,
     BatchLease,
@@ -153,7 +153,7 @@ class LeaseOps(PlacementOps, AuditOps):
             f"SELECT batch_id, worker_id FROM batches WHERE batch_id IN {marks}", ids)}
         for rep in reports:
             if rep.batch_id not in owner:
-                raise LookupError(f"unknown batch {rep.batch_id}")
+                raise UnknownBatch(rep.batch_id)
             if owner[rep.batch_id] != worker_id:
                 raise Refused(ErrorCode.BATCH_NOT_LEASED, f"batch {rep.batch_id} is not leased to worker"
                               f" {worker_id}: its results are not taken", "batch_id")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sqlite3
 
-from pcm_service.core.base import CoreBase, UnknownModel
+from pcm_service.core.base import CoreBase
+from pcm_service.core.errors import UnknownModel
 from pcm_service.protocol import EngineSettings, NamedModel
 
 

@@ -8,20 +8,11 @@ from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlsplit
 
+from pcm_service.core.errors import Refused
 from pcm_service.protocol import ErrorCode
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-class Refused(ValueError):
-    """A worker's call that the service will not carry out because it is not that worker's to
-    make (another worker's batch, a context it was not given, a blob server elsewhere): nothing
-    changed. ``code`` says which rule; the HTTP layer picks the status from it."""
-
-    def __init__(self, code: ErrorCode, message: str, field: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.code, self.field = code, field
 
 
 @dataclass

@@ -6,9 +6,10 @@ import sqlite3
 import uuid
 from typing import Optional
 
-from pcm_service.core.base import CoreBase, UnknownWorker
+from pcm_service.core.base import CoreBase
+from pcm_service.core.errors import Refused, UnknownWorker
 from pcm_service.core.results import fail_rows, requeue
-from pcm_service.core.trust import Refused, audit_address, check_blob_url
+from pcm_service.core.trust import audit_address, check_blob_url
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
     OPEN_BATCH_STATES,

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from pcm_service.core.audit import host_audits
-from pcm_service.core.base import CoreBase, NoChatTemplate, UnknownWorkload
+from pcm_service.core.base import CoreBase
+from pcm_service.core.errors import NoChatTemplate, OutputRefused, UnknownWorkload
 from pcm_service.core.views import worker_status, workload_status
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
@@ -29,15 +30,6 @@ from pcm_service.store import MANAGER_KIND, RUNS_ROWS, in_list
 from pcm_service.weights.modelpaths import has_chat_template, no_chat_template
 
 STAGE_CHUNK = 2000  # rows per transaction while a workload streams in
-
-
-class OutputRefused(ValueError):
-    """A workload's output path the service will not write (``field``: ``output`` or
-    ``openai.error_output``): outside every output root, inside the state directory, a secret."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
 
 
 def confined_output(text: str, field: str, roots: Optional[tuple[Path, ...]], state_dir: Path,
