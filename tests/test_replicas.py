@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -30,11 +31,11 @@ def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
     core.close()
 
 
-def worker(core: ServiceCore, m: ModelManifest, holds: bool, slots: int = 2) -> str:
+def worker(core: ServiceCore, m: ModelManifest, holds: bool, slots: int = 2, host: Optional[str] = None) -> str:
     """A worker with a blob server; ``holds``: it fetched every chunk (a source for others only
     once the service saw it fetch them)."""
     wid = core.register(WorkerRegistration(
-        host="h", pid=1, blob_url="http://127.0.0.1:1", upload_slots=slots)).worker_id
+        host="h", pid=1, blob_url=f"http://{host or '127.0.0.1'}:1", upload_slots=slots), host).worker_id
     results: list[TransferResult] = []
     while holds:
         p = plan(core, wid, m, want=len(m.chunk_lengths), results=results)
@@ -161,3 +162,21 @@ def test_chunks_claimed_at_registration_are_never_a_source_for_others(setup) -> 
         plan(core, n, m, want=0, results=[TransferResult(chunk=x.chunk, source=x.source, ok=True)
                                           for x in p.assignments])
     assert sources == {ORIGIN}
+
+
+def test_workers_on_one_host_are_one_word_against_a_replica(setup) -> None:  # type: ignore[no-untyped-def]
+    """Two workers calling from one address (a glidein's bootstrap and its worker, or sybils on
+    one host) saying a peer's copy is corrupt count once; a worker on another host is the second."""
+    core, m, clock = setup
+    a = worker(core, m, holds=True, slots=4, host="127.0.0.5")
+    chunk = None
+    for host in ("127.0.0.6", "127.0.0.6", "127.0.0.7"):
+        assert chunk is None or a in holders(core, chunk)
+        clock.t += 31  # the source is no longer avoided after the previous word
+        n = worker(core, m, holds=False, host=host)
+        got = [x for x in plan(core, n, m, want=4).assignments if chunk in (None, x.chunk)]
+        assert got and got[0].source == a
+        chunk = got[0].chunk
+        plan(core, n, m, want=0, results=[TransferResult(chunk=chunk, source=a, ok=False, bytes=CHUNK,
+                                                           corrupt=True, error="sha256 mismatch")])
+    assert a not in holders(core, chunk)

@@ -44,7 +44,7 @@ from pcm_service.weights.chunks import (
 from pcm_service.weights.modelpaths import ModelPolicy, ModelUnavailable
 
 log = logging.getLogger("pcm.replicas")
-CORRUPT_REPORTERS = 2  # distinct workers that must find a source's copy corrupt before it is dropped
+CORRUPT_REPORTERS = 2  # distinct hosts (else workers) that must find a source's copy corrupt before it is dropped
 MAX_ADDRESSES = 100_000  # addresses whose fetched chunks are remembered
 MAX_EXPIRED = 100_000  # timed-out transfers whose late results are still believed
 ERROR_KEPT = 500  # characters of a worker's transfer error kept in the transfers table
@@ -108,7 +108,7 @@ class ReplicaMap:
         # there (the worker its glidein's bootstrap starts) is believed to hold
         self._proven: dict[str, set[str]] = {}
         self._addresses: dict[str, str] = {}  # worker or bootstrapping glidein → the address it calls from
-        self._reporters: dict[tuple[str, str], set[str]] = {}  # (chunk, source) → who found it corrupt
+        self._reporters: dict[tuple[str, str], set[str]] = {}  # (chunk, source) → the addresses that found it corrupt
         self.environment: Optional[WorkerEnvironment] = None
         self._load_models()
 
@@ -350,9 +350,10 @@ class ReplicaMap:
                         worker_id, r.chunk[:12], r.source, printable(r.error or "")[:200],
                         self.policy.avoid_seconds)
         if r.corrupt and r.source != ORIGIN:
-            # one worker's word does not take a replica away: it may be lying about the source
+            # one host's word does not take a replica away: it may be lying about the source (and
+            # a glidein's bootstrap and its worker, or several workers on one host, are one word)
             reporters = self._reporters.setdefault((r.chunk, r.source), set())
-            reporters.add(worker_id)
+            reporters.add(self._addresses.get(worker_id, worker_id))
             if len(reporters) >= CORRUPT_REPORTERS:
                 db.execute("DELETE FROM replicas WHERE chunk=? AND worker_id=?", (r.chunk, r.source))
                 del self._reporters[(r.chunk, r.source)]
