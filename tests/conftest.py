@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from support import REPO
-from support.serve import MODEL_ROOTS, ServeProcess
-from support.workloads import write_claims
 
-pytest_plugins = ["htcondor_pool.fixtures"]  # the `pool` fixture: a real HTCondor test pool
+from tests.support import REPO
+from tests.support.serve import MODEL_ROOTS, ServeProcess
+from tests.support.workloads import write_claims
+
+pytest_plugins = ["tests.htcondor_pool.fixtures"]  # the `pool` fixture: a real HTCondor test pool
 TOKEN_ENV = ("PCM_API_TOKEN", "PCM_POOL_TOKEN", "PCM_API_TOKEN_FILE", "PCM_POOL_TOKEN_FILE", "PCM_TOKEN_FILE")
 
 

@@ -13,12 +13,12 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
-from support.models import ENGINE
-from support.taskvine import require_taskvine
-from support.workloads import SAMPLING, expected, rows
 
 from pcm_service.protocol import ExecutorKind, WorkloadStatus
 from pcm_service.workload import load_workload
+from tests.support.models import ENGINE
+from tests.support.taskvine import require_taskvine
+from tests.support.workloads import SAMPLING, expected, rows
 
 require_taskvine()
 
