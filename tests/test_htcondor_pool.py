@@ -274,7 +274,8 @@ def test_gpu_request_lands_only_on_a_matching_gpu(
 
 
 def vine_connected(url: str) -> Optional[TaskVineStatus]:
-    tv = service_status(url).taskvine
+    ex = service_status(url).executor
+    tv = ex.taskvine if ex is not None else None
     return tv if tv is not None and tv.workers_connected > 0 else None
 
 
@@ -295,7 +296,7 @@ def test_taskvine_glideins_run_vine_workers_that_finish_a_workload_and_leave(
     wait_for(lambda: workload(url, wl.workload_id).state.value == "completed", 600, "the workload done")
     st = service_status(url)
     vine_workers = [w for w in st.workers if w.kind.value == "vine_worker"]
-    assert tv is not None and vine_workers and st.taskvine is not None
+    assert tv is not None and vine_workers and st.executor is not None and st.executor.taskvine is not None
     jobs = {gid(a) for a in pool.schedd().history(f'PcmFactory == "{fp.name}"', ["ClusterId", "ProcId"])} | {
         gid(a) for a in alive_jobs(pool, fp)}
     assert {w.glidein_id for w in vine_workers} <= jobs  # matched to their glideins

@@ -49,13 +49,13 @@ def create_app(core: ServiceCore, pool: str, api: str, executor: Optional[Execut
     """The service's app. ``pool``, ``api``: the two tokens, never interchangeable; ``executor``
     runs leased batches (default: native, PCM's agents pull them over HTTP); ``metrics_token``
     may read ``/metrics`` (and nothing else), as the API token may."""
-    executor = executor or NativeExecutor()
+    executor = executor or NativeExecutor(core)
     if not pool or not api:
         raise ValueError("create_app needs both the pool token and the API token")
     stop = threading.Event()
     changes = Changes()
     committer = GroupCommitter(core.store)
-    metrics = ServiceMetrics(core)
+    metrics = ServiceMetrics(core, executor)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -91,7 +91,7 @@ def create_app(core: ServiceCore, pool: str, api: str, executor: Optional[Execut
     app.include_router(user_router(core, executor), dependencies=[Depends(api_token(api))])
     app.include_router(openai_router(core), dependencies=[Depends(api_token(api))])
     app.include_router(metrics_router(metrics), dependencies=[Depends(ReadToken(metrics_token, api))])
-    page, page_data = page_routers(core, api)
+    page, page_data = page_routers(core, executor, api)
     app.include_router(page)
     app.include_router(page_data, dependencies=[Depends(PageToken(api))])
     _check_every_route_has_a_token(app)

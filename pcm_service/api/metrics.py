@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from pcm_service.api.errors import AUTH
 from pcm_service.core import ServiceCore
+from pcm_service.executors import Executor
 from pcm_service.protocol import ContextState, GlideinState, WorkerState
 
 # an engine start is seconds (a small model on a GPU) to many minutes (a large one from a
@@ -36,8 +37,9 @@ def _histogram(name: str, doc: str, values: list[float], buckets: tuple[float, .
 class PoolCollector(Collector):
     """Every series read from the service's records at scrape time."""
 
-    def __init__(self, core: ServiceCore) -> None:
+    def __init__(self, core: ServiceCore, executor: Executor) -> None:
         self.core = core
+        self.executor = executor
 
     def collect(self) -> Iterator[Metric]:
         st = self.core.status()
@@ -64,6 +66,17 @@ class PoolCollector(Collector):
         g = GaugeMetricFamily("pcm_worker_contexts", "Live workers by the state of their context", labels=["state"])
         for cstate in ContextState:
             g.add_metric([cstate.value], contexts[cstate])
+        yield g
+
+        ex = self.executor.status()
+        g = GaugeMetricFamily("pcm_executor_workers", "The executor's workers: known (live records),"
+                              " connected, busy", labels=["executor", "state"])
+        for name, n in (("known", ex.workers_known), ("connected", ex.workers_connected), ("busy", ex.workers_busy)):
+            g.add_metric([ex.kind.value, name], n)
+        yield g
+        g = GaugeMetricFamily("pcm_executor_batches_in_flight", "Batches leased to the executor's workers"
+                              " and not yet answered", labels=["executor"])
+        g.add_metric([ex.kind.value], ex.batches_in_flight)
         yield g
 
         ready = self.core.engine_ready_seconds()
@@ -111,9 +124,9 @@ class ServiceMetrics:
     """One registry per app (tests run many apps in one process): the pool's state and the
     hot calls' latencies."""
 
-    def __init__(self, core: ServiceCore) -> None:
+    def __init__(self, core: ServiceCore, executor: Executor) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(PoolCollector(core))
+        self.registry.register(PoolCollector(core, executor))
         self.lease_seconds = Histogram("pcm_lease_duration_seconds", "Seconds to answer a worker's lease"
                                        " (its transaction committed)", buckets=CALL_BUCKETS, registry=self.registry)
         self.report_seconds = Histogram("pcm_report_duration_seconds", "Seconds to record a worker's report"

@@ -16,6 +16,7 @@ from pcm_service.api.auth import BearerToken
 from pcm_service.api.errors import AUTH, ApiError, errors
 from pcm_service.api.headers import same_site
 from pcm_service.core import ServiceCore
+from pcm_service.executors import Executor
 from pcm_service.protocol import ErrorCode, ServiceStatus
 
 SESSION_COOKIE = "pcm_session"
@@ -40,7 +41,7 @@ class PageToken(BearerToken):
         await super().__call__(request)
 
 
-def page_routers(core: ServiceCore, api: str) -> tuple[APIRouter, APIRouter]:
+def page_routers(core: ServiceCore, executor: Executor, api: str) -> tuple[APIRouter, APIRouter]:
     """(the open routes: the page, login, logout; the data route, to include behind PageToken)."""
     page = (files("pcm_service.api") / "static" / "status.html").read_text(encoding="utf-8")
     session = session_value(api)
@@ -71,6 +72,6 @@ def page_routers(core: ServiceCore, api: str) -> tuple[APIRouter, APIRouter]:
     @data.get(DATA_PATH, responses=AUTH)
     def page_status() -> ServiceStatus:
         """What `pcm status` shows, for the status page."""
-        return core.status()
+        return core.status().model_copy(update={"executor": executor.status()})
 
     return open_, data

@@ -96,9 +96,7 @@ def user_router(core: ServiceCore, executor: Executor) -> APIRouter:
 
     @router.get(f"{API_PREFIX}/status", responses={**AUTH, **errors(422)})
     def status(all: bool = False) -> ServiceStatus:
-        st = core.status(include_gone=all)
-        vine = executor.status()
-        return st.model_copy(update={"taskvine": vine}) if vine is not None else st
+        return core.status(include_gone=all).model_copy(update={"executor": executor.status()})
 
     @router.get(f"{API_PREFIX}/demand", responses=AUTH)
     def demand() -> Demand:

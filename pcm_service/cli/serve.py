@@ -149,11 +149,7 @@ def serve(state_dir: Path = typer.Option(Path("pcm-state"), help="Where the SQLi
                                (tls_key, tls_cert) if tls_cert and tls_key else None)
     except (ImportError, OSError) as e:
         fail(f"--executor {executor.value}: {e}", code=2)
-    info = runner.info()
-    if info.kind == ExecutorKind.TASKVINE:
-        console.print(f"executor: TaskVine manager on port {info.port}"
-                      f"{f', project {info.project}' if info.project else ''} (workers: vine_worker --password"
-                      " POOL_TOKEN_FILE, or glideins running `pcm worker`)", highlight=False)
+    console.print(runner.describe(), highlight=False)
     app = create_app(core, pool_token.value, api_token.value, runner, metrics_token.value)
     tune_gc_for_serving()
     uvicorn.run(app, host=host, port=port, log_level="warning",

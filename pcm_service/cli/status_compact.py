@@ -127,6 +127,10 @@ def pool_lines(st: ServiceStatus) -> list[str]:
         f"Demand:   {plural(d.workers_wanted, 'worker')} (min {d.limits.min_workers}, max {d.limits.max_workers}),"
         f" {count(d.rows_left)} rows left",
     ]
+    ex = st.executor
+    if ex is not None:
+        lines.append(f"Executor: {ex.kind.value}, {ex.workers_connected} of {plural(ex.workers_known, 'worker')}"
+                     f" connected, {ex.workers_busy} busy, {ex.batches_in_flight} batches in flight")
     t = st.transfers
     if t.transfers:
         mib = 2**20

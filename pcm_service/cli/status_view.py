@@ -51,8 +51,8 @@ def render_status(st: ServiceStatus) -> Group:
                                      context_cell(w), w.inflight_batches, w.rows_done,
                                      w.library_starts, f"{w.idle_seconds:.0f}")))
     parts: list[RenderableType] = [workers]
-    if st.taskvine is not None:
-        parts.append(taskvine_table(st.taskvine))
+    if st.executor is not None and st.executor.taskvine is not None:
+        parts.append(taskvine_table(st.executor.taskvine))
     if st.audits:  # spot-check audits: hosts whose batches others ran again
         au = Table(title=f"Audited hosts ({len(st.audits)})", title_justify="left")
         for col in ("host", "audited", "disagreements", "leases"):

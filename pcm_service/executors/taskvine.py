@@ -2,11 +2,13 @@
 a Library whose context function starts the engine once per library process (the weights a
 cached, peer-transferable input), and each leased batch becomes one FunctionCall.
 
-The leases are held by one worker record of kind ``vine_manager``: TaskVine, not PCM, decides
-which worker runs a call and reruns the calls of a worker it lost, so a batch stays leased
-until its call answers. Each answer is recorded through the core like an agent's report
-(first result per row wins), so exactly-once, ordering, output files and OpenAI batches work
-unchanged. A call that fails (its library died) hands its rows back with a crash counted.
+How it keeps the executor contract (executors/base.py): its own loop takes the leases, under
+one worker record of kind ``vine_manager``; TaskVine, not PCM, decides which worker runs a
+call and reruns the calls of a worker it lost, so a batch stays leased until its call answers.
+Each answer is reported through the core like an agent's report (first result per row wins),
+so exactly-once, ordering, output files and OpenAI batches work unchanged. A call that fails
+(its library died) hands its rows back with a crash counted. Its workers' states are reported
+from the manager's view of them (vine_pool: registered, heartbeated, retired).
 
 A worker's answer is data, never code (vine_answers): the service reads the call's raw output
 file, never ndcctools' ``task.output`` (which unpickles it). An answer that is not plain data
@@ -30,12 +32,14 @@ from pcm_service.executors.base import Executor
 from pcm_service.executors.vine_answers import CallAnswer, UntrustedAnswer, call_answer
 from pcm_service.executors.vine_pool import VineWorkers
 from pcm_service.protocol import (
+    TASKVINE_PORT,
     BatchLease,
     BatchReport,
     ContextSpec,
     ContextState,
     ExecutorInfo,
     ExecutorKind,
+    ExecutorStatus,
     Heartbeat,
     LeaseRequest,
     ModelManifest,
@@ -61,7 +65,7 @@ class VineFunctions:
 
 @dataclass(frozen=True)
 class TaskVineSettings:
-    port: int = 9123  # TaskVine's default manager port; 0: any free one
+    port: int = TASKVINE_PORT  # 0: any free one
     project: Optional[str] = None  # the manager's project name (vine_worker -M, vine_status)
     calls_per_worker: int = 2  # calls kept submitted per worker: one running, one ready behind it
     engine: str = "vllm"
@@ -93,14 +97,18 @@ def library_resources(spec: ContextSpec, gpu_pool: bool) -> dict[str, int]:
 
 
 class TaskVineExecutor(Executor):
+    """The service's TaskVine manager: its loop leases, TaskVine runs, its answers are reported;
+    its workers' records follow the manager's view of them (vine_pool)."""
+
     kind = ExecutorKind.TASKVINE
+    worker_kind = WorkerKind.VINE_WORKER
 
     def __init__(self, core: ServiceCore, password: str, functions: VineFunctions,
                  settings: TaskVineSettings = TaskVineSettings()) -> None:
         import ndcctools.taskvine as vine
 
+        super().__init__(core)
         self.vine = vine
-        self.core = core
         self.settings = settings
         self.functions = functions
         run_dir = core.state_dir / "taskvine"
@@ -123,16 +131,23 @@ class TaskVineExecutor(Executor):
         self.holder = ""
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._status = TaskVineStatus(port=self.port, project=settings.project)
+        self._status = ExecutorStatus(kind=self.kind, taskvine=TaskVineStatus(port=self.port,
+                                                                              project=settings.project))
         self._thread = threading.Thread(target=self._run, name="pcm-taskvine", daemon=True)
 
     def info(self) -> ExecutorInfo:
         return ExecutorInfo(kind=self.kind, port=self.port, project=self.settings.project,
                             ssl=self.settings.ssl is not None)
 
-    def status(self) -> TaskVineStatus:
+    def status(self) -> ExecutorStatus:
+        """As of the loop's last sync with the manager (once a second)."""
         with self._lock:
             return self._status
+
+    def describe(self) -> str:
+        project = f", project {self.settings.project}" if self.settings.project else ""
+        return (f"executor: TaskVine manager on port {self.port}{project} (workers: vine_worker --password"
+                " POOL_TOKEN_FILE, or glideins running `pcm worker`)")
 
     def start(self) -> None:
         for old in self.core.live_workers(WorkerKind.VINE_MANAGER):  # a previous run's leases go back
@@ -332,10 +347,13 @@ class TaskVineExecutor(Executor):
 
     def _publish(self, views: list[dict[str, Any]]) -> None:
         stats = self.m.stats
-        status = TaskVineStatus(
-            port=self.port, project=self.settings.project, workers_connected=len(views),
-            calls_waiting=stats.tasks_waiting, calls_running=stats.tasks_running,
-            libraries_installed=sorted(self.libraries),
-            workers=self.pool.views(self._call_contexts()))
+        workers = self.pool.views(self._call_contexts())
+        status = ExecutorStatus(
+            kind=self.kind, workers_known=len(workers), workers_connected=len(views),
+            workers_busy=sum(w.calls_running > 0 for w in workers), batches_in_flight=len(self.calls),
+            taskvine=TaskVineStatus(
+                port=self.port, project=self.settings.project, workers_connected=len(views),
+                calls_waiting=stats.tasks_waiting, calls_running=stats.tasks_running,
+                libraries_installed=sorted(self.libraries), workers=workers))
         with self._lock:
             self._status = status

@@ -25,7 +25,9 @@ from pcm_service.protocol.base import (
 )
 from pcm_service.protocol.executors import (
     GLIDEIN_IN_OS,
+    TASKVINE_PORT,
     ExecutorInfo,
+    ExecutorStatus,
     TaskVineStatus,
     VineWorkerView,
     glidein_os,
@@ -138,6 +140,7 @@ __all__ = [
     "ErrorCode",
     "ErrorItem",
     "ExecutorInfo",
+    "ExecutorStatus",
     "ExecutorKind",
     "FactoryDecision",
     "FactoryLimits",
@@ -187,6 +190,7 @@ __all__ = [
     "Strict",
     "StructuredOutput",
     "SubmitResponse",
+    "TASKVINE_PORT",
     "TaskVineStatus",
     "TokenLogprob",
     "TopLogprob",

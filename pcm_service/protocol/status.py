@@ -6,7 +6,7 @@ from typing import Optional
 from pydantic import Field
 
 from pcm_service.protocol.base import Count, Strict
-from pcm_service.protocol.executors import TaskVineStatus
+from pcm_service.protocol.executors import ExecutorStatus
 from pcm_service.protocol.factory import Demand, Glidein
 from pcm_service.protocol.states import ContextState, WorkerKind, WorkerState
 from pcm_service.protocol.weights import EnvironmentFetch, FetchProgress, TransferStats
@@ -46,5 +46,5 @@ class ServiceStatus(Strict):
     glideins: list[Glidein] = Field(default_factory=list)  # from the factories' last reports
     transfers: TransferStats = Field(default_factory=TransferStats)
     bootstrapping: list[EnvironmentFetch] = Field(default_factory=list)  # glideins fetching the environment
-    taskvine: Optional[TaskVineStatus] = None  # the manager's view, with `pcm serve --executor taskvine`
+    executor: Optional[ExecutorStatus] = None  # the executor's view (the API adds it; the core has none)
     audits: list[HostAudit] = Field(default_factory=list)  # hosts audited or barred
