@@ -47,7 +47,7 @@ lint: $(STAMP)
 
 # the documentation site (docs/, mkdocs.yml): --strict fails on a broken link, a missing page or a stale generated page
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
 
 # tests/test_taskvine.py: built first when the cctools tarball is there, skipped (with the reason) otherwise
 test: lint docs $(if $(wildcard $(CCTOOLS_SRC)),$(TASKVINE))
