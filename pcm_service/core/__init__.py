@@ -1,11 +1,13 @@
 """The service core: workloads, batches, leases, results, workers, factories, demand.
 
-``ServiceCore`` (``service.py``) is the facade; each module beside it holds one part of its
-policy: ``workloads``, ``models`` (served by name), ``batches`` (OpenAI Files and Batches),
-``workers``, ``leasing``, ``pool_ops`` (factories and demand), with
-``results`` (final results, requeues, the output file), ``views`` (status records),
-``demand`` (how many workers the work needs), ``factories`` (their limits and reports) and
-``config`` (every default).
+``ServiceCore`` (``service.py``) is the facade, composed of parts that each get what they need
+in their constructors (its docstring draws the graph) and listing every public method by the
+part that owns it: ``workloads``, ``models`` (served by name), ``batches`` (OpenAI Files and
+Batches), ``workers``, ``leasing`` (with ``placement`` and ``audit``), ``pool_ops`` (factories
+and demand), ``overview`` (status and history). Beside them: ``results`` (final results,
+requeues, the output file: functions of an open transaction), ``views`` (status records),
+``demand`` (how many workers the work needs), ``factories`` (their limits and reports),
+``errors`` (every error the core raises) and ``config`` (every default).
 """
 from __future__ import annotations
 

@@ -29,8 +29,8 @@ import json
 import sqlite3
 from typing import Optional
 
-from pcm_service.core.base import CoreBase
 from pcm_service.core.results import maybe_complete, requeue, row_identity
+from pcm_service.core.trust import WorkerTrust
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
     BatchReport,
@@ -40,7 +40,7 @@ from pcm_service.protocol import (
     WorkloadState,
 )
 from pcm_service.protocol.status import HostAudit
-from pcm_service.store import MANAGER_KIND, RUNS_ROWS, in_list
+from pcm_service.store import MANAGER_KIND, RUNS_ROWS, Store, in_list
 
 
 def sampled_for_audit(batch_id: int, fraction: float) -> bool:
@@ -55,15 +55,20 @@ def _greedy(workload_sampling: SamplingSettings, request: Optional[str]) -> bool
     return bool(temperature == 0)
 
 
-class AuditOps(CoreBase):
-    """Audit copies of finished batches, their results, strikes and barred hosts."""
+class Audits:
+    """Audit copies of finished batches, their results, strikes and barred hosts. The lease
+    side (core/leasing.py) calls ``maybe_audit`` as a batch finishes and ``record_audit`` with
+    an audit copy's report, inside its own transaction."""
+
+    def __init__(self, store: Store, trust: WorkerTrust) -> None:
+        self.store, self.trust = store, trust
 
     def _barred(self, db: sqlite3.Connection, w: sqlite3.Row) -> bool:
         return db.execute("SELECT 1 FROM barred_hosts WHERE host=?", (row_identity(w),)).fetchone() is not None
 
-    def _maybe_audit(self, db: sqlite3.Connection, now: float, batch_id: int) -> None:
+    def maybe_audit(self, db: sqlite3.Connection, now: float, batch_id: int) -> None:
         """A batch just finished: if sampled, queue its audit copy, for a worker of another host."""
-        trust = self.config.trust
+        trust = self.trust
         if not sampled_for_audit(batch_id, trust.audit_fraction):
             return
         b = db.execute("SELECT b.workload_id, b.context_id, w.host, w.address, w.worker_id FROM batches b"
@@ -79,7 +84,7 @@ class AuditOps(CoreBase):
                    " created_at) VALUES (?,?,?,?,?,?)",
                    (audit, batch_id, b["workload_id"], b["worker_id"], row_identity(b), now))
 
-    def _record_audit(self, db: sqlite3.Connection, now: float, worker_id: str, b: sqlite3.Row,
+    def record_audit(self, db: sqlite3.Connection, now: float, worker_id: str, b: sqlite3.Row,
                       rep: BatchReport) -> None:
         """An auditor's answers: kept aside; once every row has one, compared with the original's."""
         if db.execute("SELECT state FROM batches WHERE batch_id=?", (b["batch_id"],)).fetchone()[0] \
@@ -109,7 +114,7 @@ class AuditOps(CoreBase):
             if r["error"] is None and r["audit_error"] is None and _greedy(sampling, r["request"]):
                 compared += 1
                 matched += r["text"] == r["audit_text"]
-        agreed = compared == 0 or matched >= self.config.trust.audit_agreement * compared
+        agreed = compared == 0 or matched >= self.trust.audit_agreement * compared
         auditor = db.execute("SELECT host, address FROM workers WHERE worker_id=?", (worker_id,)).fetchone()
         auditor_host = row_identity(auditor)
         db.execute("UPDATE audits SET auditor_worker=?, auditor_host=?, rows_compared=?, rows_matched=?,"
@@ -150,7 +155,7 @@ class AuditOps(CoreBase):
     def _strike(self, db: sqlite3.Connection, now: float, host: str, audit_batch: int) -> None:
         db.execute("INSERT OR IGNORE INTO strikes (host, audit_batch, at) VALUES (?,?,?)", (host, audit_batch, now))
         if db.execute("SELECT COUNT(*) FROM strikes WHERE host=?", (host,)).fetchone()[0] \
-                >= self.config.trust.audit_bar_after:
+                >= self.trust.audit_bar_after:
             self._bar(db, now, host)
 
     def _bar(self, db: sqlite3.Connection, now: float, host: str) -> None:

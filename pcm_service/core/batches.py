@@ -10,7 +10,7 @@ import json
 import sqlite3
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from pcm_service.batchapi.lines import check_batch_file, read_batch_rows
 from pcm_service.batchapi.objects import (
@@ -21,9 +21,10 @@ from pcm_service.batchapi.objects import (
     FileObject,
     RequestCounts,
 )
-from pcm_service.core.base import CoreBase
 from pcm_service.core.errors import Conflict, NoChatTemplate, UnknownModel, UnknownObject
-from pcm_service.core.results import end_workload
+from pcm_service.core.models import Models
+from pcm_service.core.results import end_workload, settle_cancelling
+from pcm_service.core.workloads import Workloads
 from pcm_service.protocol import (
     BatchEndpoint,
     BatchState,
@@ -33,6 +34,7 @@ from pcm_service.protocol import (
     SamplingSettings,
     WorkloadState,
 )
+from pcm_service.store import Store
 from pcm_service.tokens import private_dir
 from pcm_service.weights.modelpaths import ModelUnavailable
 
@@ -79,9 +81,17 @@ def _batch_object(b: sqlite3.Row, wl: Optional[sqlite3.Row]) -> BatchObject:
     return obj
 
 
-class BatchOps(CoreBase):
+class OpenAIBatches:
+    """OpenAI's Files and Batches: uploads, batches checked then run as workloads, cancels, expiry."""
+
+    def __init__(self, store: Store, clock: Callable[[], float], state_dir: Path, models: Models,
+                 workloads: Workloads) -> None:
+        self.store, self.clock, self.state_dir = store, clock, state_dir
+        self.models, self.workloads = models, workloads
+
     @property
     def files_dir(self) -> Path:
+        """Where uploads and batch results are kept."""
         return private_dir(self.state_dir / "files")  # uploads hold prompts: 0700, as the state dir
 
     # Files
@@ -156,15 +166,15 @@ class BatchOps(CoreBase):
             return self.fail_batch(batch_id, [BatchErrorItem(code="invalid_request", message=str(e),
                                                               param="input_file_id")])
         endpoint = BatchEndpoint(b["endpoint"])
-        summary = check_batch_file(path, endpoint, self.has_model)
+        summary = check_batch_file(path, endpoint, self.models.has_model)
         if summary.errors:
             return self.fail_batch(batch_id, [BatchErrorItem(code=e.code, message=e.message, param=e.param,
                                                               line=e.line) for e in summary.errors])
         assert summary.model is not None
         try:
-            context = self.context_of(summary.model, None)
+            context = self.workloads.context_of(summary.model, None)
             if summary.has_chat:
-                self.check_chat(context, summary.model)
+                self.workloads.check_chat(context, summary.model)
         except (UnknownModel, ModelUnavailable) as e:
             code = "model_not_found" if isinstance(e, UnknownModel) else "invalid_request"
             return self.fail_batch(batch_id, [BatchErrorItem(code=code, message=str(e), param="body.model")])
@@ -174,7 +184,7 @@ class BatchOps(CoreBase):
         out_dir = self.files_dir
         spec = OpenAIOutput(endpoint=endpoint, error_output=str(out_dir / f"{batch_id}.errors.jsonl"),
                             batch_id=batch_id, expires_at=b["expires_at"])
-        sub = self.insert_workload(batch_id, context, summary.model, SamplingSettings(), BATCH_SIZE,
+        sub = self.workloads.insert_workload(batch_id, context, summary.model, SamplingSettings(), BATCH_SIZE,
                                    str(out_dir / f"{batch_id}.output.jsonl"), spec,
                                    read_batch_rows(path, endpoint))
         with self.store.transaction() as db:
@@ -237,22 +247,14 @@ class BatchOps(CoreBase):
                    (WorkloadState.CANCELLING.value, wl_id, WorkloadState.RUNNING.value))
         db.execute("UPDATE batches SET state=? WHERE workload_id=? AND state=?",
                    (BatchState.CANCELLED.value, wl_id, BatchState.QUEUED.value))
-        self._settle_cancelling(db, now, wl_id)
-
-    def _settle_cancelling(self, db: sqlite3.Connection, now: float, wl_id: Optional[str] = None) -> None:
-        """Cancelling workloads (all, or ``wl_id``) with no batch in flight any more end cancelled."""
-        for r in db.execute("SELECT workload_id FROM workloads w WHERE state=? AND (?2 IS NULL OR workload_id=?2)"
-                            " AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.workload_id=w.workload_id"
-                            " AND b.state=?3)",
-                            (WorkloadState.CANCELLING.value, wl_id, BatchState.LEASED.value)).fetchall():
-            end_workload(db, now, r["workload_id"], WorkloadState.CANCELLED, RowErrorCode.CANCELLED)
+        settle_cancelling(db, now, wl_id)
 
     def settle_workloads(self) -> None:
         """Housekeeping (each reaper cycle): finish cancellations whose batches came back, and
         expire workloads whose completion window passed."""
         now = self.clock()
         with self.store.transaction() as db:
-            self._settle_cancelling(db, now)
+            settle_cancelling(db, now)
             for r in db.execute("SELECT workload_id, openai FROM workloads WHERE state IN (?, ?)"
                                 " AND openai IS NOT NULL", (WorkloadState.RUNNING.value,
                                                             WorkloadState.CANCELLING.value)).fetchall():

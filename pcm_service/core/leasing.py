@@ -3,13 +3,25 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from functools import lru_cache
-from typing import Optional
+from typing import Callable, Optional
 
-from pcm_service.core.audit import AuditOps
+from pcm_service.core.audit import Audits
+from pcm_service.core.config import ServiceConfig
+from pcm_service.core.demand import ThroughputMeter
 from pcm_service.core.errors import Refused, UnknownBatch
-from pcm_service.core.placement import PlacementOps
-from pcm_service.core.results import ROW_OF_BATCH, count_done, fail_rows, requeue, row_identity, settle_batch
+from pcm_service.core.placement import Placement
+from pcm_service.core.results import (
+    ROW_OF_BATCH,
+    count_done,
+    fail_rows,
+    requeue,
+    row_identity,
+    settle_batch,
+    settle_cancelling,
+)
+from pcm_service.core.workers import live_worker
 from pcm_service.protocol import (
     OPEN_BATCH_STATES,
     BatchLease,
@@ -19,7 +31,6 @@ from pcm_service.protocol import (
     ContextSpec,
     ContextState,
     ErrorCode,
-    Heartbeat,
     LeaseRequest,
     LeaseResponse,
     ReportResponse,
@@ -30,7 +41,7 @@ from pcm_service.protocol import (
     WorkerState,
     WorkloadState,
 )
-from pcm_service.store import in_list
+from pcm_service.store import Store, in_list
 
 
 def row_task(r: sqlite3.Row) -> RowTask:
@@ -50,19 +61,19 @@ def sampling_of(stored: str) -> SamplingSettings:
     return SamplingSettings.model_validate_json(stored)
 
 
-class LeaseOps(PlacementOps, AuditOps):
+class Leasing:
     """Lease batches of the loaded context (or say what to load), record row results."""
 
-    def _reconcile(self, db: sqlite3.Connection, worker_id: str, hb: Heartbeat) -> None:
-        """Requeue batches leased to this worker in a response it has seen but that it no longer
-        holds (a report lost for good, a lease answered just before a service crash)."""
-        held, ids = in_list(hb.batches)
-        requeue(db, f"worker_id=? AND lease_seq<=? AND batch_id NOT IN {held}", (worker_id, hb.lease_seq, *ids))
+    def __init__(self, store: Store, clock: Callable[[], float], config: ServiceConfig, throughput: ThroughputMeter,
+                 placement: Placement, audits: Audits) -> None:
+        self.store, self.clock, self.config, self.throughput = store, clock, config, throughput
+        self.placement, self.audits = placement, audits
+        self.progress = threading.Condition()  # notified once row results are committed
 
     def _assign(self, db: sqlite3.Connection, worker_id: str, current: Optional[str] = None) -> Optional[ContextSpec]:
         """Place the worker and record it as fetching the context at once, so the next worker
         asking counts it among that context's workers before its first heartbeat says so."""
-        spec = self._place(db, worker_id, current)
+        spec = self.placement.place(db, worker_id, current)
         if spec is not None:
             db.execute("UPDATE workers SET context_id=?, context_state=?, assigned_context=? WHERE worker_id=?",
                        (spec.context_id, ContextState.FETCHING.value, spec.context_id, worker_id))
@@ -81,7 +92,7 @@ class LeaseOps(PlacementOps, AuditOps):
         """Lease up to ``max_batches`` of the worker's loaded context, or tell it what to load."""
         now = self.clock()
         with self.store.transaction() as db:
-            w = self._live_worker(db, worker_id)
+            w = live_worker(db, worker_id)
             if w["state"] == WorkerState.DRAINING.value or w["barred"]:
                 return LeaseResponse()  # it asked to retire, or its host failed an audit: no new work
             if req.context_id is None or req.context_state != ContextState.READY:
@@ -164,7 +175,7 @@ class LeaseOps(PlacementOps, AuditOps):
                        (rep.batch_id,)).fetchone()
         if b["audit_of"] is not None:  # an auditor's answers are compared, never a row's result
             if b["worker_id"] == worker_id:
-                self._record_audit(db, now, worker_id, b, rep)
+                self.audits.record_audit(db, now, worker_id, b, rep)
             return 0
         done, pending, rejected = RowState.DONE.value, RowState.PENDING.value, RowErrorCode.REJECTED.value
         counts = [0, 0]  # first results: texts, errors
@@ -182,7 +193,7 @@ class LeaseOps(PlacementOps, AuditOps):
         accepted = counts[0] + counts[1]
         settled = bool(accepted) and settle_batch(db, rep.batch_id)
         if settled:  # before counting: completion waits for its audit
-            self._maybe_audit(db, now, rep.batch_id)
+            self.audits.maybe_audit(db, now, rep.batch_id)
         state = count_done(db, now, b["workload_id"], accepted, counts[1])
         if rep.crashed:
             self._count_crashes(db, now, b, rep.crashed)  # may fail its last pending rows
@@ -191,7 +202,7 @@ class LeaseOps(PlacementOps, AuditOps):
         if not settled and (rep.returned or rep.crashed) and b["worker_id"] == worker_id:
             requeue(db, "batch_id=?", (rep.batch_id,))
         if state != WorkloadState.RUNNING:  # (None: nothing counted, its state unread)
-            self._settle_cancelling(db, now, b["workload_id"])
+            settle_cancelling(db, now, b["workload_id"])
         return accepted
 
     def _count_crashes(self, db: sqlite3.Connection, now: float, b: sqlite3.Row, idx: list[int]) -> None:
@@ -206,10 +217,10 @@ class LeaseOps(PlacementOps, AuditOps):
                       " running this row; not retried", poisoned)
 
     def _notify_progress(self) -> None:
-        with self._progress:
-            self._progress.notify_all()
+        with self.progress:
+            self.progress.notify_all()
 
     def wait_for_progress(self, timeout: float) -> None:
         """Block until some row result arrives (or ``timeout``): lets in-process callers await progress."""
-        with self._progress:
-            self._progress.wait(timeout)
+        with self.progress:
+            self.progress.wait(timeout)

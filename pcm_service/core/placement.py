@@ -15,10 +15,9 @@ import sqlite3
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from statistics import mean
-from typing import Optional
+from typing import Callable, Optional
 
-from pcm_service.core.base import CoreBase
-from pcm_service.core.demand import DemandPolicy
+from pcm_service.core.demand import DemandPolicy, ThroughputMeter
 from pcm_service.core.views import load_time, time_to_ready
 from pcm_service.protocol import (
     STAYING_WORKER_STATES,
@@ -28,7 +27,7 @@ from pcm_service.protocol import (
     WorkloadState,
 )
 from pcm_service.store import MANAGER_KIND, RUNS_ROWS, in_list
-from pcm_service.weights.replicas import held_by
+from pcm_service.weights.replicas import ReplicaMap, held_by
 
 # a worker in one of these is (or soon will be) running its context
 WARM_CONTEXT_STATES = (ContextState.FETCHING, ContextState.CACHED, ContextState.LOADING, ContextState.READY)
@@ -76,10 +75,14 @@ def choose_context(options: list[ContextWork], time_to_ready: float, load_time: 
     return max(worth, key=lambda c: (c.warm == 0, c.cached, share(c), -c.first_batch)).spec
 
 
-class PlacementOps(CoreBase):
+class Placement:
     """The service's side of placement: the work, warm workers, rates and caches it decides on."""
 
-    def _place(self, db: sqlite3.Connection, worker_id: str, current: Optional[str] = None) -> Optional[ContextSpec]:
+    def __init__(self, clock: Callable[[], float], throughput: ThroughputMeter, policy: DemandPolicy,
+                 replicas: ReplicaMap) -> None:
+        self.clock, self.throughput, self.policy, self.replicas = clock, throughput, policy, replicas
+
+    def place(self, db: sqlite3.Connection, worker_id: str, current: Optional[str] = None) -> Optional[ContextSpec]:
         """The context ``worker_id`` should load next (None: none worth a start); ``current``
         is the one it has loaded (its own work there is done)."""
         queued = {r["context_id"]: (r["n"], r["first"]) for r in db.execute(
@@ -116,7 +119,7 @@ class PlacementOps(CoreBase):
                                warm=warm[c], rate=mean(by_context[c]) if by_context[c] else pool_rate,
                                cached=bool(held) and self._holds_model(held, specs[c]))
                    for c, (n, first) in queued.items()]
-        policy = self.ramp.policy
+        policy = self.policy
         t_ready = time_to_ready(db) or policy.ready_estimate
         return choose_context(options, t_ready, load_time(db) or t_ready, policy, switching=current is not None)
 

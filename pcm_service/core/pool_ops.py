@@ -1,8 +1,10 @@
 """The factory's side of the service: limits, reports of glideins, demand."""
 from __future__ import annotations
 
-from pcm_service.core.base import CoreBase
-from pcm_service.core.demand import make_demand
+from typing import Callable
+
+from pcm_service.core.demand import Ramp, ThroughputMeter, make_demand
+from pcm_service.core.factories import FactoryRegistry
 from pcm_service.core.views import demand_inputs
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
@@ -13,11 +15,19 @@ from pcm_service.protocol import (
     GlideinState,
     WorkerState,
 )
-from pcm_service.store import in_list
+from pcm_service.store import Store, in_list
+
+Retire = Callable[[str, WorkerState], int]  # Workers.retire: a worker gone, its batches requeued
 
 
-class FactoryOps(CoreBase):
-    """Limits and reports for the factories, and the demand they follow."""
+class Pool:
+    """Limits and reports for the factories, and the demand they follow. ``retire``: what a
+    worker whose glidein exited goes through (the workers' part owns it)."""
+
+    def __init__(self, store: Store, clock: Callable[[], float], factories: FactoryRegistry,
+                 throughput: ThroughputMeter, ramp: Ramp, retire: Retire) -> None:
+        self.store, self.clock, self.factories = store, clock, factories
+        self.throughput, self.ramp, self.retire = throughput, ramp, retire
 
     def factory_limits(self) -> FactoryLimits:
         return self.factories.limits()

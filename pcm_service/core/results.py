@@ -1,4 +1,5 @@
-"""Row results inside a service transaction: final results, requeues, the output files.
+"""Row results inside a service transaction: final results, requeues, the output files (plain
+functions of the open transaction, shared by the parts of the core that end rows or batches).
 
 Every row ends with exactly one final result: the first one recorded wins (a row is only
 updated while ``pending``), and the output is written once, atomically, in input order:
@@ -20,6 +21,7 @@ from pcm_service.protocol import (
     OPEN_BATCH_STATES,
     BatchState,
     Choice,
+    Heartbeat,
     OpenAIOutput,
     RowErrorCode,
     RowState,
@@ -110,6 +112,22 @@ def requeue(db: sqlite3.Connection, where: str, params: Sequence[Any], lost: int
         f" THEN ? ELSE ? END, worker_id=NULL, losses=losses+? WHERE state=? AND {where}",
         (WorkloadState.CANCELLING.value, BatchState.CANCELLED.value, BatchState.QUEUED.value, lost,
          BatchState.LEASED.value, *params)).rowcount
+
+
+def reconcile(db: sqlite3.Connection, worker_id: str, hb: Heartbeat) -> None:
+    """Requeue batches leased to this worker in a response it has seen but that it no longer
+    holds (a report lost for good, a lease answered just before a service crash)."""
+    held, ids = in_list(hb.batches)
+    requeue(db, f"worker_id=? AND lease_seq<=? AND batch_id NOT IN {held}", (worker_id, hb.lease_seq, *ids))
+
+
+def settle_cancelling(db: sqlite3.Connection, now: float, wl_id: Optional[str] = None) -> None:
+    """Cancelling workloads (all, or ``wl_id``) with no batch in flight any more end cancelled."""
+    for r in db.execute("SELECT workload_id FROM workloads w WHERE state=? AND (?2 IS NULL OR workload_id=?2)"
+                        " AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.workload_id=w.workload_id"
+                        " AND b.state=?3)",
+                        (WorkloadState.CANCELLING.value, wl_id, BatchState.LEASED.value)).fetchall():
+        end_workload(db, now, r["workload_id"], WorkloadState.CANCELLED, RowErrorCode.CANCELLED)
 
 
 def end_workload(db: sqlite3.Connection, now: float, wl_id: str, state: WorkloadState, code: RowErrorCode) -> None:

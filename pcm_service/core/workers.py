@@ -4,11 +4,13 @@ from __future__ import annotations
 import hmac
 import sqlite3
 import uuid
-from typing import Optional
+from typing import Callable, Optional
 
-from pcm_service.core.base import CoreBase
+from pcm_service.core.config import ServiceConfig
+from pcm_service.core.demand import ThroughputMeter
 from pcm_service.core.errors import Refused, UnknownWorker
-from pcm_service.core.results import fail_rows, requeue
+from pcm_service.core.factories import FactoryRegistry
+from pcm_service.core.results import fail_rows, reconcile, requeue
 from pcm_service.core.trust import audit_address, check_blob_url
 from pcm_service.protocol import (
     LIVE_WORKER_STATES,
@@ -30,12 +32,31 @@ from pcm_service.protocol import (
     WorkerRegistration,
     WorkerState,
 )
-from pcm_service.store import MANAGER_KIND, RUNS_ROWS, in_list
+from pcm_service.store import MANAGER_KIND, RUNS_ROWS, Store, in_list
 from pcm_service.tokens import new_worker_token, worker_token_digest
+from pcm_service.weights.replicas import ReplicaMap
 
 
-class WorkerOps(CoreBase):
+def live_worker(db: sqlite3.Connection, worker_id: str) -> sqlite3.Row:
+    """The worker's row, if it is live (with ``barred``: its host failed audits, core/audit.py,
+    read here to spare the lease a statement); else raises UnknownWorker saying why."""
+    w = db.execute("SELECT *, EXISTS (SELECT 1 FROM barred_hosts b WHERE b.host=COALESCE(workers.address,"
+                   " workers.host)) AS barred FROM workers WHERE worker_id=?", (worker_id,)).fetchone()
+    if w is None:
+        raise UnknownWorker(worker_id)
+    if w["state"] not in LIVE_WORKER_STATES:
+        raise UnknownWorker(worker_id, WorkerState(w["state"]))
+    return w
+
+
+class Workers:
     """The life of a worker as the service sees it, and the weights it fetches."""
+
+    def __init__(self, store: Store, clock: Callable[[], float], config: ServiceConfig, replicas: ReplicaMap,
+                 factories: FactoryRegistry, throughput: ThroughputMeter) -> None:
+        self.store, self.clock, self.config = store, clock, config
+        self.replicas, self.factories, self.throughput = replicas, factories, throughput
+        self.tokens: dict[str, str] = {}  # worker → its credential's digest (a cache of the table)
 
     def register(self, reg: WorkerRegistration, client_host: Optional[str] = None) -> RegisterResponse:
         """A new worker and its own credential (the service keeps only its digest). ``client_host``:
@@ -55,7 +76,7 @@ class WorkerOps(CoreBase):
                  WorkerState.STARTING.value, ContextState.ABSENT.value, now, now, now, reg.environment or None,
                  digest, audit_address(client_host)))
             self.replicas.add_worker(db, worker_id, reg, client_host)
-        self._worker_tokens[worker_id] = digest
+        self.tokens[worker_id] = digest
         return RegisterResponse(worker_id=worker_id, worker_token=token,
                                 heartbeat_interval=self.config.heartbeat_interval,
                                 idle_timeout=self.config.idle_timeout)
@@ -76,31 +97,21 @@ class WorkerOps(CoreBase):
 
     def worker_token_matches(self, worker_id: str, token: str) -> Optional[bool]:
         """Whether ``token`` is ``worker_id``'s own credential; None for a worker never registered."""
-        digest = self._worker_tokens.get(worker_id)
+        digest = self.tokens.get(worker_id)
         if digest is None:
             with self.store.read() as db:
                 row = db.execute("SELECT token_hash FROM workers WHERE worker_id=?", (worker_id,)).fetchone()
             if row is None:
                 return None
             digest = row[0] or ""  # a worker registered before credentials existed: re-registers
-            self._worker_tokens[worker_id] = digest
+            self.tokens[worker_id] = digest
         return bool(digest) and hmac.compare_digest(worker_token_digest(token), digest)
-
-    def _live_worker(self, db: sqlite3.Connection, worker_id: str) -> sqlite3.Row:
-        # barred: its host failed audits (core/audit.py), read here to spare the lease a statement
-        w = db.execute("SELECT *, EXISTS (SELECT 1 FROM barred_hosts b WHERE b.host=COALESCE(workers.address,"
-                       " workers.host)) AS barred FROM workers WHERE worker_id=?", (worker_id,)).fetchone()
-        if w is None:
-            raise UnknownWorker(worker_id)
-        if w["state"] not in LIVE_WORKER_STATES:
-            raise UnknownWorker(worker_id, WorkerState(w["state"]))
-        return w
 
     def heartbeat(self, worker_id: str, hb: Heartbeat) -> HeartbeatResponse:
         now = self.clock()
         limits = self.factories.explicit_limits()
         with self.store.transaction() as db:
-            w = self._live_worker(db, worker_id)
+            w = live_worker(db, worker_id)
             state = (WorkerState.DRAINING if hb.draining or w["state"] == WorkerState.DRAINING.value else
                      WorkerState.BUSY if hb.inflight_batches else
                      # an engine that failed to start, with nothing in flight: idle, removable
@@ -112,7 +123,7 @@ class WorkerOps(CoreBase):
                 " last_busy=? WHERE worker_id=?",
                 (state.value, hb.context_id, hb.context_state.value, hb.inflight_batches, now,
                  last_busy, worker_id))
-            self._reconcile(db, worker_id, hb)
+            reconcile(db, worker_id, hb)
             # with no limits set, no factory manages this pool: workers started by hand all stay
             retire = (limits is not None and state != WorkerState.DRAINING
                       and worker_id in self._surplus_workers(db, limits.max_workers))
@@ -133,9 +144,9 @@ class WorkerOps(CoreBase):
     def idle(self, worker_id: str, rep: IdleReport) -> RetireDecision:
         """An idle worker asks to retire: yes (and it starts draining, so two idle workers
         cannot both leave the pool below the minimum) unless the factory's minimum keeps it."""
-        min_workers = self.factory_limits().min_workers
+        min_workers = self.factories.limits().min_workers
         with self.store.transaction() as db:
-            self._live_worker(db, worker_id)
+            live_worker(db, worker_id)
             marks, states = in_list(STAYING_WORKER_STATES)
             staying = db.execute(f"SELECT COUNT(*) FROM workers WHERE state IN {marks} AND {RUNS_ROWS}",
                                  (*states, MANAGER_KIND)).fetchone()[0]
@@ -151,7 +162,7 @@ class WorkerOps(CoreBase):
         the context the service assigned that worker, else Refused, so a worker cannot fail a
         context it was never given. In-process callers (the TaskVine executor) saw the call."""
         with self.store.transaction() as db:
-            w = self._live_worker(db, worker_id)
+            w = live_worker(db, worker_id)
             if assigned_only and ev.context_id != w["assigned_context"]:
                 raise Refused(ErrorCode.CONTEXT_NOT_ASSIGNED, f"context {ev.context_id} is not the one assigned"
                               f" to worker {worker_id}", "context_id")
@@ -235,5 +246,5 @@ class WorkerOps(CoreBase):
     def fetch_plan(self, worker_id: str, req: FetchRequest) -> FetchPlan:
         """Record finished chunk transfers, then hand out sources for up to ``req.want`` more."""
         with self.store.read() as db:
-            self._live_worker(db, worker_id)
+            live_worker(db, worker_id)
         return self.replicas.plan(worker_id, req)

@@ -5,29 +5,27 @@ import json
 import uuid
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
-from pcm_service.core.audit import host_audits
-from pcm_service.core.base import CoreBase
+from pcm_service.core.config import ServiceConfig
 from pcm_service.core.errors import NoChatTemplate, OutputRefused, UnknownWorkload
-from pcm_service.core.views import worker_status, workload_status
+from pcm_service.core.models import Models
+from pcm_service.core.views import workload_status
 from pcm_service.protocol import (
-    LIVE_WORKER_STATES,
     BatchState,
     ContextSpec,
-    ContextState,
     OpenAIOutput,
     RowIn,
     SamplingSettings,
-    ServiceStatus,
     SubmitResponse,
     WorkloadHeader,
     WorkloadState,
     WorkloadStatus,
     WorkloadSubmission,
 )
-from pcm_service.store import MANAGER_KIND, RUNS_ROWS, in_list
+from pcm_service.store import Store, in_list
 from pcm_service.weights.modelpaths import has_chat_template, no_chat_template
+from pcm_service.weights.replicas import ReplicaMap
 
 STAGE_CHUNK = 2000  # rows per transaction while a workload streams in
 
@@ -64,13 +62,18 @@ def row_request(row: RowIn, default: SamplingSettings) -> Optional[str]:
     return json.dumps(extra) if extra else None
 
 
-class WorkloadOps(CoreBase):
-    """Submit workloads and report how they and the pool stand."""
+class Workloads:
+    """Submit workloads (their rows stored as they arrive) and report how one stands."""
+
+    def __init__(self, store: Store, clock: Callable[[], float], config: ServiceConfig, state_dir: Path,
+                 replicas: ReplicaMap, models: Models) -> None:
+        self.store, self.clock, self.config, self.state_dir = store, clock, config, state_dir
+        self.replicas, self.models = replicas, models
 
     def context_of(self, model: Optional[str], context: Optional[ContextSpec]) -> ContextSpec:
         """The context a submission names: a model directory, or a registered model's name.
         Raises UnknownModel or ModelUnavailable."""
-        spec = self.named_model(model).context() if model is not None else context
+        spec = self.models.named_model(model).context() if model is not None else context
         assert spec is not None
         spec = spec.model_copy(deep=True)
         spec.model_digest = self.replicas.register_model(spec.model).digest
@@ -79,6 +82,7 @@ class WorkloadOps(CoreBase):
         return spec
 
     def check_chat(self, context: ContextSpec, model: Optional[str]) -> None:
+        """Raises NoChatTemplate if chat rows cannot run on the context's model."""
         if not has_chat_template(context.model):
             raise NoChatTemplate(no_chat_template(model or context.model))
 
@@ -176,27 +180,9 @@ class WorkloadOps(CoreBase):
                 removed += len(ids)
 
     def workload_status(self, wl_id: str) -> WorkloadStatus:
+        """How one workload stands; raises UnknownWorkload."""
         with self.store.read() as db:
             r = db.execute("SELECT * FROM workloads WHERE workload_id=?", (wl_id,)).fetchone()
         if r is None:
             raise UnknownWorkload(wl_id)
         return workload_status(r, self.clock())
-
-    def status(self, include_gone: bool = False) -> ServiceStatus:
-        now = self.clock()
-        starts = self.library_starts()
-        live, states = in_list(LIVE_WORKER_STATES)
-        where, params = (f"WHERE {RUNS_ROWS}", [MANAGER_KIND]) if include_gone else (
-            f"WHERE {RUNS_ROWS} AND state IN {live}", [MANAGER_KIND, *states])
-        with self.store.read() as db:
-            workers = db.execute(f"SELECT * FROM workers {where} ORDER BY registered_at", params).fetchall()
-            workloads = db.execute("SELECT * FROM workloads ORDER BY created_at").fetchall()
-            audits = host_audits(db)
-        fetching = ContextState.FETCHING.value
-        return ServiceStatus(
-            workers=[worker_status(w, starts.get(w["worker_id"], 0), now,
-                                   self.replicas.progress(w["worker_id"])
-                                   if w["context_state"] == fetching else None) for w in workers],
-            workloads=[workload_status(r, now) for r in workloads],
-            demand=self.demand(), glideins=self.factories.glideins(now),
-            transfers=self.replicas.stats(), bootstrapping=self.replicas.bootstrap_progress(), audits=audits)

@@ -1,28 +1,63 @@
-"""A run over time from the service's records (worker state changes, engine starts, row
-finish times, chunk transfers): what `pcm report` plots. Counts are bucketed in SQL, so a
-million-row workload is a few hundred numbers."""
+"""What the service reports of itself: how the pool and its workloads stand now (`pcm status`),
+and a run over time from its records (worker state changes, engine starts, row finish times,
+chunk transfers): what `pcm report` plots. Counts are bucketed in SQL, so a million-row
+workload is a few hundred numbers."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
-from pcm_service.core.base import CoreBase
+from pcm_service.core.audit import host_audits
 from pcm_service.core.errors import UnknownWorkload
-from pcm_service.core.views import workload_status
+from pcm_service.core.factories import FactoryRegistry
+from pcm_service.core.views import worker_status, workload_status
 from pcm_service.protocol import (
+    LIVE_WORKER_STATES,
     ORIGIN,
     BytesMoved,
     ContextState,
+    Demand,
     EngineStart,
     RowsDone,
     RowState,
     RunHistory,
+    ServiceStatus,
     WorkerChange,
 )
+from pcm_service.store import MANAGER_KIND, RUNS_ROWS, Store, in_list
+from pcm_service.weights.replicas import ReplicaMap
 
 BUCKETS = 200  # rows-done and bytes buckets over the run
 
 
-class HistoryOps(CoreBase):
+class Overview:
+    """Reads only. ``library_starts`` (the workers' part) and ``demand`` (the pool's) are the
+    two numbers of other parts a status shows."""
+
+    def __init__(self, store: Store, clock: Callable[[], float], replicas: ReplicaMap, factories: FactoryRegistry,
+                 library_starts: Callable[[], dict[str, int]], demand: Callable[[], Demand]) -> None:
+        self.store, self.clock, self.replicas, self.factories = store, clock, replicas, factories
+        self.library_starts, self.demand = library_starts, demand
+
+    def status(self, include_gone: bool = False) -> ServiceStatus:
+        """Workers (live ones, or all with ``include_gone``), workloads, demand, glideins, transfers, audits."""
+        now = self.clock()
+        starts = self.library_starts()
+        live, states = in_list(LIVE_WORKER_STATES)
+        where, params = (f"WHERE {RUNS_ROWS}", [MANAGER_KIND]) if include_gone else (
+            f"WHERE {RUNS_ROWS} AND state IN {live}", [MANAGER_KIND, *states])
+        with self.store.read() as db:
+            workers = db.execute(f"SELECT * FROM workers {where} ORDER BY registered_at", params).fetchall()
+            workloads = db.execute("SELECT * FROM workloads ORDER BY created_at").fetchall()
+            audits = host_audits(db)
+        fetching = ContextState.FETCHING.value
+        return ServiceStatus(
+            workers=[worker_status(w, starts.get(w["worker_id"], 0), now,
+                                   self.replicas.progress(w["worker_id"])
+                                   if w["context_state"] == fetching else None) for w in workers],
+            workloads=[workload_status(r, now) for r in workloads],
+            demand=self.demand(), glideins=self.factories.glideins(now),
+            transfers=self.replicas.stats(), bootstrapping=self.replicas.bootstrap_progress(), audits=audits)
+
     def history(self, workload_id: Optional[str] = None, buckets: int = BUCKETS) -> RunHistory:
         """The whole service's run, or the span of one workload (the pool is shared, so its
         workers and transfers are the pool's during that span)."""
