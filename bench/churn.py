@@ -18,6 +18,7 @@ import sqlite3
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from factory.drill import EvictionSettings
 from pcm_service.cli.embedded import run_workload
@@ -26,8 +27,8 @@ from pcm_service.protocol import ContextSpec, EngineSettings, RowIn, SamplingSet
 
 REPO = Path(__file__).resolve().parent.parent
 
-ENGINE = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True,
-          "kv_cache_memory_bytes": 256 * 2**20}
+ENGINE: dict[str, Any] = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True,
+                          "kv_cache_memory_bytes": 256 * 2**20}
 
 
 def prompts(n: int) -> list[str]:

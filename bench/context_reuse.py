@@ -20,6 +20,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from pcm_service.cli.embedded import run_workload
 from pcm_service.protocol import ContextSpec, EngineSettings, RowIn, SamplingSettings, WorkloadSubmission
@@ -41,8 +42,8 @@ if __name__ == "__main__":
     json.dump({"start": t1 - t0, "generate": t2 - t1}, open(sys.argv[3], "w"))
 """
 
-ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True,
-          "kv_cache_memory_bytes": 256 * 2**20}
+ENGINE: dict[str, Any] = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True,
+                          "kv_cache_memory_bytes": 256 * 2**20}
 
 
 TINY_MODEL = REPO / "build/models/tiny-llama"

@@ -6,9 +6,10 @@ vLLM's OpenAI server maps it), independently of PCM's code.
 """
 import json
 import sys
+from typing import Any, Optional
 
 
-def structured(rf):  # type: ignore[no-untyped-def]
+def structured(rf: Optional[dict[str, Any]]) -> Any:
     from vllm.sampling_params import StructuredOutputsParams
 
     if rf is None:
@@ -18,7 +19,7 @@ def structured(rf):  # type: ignore[no-untyped-def]
     return StructuredOutputsParams(json=rf["json_schema"]["schema"])
 
 
-def sampling_params(body):  # type: ignore[no-untyped-def]
+def sampling_params(body: dict[str, Any]) -> Any:
     from vllm import SamplingParams
 
     limit = body.get("max_completion_tokens", body.get("max_tokens"))

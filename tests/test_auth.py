@@ -22,6 +22,7 @@ from pcm_service.protocol import FactoryReport
 from pcm_service.tokens import API, TokenError, client_token, create_token_file, read_token
 from tests.support.serve import ServeProcess
 from tests.support.waiting import wait_for
+from tests.support.workloads import WriteWorkload
 
 runner = CliRunner()
 # the routes without a token and what they answer without one: the status page holds no data
@@ -184,7 +185,7 @@ def in_empty_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
 
 
 def test_cli_without_or_with_a_wrong_token_says_what_to_do_and_changes_nothing(
-        serve: ServeProcess, write_workload, in_empty_dir: Path) -> None:
+        serve: ServeProcess, write_workload: WriteWorkload, in_empty_dir: Path) -> None:
     wl = str(write_workload())
     s = ["--service", serve.url]
     for cmd in (["submit", wl, *s], ["status", *s], ["factory", "set", *s, "--max", "9"], ["factory", "show", *s]):
@@ -201,7 +202,7 @@ def test_cli_without_or_with_a_wrong_token_says_what_to_do_and_changes_nothing(
     assert st["workloads"] == [] and serve.client().request("GET", "/factory/limits")["max_workers"] != 9
 
 
-def test_cli_finds_the_token_in_env_or_in_pcm_state_here(tmp_path: Path, write_workload,
+def test_cli_finds_the_token_in_env_or_in_pcm_state_here(tmp_path: Path, write_workload: WriteWorkload,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     serve = ServeProcess(tmp_path / "pcm-state").start()  # `pcm serve`'s default state dir name
     try:
@@ -220,7 +221,7 @@ def test_cli_finds_the_token_in_env_or_in_pcm_state_here(tmp_path: Path, write_w
         serve.stop()
 
 
-def test_status_views_and_logs_never_show_a_token(serve: ServeProcess, write_workload) -> None:
+def test_status_views_and_logs_never_show_a_token(serve: ServeProcess, write_workload: WriteWorkload) -> None:
     r = httpx.post(f"{serve.url}/v1/pcm/workers", json={"host": "h", "pid": 1, "glidein_id": "1.0"},
                    headers=bearer(serve.pool_token))
     assert r.status_code == 201

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pcm_service.core import ServiceConfig, ServiceCore
 from pcm_service.protocol import BatchReport, NamedModel, OpenAIBatchStatus
@@ -38,7 +39,7 @@ def batch_of(core: ServiceCore, tmp_path: Path, n: int) -> str:
     return b.id
 
 
-def lines_of(core: ServiceCore, file_id: str | None) -> list[dict]:  # type: ignore[type-arg]
+def lines_of(core: ServiceCore, file_id: str | None) -> list[dict[str, Any]]:
     assert file_id is not None
     return [json.loads(x) for x in core.file_path(file_id).read_text().splitlines()]
 

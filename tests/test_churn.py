@@ -26,7 +26,7 @@ KILLS = 2
 
 
 @pytest.fixture(scope="module")
-def drilled_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def drilled_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("churn")
     wl = write_engine_workload(tmp, tiny_model, N_ROWS)
     proc = subprocess.run([sys.executable, "-m", "pcm_service.cli", "run", str(wl), "--workers", "2",

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from pcm_service.core import ServiceConfig, ServiceCore, UnknownWorker
 from pcm_service.protocol import (
+    BatchLease,
     BatchReport,
     ContextSpec,
     ContextState,
     FactoryLimits,
     Heartbeat,
+    HeartbeatResponse,
     LeaseRequest,
     LibraryEvent,
     RowIn,
@@ -22,7 +25,7 @@ from pcm_service.protocol import (
     WorkloadState,
     WorkloadSubmission,
 )
-from tests.support.clock import FakeClock
+from tests.support.clock import FakeClock, clock_of
 from tests.support.models import fake_model
 
 
@@ -40,7 +43,7 @@ def ready_worker(core: ServiceCore, ctx: str) -> str:
     return wid
 
 
-def lease(core: ServiceCore, wid: str, ctx: str, n: int = 1):  # type: ignore[no-untyped-def]
+def lease(core: ServiceCore, wid: str, ctx: str, n: int = 1) -> list[BatchLease]:
     return core.lease_batch(wid, LeaseRequest(context_id=ctx, context_state=ContextState.READY,
                                               max_batches=n)).batches
 
@@ -51,13 +54,13 @@ def ok(idx: int, text: str = "t") -> RowResult:
 
 
 @pytest.fixture
-def core(tmp_path: Path):  # type: ignore[no-untyped-def]
+def core(tmp_path: Path) -> Iterator[ServiceCore]:
     c = ServiceCore(tmp_path / "state", ServiceConfig(worker_timeout=10, model_roots=(tmp_path,)), clock=FakeClock())
     yield c
     c.close()
 
 
-def test_cold_worker_is_told_which_context_to_load(core, tmp_path) -> None:
+def test_cold_worker_is_told_which_context_to_load(core: ServiceCore, tmp_path: Path) -> None:
     resp = core.submit(submission(tmp_path))
     wid = core.register(WorkerRegistration(host="h", pid=1)).worker_id
     r = core.lease_batch(wid, LeaseRequest(max_batches=0))
@@ -65,7 +68,7 @@ def test_cold_worker_is_told_which_context_to_load(core, tmp_path) -> None:
     assert r.assign_context.context_id == resp.context_id
 
 
-def test_full_cycle_writes_output_in_input_order(core, tmp_path) -> None:
+def test_full_cycle_writes_output_in_input_order(core: ServiceCore, tmp_path: Path) -> None:
     sub = submission(tmp_path)
     resp = core.submit(sub)
     assert (resp.rows, resp.batches) == (7, 3)
@@ -83,7 +86,7 @@ def test_full_cycle_writes_output_in_input_order(core, tmp_path) -> None:
     assert all(x["worker_id"] == wid and x["error"] is None for x in lines)
 
 
-def test_duplicate_results_are_dropped(core, tmp_path) -> None:
+def test_duplicate_results_are_dropped(core: ServiceCore, tmp_path: Path) -> None:
     resp = core.submit(submission(tmp_path, n=3))
     wid = ready_worker(core, resp.context_id)
     [b] = lease(core, wid, resp.context_id)
@@ -93,7 +96,7 @@ def test_duplicate_results_are_dropped(core, tmp_path) -> None:
     assert core.workload_status(resp.workload_id).rows_done == 2
 
 
-def test_returned_rows_are_leased_again_without_finished_ones(core, tmp_path) -> None:
+def test_returned_rows_are_leased_again_without_finished_ones(core: ServiceCore, tmp_path: Path) -> None:
     resp = core.submit(submission(tmp_path, n=3))
     w1, w2 = ready_worker(core, resp.context_id), ready_worker(core, resp.context_id)
     [b] = lease(core, w1, resp.context_id)
@@ -102,13 +105,13 @@ def test_returned_rows_are_leased_again_without_finished_ones(core, tmp_path) ->
     assert again.batch_id == b.batch_id and [r.idx for r in again.rows] == [1, 2]
 
 
-def test_lost_worker_batches_requeued(core, tmp_path) -> None:
+def test_lost_worker_batches_requeued(core: ServiceCore, tmp_path: Path) -> None:
     resp = core.submit(submission(tmp_path, n=3))
     w1 = ready_worker(core, resp.context_id)
     [b] = lease(core, w1, resp.context_id)
     w2 = ready_worker(core, resp.context_id)
     assert lease(core, w2, resp.context_id) == []
-    core.clock.t += 11  # w1 stays silent past worker_timeout (10 s); w2 heartbeats
+    clock_of(core).t += 11  # w1 stays silent past worker_timeout (10 s); w2 heartbeats
     from pcm_service.protocol import Heartbeat
     core.heartbeat(w2, Heartbeat(context_id=resp.context_id, context_state=ContextState.READY))
     assert core.reap() == [w1]
@@ -118,24 +121,24 @@ def test_lost_worker_batches_requeued(core, tmp_path) -> None:
     assert again.batch_id == b.batch_id
 
 
-def test_leases_and_reports_keep_a_busy_worker_alive_without_heartbeats(core, tmp_path) -> None:
+def test_leases_and_reports_keep_a_busy_worker_alive_without_heartbeats(core: ServiceCore, tmp_path: Path) -> None:
     """A busy agent heartbeats seldom (WorkerAgent._heartbeat_due): its leases and reports show
     the service it is alive; a worker that makes no call at all is still lost."""
     resp = core.submit(submission(tmp_path, n=9))
     busy, silent = ready_worker(core, resp.context_id), ready_worker(core, resp.context_id)
     [b] = lease(core, busy, resp.context_id)
-    core.clock.t += 8
+    clock_of(core).t += 8
     core.report(busy, BatchReport(batch_id=b.batch_id, results=[ok(r.idx) for r in b.rows]))
-    core.clock.t += 8  # 16 s since either heartbeat; the busy one reported 8 s ago
+    clock_of(core).t += 8  # 16 s since either heartbeat; the busy one reported 8 s ago
     assert core.reap() == [silent]
     [b2] = lease(core, busy, resp.context_id)
-    core.clock.t += 8  # its lease is 8 s old, its report 16 s
+    clock_of(core).t += 8  # its lease is 8 s old, its report 16 s
     assert core.reap() == []
-    core.clock.t += 3
+    clock_of(core).t += 3
     assert core.reap() == [busy]
 
 
-def test_batch_whose_worker_is_lost_repeatedly_ends_with_error_rows(core, tmp_path) -> None:
+def test_batch_whose_worker_is_lost_repeatedly_ends_with_error_rows(core: ServiceCore, tmp_path: Path) -> None:
     resp = core.submit(submission(tmp_path, n=2, batch_size=2))
     for _ in range(core.config.max_losses):
         w = ready_worker(core, resp.context_id)
@@ -148,7 +151,7 @@ def test_batch_whose_worker_is_lost_repeatedly_ends_with_error_rows(core, tmp_pa
     assert "lost 50 times" in json.loads(Path(st.output).read_text().splitlines()[0])["error"]
 
 
-def test_rows_handed_back_on_eviction_are_never_counted_against_the_batch(core, tmp_path) -> None:
+def test_rows_handed_back_on_eviction_are_never_counted_against_the_batch(core: ServiceCore, tmp_path: Path) -> None:
     """Evictions (SIGTERM: rows returned; a worker leaving: batches requeued) can happen any
     number of times: the rows still end with their real result, not an error."""
     resp = core.submit(submission(tmp_path, n=2, batch_size=2))
@@ -165,7 +168,7 @@ def test_rows_handed_back_on_eviction_are_never_counted_against_the_batch(core, 
     assert st.state == WorkloadState.COMPLETED and st.rows_failed == 0
 
 
-def test_row_in_flight_at_two_library_crashes_is_poisoned_others_retried(core, tmp_path) -> None:
+def test_row_in_flight_at_two_library_crashes_is_poisoned_others_retried(core: ServiceCore, tmp_path: Path) -> None:
     resp = core.submit(submission(tmp_path, n=3, batch_size=3))
     w = ready_worker(core, resp.context_id)
     [b] = lease(core, w, resp.context_id)
@@ -182,12 +185,12 @@ def test_row_in_flight_at_two_library_crashes_is_poisoned_others_retried(core, t
     assert [x["text"] for x in lines[:2]] == ["t0", "t1"] and "poisoned" in lines[2]["error"]
 
 
-def hb(core, wid: str, ctx: str, batches: list[int], seq: int, inflight: int = 0):  # type: ignore[no-untyped-def]
+def hb(core: ServiceCore, wid: str, ctx: str, batches: list[int], seq: int, inflight: int = 0) -> HeartbeatResponse:
     return core.heartbeat(wid, Heartbeat(context_id=ctx, context_state=ContextState.READY,
                                          inflight_batches=inflight, batches=batches, lease_seq=seq))
 
 
-def test_heartbeat_requeues_leases_the_worker_saw_but_no_longer_holds(core, tmp_path) -> None:
+def test_heartbeat_requeues_leases_the_worker_saw_but_no_longer_holds(core: ServiceCore, tmp_path: Path) -> None:
     resp = core.submit(submission(tmp_path, n=9, batch_size=3))
     w = ready_worker(core, resp.context_id)
     r1 = core.lease_batch(w, LeaseRequest(context_id=resp.context_id, context_state=ContextState.READY,
@@ -205,7 +208,7 @@ def test_heartbeat_requeues_leases_the_worker_saw_but_no_longer_holds(core, tmp_
     assert lease(core, other, resp.context_id, n=3) == []
 
 
-def test_heartbeat_holding_nothing_requeues_every_lease_it_saw(core, tmp_path) -> None:
+def test_heartbeat_holding_nothing_requeues_every_lease_it_saw(core: ServiceCore, tmp_path: Path) -> None:
     resp = core.submit(submission(tmp_path, n=3, batch_size=3))
     w = ready_worker(core, resp.context_id)
     r = core.lease_batch(w, LeaseRequest(context_id=resp.context_id, context_state=ContextState.READY,
@@ -216,7 +219,7 @@ def test_heartbeat_holding_nothing_requeues_every_lease_it_saw(core, tmp_path) -
     assert [x.batch_id for x in lease(core, other, resp.context_id)] == [r.batches[0].batch_id]
 
 
-def test_worker_of_an_exited_glidein_is_lost_at_once(core, tmp_path) -> None:
+def test_worker_of_an_exited_glidein_is_lost_at_once(core: ServiceCore, tmp_path: Path) -> None:
     from pcm_service.protocol import FactoryReport, Glidein, GlideinState
     resp = core.submit(submission(tmp_path, n=3))
     w = core.register(WorkerRegistration(host="h", pid=1, glidein_id="7.0")).worker_id
@@ -230,7 +233,7 @@ def test_worker_of_an_exited_glidein_is_lost_at_once(core, tmp_path) -> None:
     assert again.batch_id == b.batch_id
 
 
-def test_idle_worker_retires_unless_the_factory_minimum_keeps_it(core, tmp_path) -> None:
+def test_idle_worker_retires_unless_the_factory_minimum_keeps_it(core: ServiceCore, tmp_path: Path) -> None:
     from pcm_service.protocol import IdleReport
     resp = core.submit(submission(tmp_path, n=3))
     a, b = ready_worker(core, resp.context_id), ready_worker(core, resp.context_id)
@@ -243,7 +246,7 @@ def test_idle_worker_retires_unless_the_factory_minimum_keeps_it(core, tmp_path)
     assert core.idle(b, IdleReport(idle_seconds=61)).retire
 
 
-def test_engine_that_never_starts_fails_rows_instead_of_looping(core, tmp_path) -> None:
+def test_engine_that_never_starts_fails_rows_instead_of_looping(core: ServiceCore, tmp_path: Path) -> None:
     resp = core.submit(submission(tmp_path, n=4))
     for _ in range(core.config.max_attempts):
         w = core.register(WorkerRegistration(host="h", pid=1)).worker_id
@@ -255,13 +258,13 @@ def test_engine_that_never_starts_fails_rows_instead_of_looping(core, tmp_path) 
     assert "CUDA out of memory" in line["error"]
 
 
-def test_library_starts_counted_per_worker(core, tmp_path) -> None:
+def test_library_starts_counted_per_worker(core: ServiceCore, tmp_path: Path) -> None:
     resp = core.submit(submission(tmp_path))
     w = ready_worker(core, resp.context_id)
     assert core.library_starts() == {w: 1}
 
 
-def test_demand_follows_work_and_limits(core, tmp_path) -> None:
+def test_demand_follows_work_and_limits(core: ServiceCore, tmp_path: Path) -> None:
     assert core.demand().workers_wanted == 0
     core.set_factory_limits(FactoryLimits(min_workers=0, max_workers=3))
     core.submit(submission(tmp_path, n=30, batch_size=1))  # 30 batches, nothing measured: 4 per worker
@@ -270,22 +273,22 @@ def test_demand_follows_work_and_limits(core, tmp_path) -> None:
     core.set_factory_limits(FactoryLimits(min_workers=5, max_workers=10))
     d = core.demand()  # growth is damped (+4 or x2 per 15 s); the minimum applies at once
     assert (d.raw, d.workers_wanted) == (8, 5) and "damped to 4" in d.reason
-    core.clock.t += 15
+    clock_of(core).t += 15
     assert core.demand().workers_wanted == 8
 
 
-def test_demand_uses_measured_throughput_and_time_to_ready(core, tmp_path) -> None:
+def test_demand_uses_measured_throughput_and_time_to_ready(core: ServiceCore, tmp_path: Path) -> None:
     """One worker, ready 40 s after registering, runs 2 rows/s: 400 rows are 200 worker·s, so
     newcomers (ready after 40 s, each to work >= 40 s) are worth (200 - 2*40*1) / 40 = 3 more."""
     core.set_factory_limits(FactoryLimits(min_workers=0, max_workers=100))
     resp = core.submit(submission(tmp_path, n=420, batch_size=10))
     w = core.register(WorkerRegistration(host="h", pid=1)).worker_id
-    core.clock.t += 40
+    clock_of(core).t += 40
     core.library_event(w, LibraryEvent(context_id=resp.context_id, state=ContextState.READY))
     core.heartbeat(w, Heartbeat(context_id=resp.context_id, context_state=ContextState.READY))
     [b, b2] = lease(core, w, resp.context_id, n=2)
     for i, r in enumerate(b.rows + b2.rows):  # 20 rows over 10 s
-        core.clock.t += 0.5
+        clock_of(core).t += 0.5
         core.report(w, BatchReport(batch_id=b.batch_id if i < 10 else b2.batch_id, results=[ok(r.idx)]))
     d = core.demand()
     assert d.rows_per_worker_second == pytest.approx(2.0) and d.time_to_ready == pytest.approx(40)
@@ -293,7 +296,7 @@ def test_demand_uses_measured_throughput_and_time_to_ready(core, tmp_path) -> No
     assert "400 rows left at 2.00 rows/s" in d.reason
 
 
-def test_workers_beyond_max_are_told_to_retire_busy_ones_last(core, tmp_path) -> None:
+def test_workers_beyond_max_are_told_to_retire_busy_ones_last(core: ServiceCore, tmp_path: Path) -> None:
     """`pcm factory set --max 1` with 3 workers: the two least busy (newest first) retire."""
     wl = core.submit(submission(tmp_path, n=9, batch_size=3))
     busy = ready_worker(core, wl.context_id)
@@ -317,7 +320,7 @@ def test_workers_beyond_max_are_told_to_retire_busy_ones_last(core, tmp_path) ->
     assert not draining.retire  # already leaving: not counted, not told twice
 
 
-def test_surplus_workers_are_told_once_and_never_all(core, tmp_path) -> None:
+def test_surplus_workers_are_told_once_and_never_all(core: ServiceCore, tmp_path: Path) -> None:
     wl = core.submit(submission(tmp_path, n=9, batch_size=3))
     a, b, c = [ready_worker(core, wl.context_id) for _ in range(3)]
     with core.store.transaction() as db:  # c is the newest: among equally busy ones the newest go first
@@ -340,7 +343,7 @@ def test_factory_limits_validated() -> None:
         FactoryLimits(min_workers=3, max_workers=1)
 
 
-def test_state_survives_reopen(tmp_path) -> None:
+def test_state_survives_reopen(tmp_path: Path) -> None:
     core = ServiceCore(tmp_path / "s", ServiceConfig(model_roots=(tmp_path,)))
     resp = core.submit(submission(tmp_path))
     w = ready_worker(core, resp.context_id)
@@ -353,7 +356,7 @@ def test_state_survives_reopen(tmp_path) -> None:
     core.close()
 
 
-def test_reports_of_several_batches_are_one_transaction(core, tmp_path) -> None:
+def test_reports_of_several_batches_are_one_transaction(core: ServiceCore, tmp_path: Path) -> None:
     resp = core.submit(submission(tmp_path, n=6, batch_size=3))
     wid = ready_worker(core, resp.context_id)
     a, b = lease(core, wid, resp.context_id, n=2)

@@ -23,6 +23,7 @@ def test_evicts_only_warm_workers_on_running_glideins_once_per_interval() -> Non
     assert drill.pick(9.9, GLIDEINS, WORKERS) is None  # not due yet
     picked = {drill.pick(10 * k, GLIDEINS, WORKERS).worker_id for k in range(1, 30)}  # type: ignore[union-attr]
     assert picked == {"busy", "idle"}
+    assert drill.next_at is not None
     assert drill.pick(drill.next_at - 0.1, GLIDEINS, WORKERS) is None
 
 

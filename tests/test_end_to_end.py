@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,9 +25,11 @@ def rows() -> list[dict[str, str]]:
     out[BAD_ROW]["claim"] = "very long " * 400
     return out
 
+PcmRun = tuple[Path, dict[str, Any], "subprocess.CompletedProcess[str]"]  # its directory, workload, `pcm run`
+
 
 @pytest.fixture(scope="module")
-def pcm_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def pcm_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> PcmRun:
     tmp = tmp_path_factory.mktemp("e2e")
     (tmp / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows()))
     import yaml
@@ -42,13 +45,13 @@ def pcm_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type
     return tmp, spec, proc
 
 
-def test_run_exits_0_and_prints_output_path(pcm_run) -> None:
+def test_run_exits_0_and_prints_output_path(pcm_run: PcmRun) -> None:
     tmp, _, proc = pcm_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == str(tmp / "out" / "results.jsonl")
 
 
-def test_every_row_once_in_input_order_with_bad_row_as_error(pcm_run) -> None:
+def test_every_row_once_in_input_order_with_bad_row_as_error(pcm_run: PcmRun) -> None:
     tmp, _, proc = pcm_run
     lines = [json.loads(x) for x in (tmp / "out" / "results.jsonl").read_text().splitlines()]
     assert [x["id"] for x in lines] == [r["id"] for r in rows()]
@@ -59,7 +62,7 @@ def test_every_row_once_in_input_order_with_bad_row_as_error(pcm_run) -> None:
     assert all(x["prompt_tokens"] > 0 and 0 < x["completion_tokens"] <= 12 for x in good)
 
 
-def test_greedy_text_equals_vllm_llm_generate(pcm_run, tiny_model: Path) -> None:
+def test_greedy_text_equals_vllm_llm_generate(pcm_run: PcmRun, tiny_model: Path) -> None:
     tmp, spec, _ = pcm_run
     prompts = [f"Claim: {r['claim']}\nVerdict:" for i, r in enumerate(rows()) if i != BAD_ROW]
     expected = reference_texts(tiny_model, prompts, spec["engine"], spec["sampling"], tmp)
@@ -70,7 +73,7 @@ def test_greedy_text_equals_vllm_llm_generate(pcm_run, tiny_model: Path) -> None
     assert not mismatches, mismatches[:3]
 
 
-def test_each_worker_started_its_engine_exactly_once(pcm_run) -> None:
+def test_each_worker_started_its_engine_exactly_once(pcm_run: PcmRun) -> None:
     tmp, _, _ = pcm_run
     db = sqlite3.connect(tmp / "state" / "service" / "pcm.sqlite3")
     starts = dict(db.execute("SELECT worker_id, COUNT(*) FROM library_events WHERE state='ready'"
@@ -84,7 +87,7 @@ def test_each_worker_started_its_engine_exactly_once(pcm_run) -> None:
     assert sum(batches.values()) >= N_ROWS // 10
 
 
-def test_tokens_are_0600_files_and_in_no_other_file_of_the_run(pcm_run) -> None:
+def test_tokens_are_0600_files_and_in_no_other_file_of_the_run(pcm_run: PcmRun) -> None:
     """`pcm run` made its own pool and API tokens; no log, database or output holds them."""
     tmp, _, proc = pcm_run
     service = tmp / "state" / "service"

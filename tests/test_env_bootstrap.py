@@ -131,7 +131,9 @@ def test_the_next_glidein_gets_the_environment_from_a_peer_and_refetches_a_corru
             host="node1", pid=1, blob_url=blobs.url, upload_slots=8, chunks=store.held(),
             environment=digest))["worker_id"]
     # one chunk of the peer's copy goes bad on its disk
-    (bad_file, bad_off, _), = [store.locate(c) for c in list(manifest.chunk_lengths)[3:4]]
+    where = store.locate(list(manifest.chunk_lengths)[3])
+    assert where is not None
+    bad_file, bad_off, _ = where
     with open(bad_file, "r+b") as fh:
         fh.seek(bad_off + 10)
         byte = fh.read(1)

@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -51,7 +52,7 @@ class Scenario:
 
 
 @pytest.fixture(scope="module")
-def scenario(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def scenario(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     tmp = tmp_path_factory.mktemp("eviction")
     sub = load_workload(write_engine_workload(tmp, tiny_model, N_ROWS))
     serve = ServeProcess(tmp / "state", "--heartbeat-interval", "1").start()

@@ -1,6 +1,8 @@
 """The factory's decisions: given demand, limits and glidein states → submit/remove."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from factory.backends.base import Glidein, GlideinState
 from factory.daemon import DemandWindow, Policy, decide
 from pcm_service.core import ServiceCore
@@ -61,7 +63,7 @@ def test_min_above_demand_keeps_workers() -> None:
     assert d.submit == 3
 
 
-def test_min_above_demand_from_the_service(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_min_above_demand_from_the_service(tmp_path: Path) -> None:
     core = ServiceCore(tmp_path)
     core.set_factory_limits(FactoryLimits(min_workers=3, max_workers=5))
     assert core.demand().workers_wanted == 3

@@ -52,13 +52,13 @@ def stored(serve: ServeProcess) -> tuple[int, int, int]:
     """(workloads, batches, rows) in the service's state."""
     conn = db(serve.state_dir)
     try:
-        return tuple(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # type: ignore[return-value]
+        return tuple(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
                      for t in ("workloads", "batches", "rows"))
     finally:
         conn.close()
 
 
-def test_200k_rows_stream_in_bounded_memory_every_row_in_order(serve, tmp_path) -> None:
+def test_200k_rows_stream_in_bounded_memory_every_row_in_order(serve: ServeProcess, tmp_path: Path) -> None:
     inputs = tmp_path / "inputs.jsonl"
     write_inputs(inputs, N_ROWS)
     assert serve.proc is not None
@@ -77,7 +77,7 @@ def test_200k_rows_stream_in_bounded_memory_every_row_in_order(serve, tmp_path) 
     assert [tuple(s) for s in states] == [(BatchState.QUEUED.value, N_ROWS // 100)]
 
 
-def test_bad_line_late_in_the_stream_names_it_and_leaves_nothing(serve, tmp_path) -> None:
+def test_bad_line_late_in_the_stream_names_it_and_leaves_nothing(serve: ServeProcess, tmp_path: Path) -> None:
     inputs = tmp_path / "inputs.jsonl"
     write_inputs(inputs, 30_000, bad_line=25_000)  # after several chunks were stored
     cli = pcm_submit(serve, workload(tmp_path, inputs))
@@ -87,7 +87,7 @@ def test_bad_line_late_in_the_stream_names_it_and_leaves_nothing(serve, tmp_path
     wait_for(lambda: stored(serve) == (0, 0, 0), 30, "the staged rows to be removed", every=0.1)
 
 
-def test_bad_row_sent_to_the_api_is_a_400_naming_line_and_field(serve, tmp_path) -> None:
+def test_bad_row_sent_to_the_api_is_a_400_naming_line_and_field(serve: ServeProcess, tmp_path: Path) -> None:
     header = {"name": "x", "context": {"model": str(fake_model(tmp_path / "model"))}, "batch_size": 10,
               "output": str(tmp_path / "out.jsonl")}
     lines = [json.dumps(header)] + [json.dumps({"row_id": str(i), "prompt": "p"}) for i in range(5000)]
@@ -108,7 +108,7 @@ def test_bad_row_sent_to_the_api_is_a_400_naming_line_and_field(serve, tmp_path)
     assert r.status_code == 201 and r.json()["rows"] == 5000, r.text
 
 
-def test_crash_mid_stream_leaves_nothing_after_restart(serve, tmp_path) -> None:
+def test_crash_mid_stream_leaves_nothing_after_restart(serve: ServeProcess, tmp_path: Path) -> None:
     inputs = tmp_path / "inputs.jsonl"
     write_inputs(inputs, N_ROWS)
     cli = pcm_submit(serve, workload(tmp_path, inputs))

@@ -7,6 +7,7 @@ import hashlib
 import os
 import sqlite3
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -40,7 +41,7 @@ def root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def serve(tmp_path: Path, root: Path):  # type: ignore[no-untyped-def]
+def serve(tmp_path: Path, root: Path) -> Iterator[ServeProcess]:
     s = ServeProcess(root / "state", model_roots=[root]).start()  # the state dir inside the root
     yield s
     s.stop()

@@ -9,7 +9,7 @@ import os
 import shutil
 import sqlite3
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import httpx
 import pytest
@@ -106,7 +106,7 @@ def test_hard_links_must_have_every_name_in_the_model(setup: tuple[ModelPolicy, 
 # ----- the real origin: a `pcm serve`, its blob route, the pool token ----------------------
 
 @pytest.fixture
-def serve(tmp_path: Path):  # type: ignore[no-untyped-def]
+def serve(tmp_path: Path) -> Iterator[ServeProcess]:
     (tmp_path / "root").mkdir()
     s = ServeProcess(tmp_path / "state", model_roots=[tmp_path / "root"]).start()
     yield s

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -26,9 +27,11 @@ def count(serve: ServeProcess, table: str) -> int:
     with sqlite3.connect(serve.state_dir / "pcm.sqlite3") as db:
         return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
+Served = tuple[ServeProcess, Path, Path]  # the service, a model, its output root
+
 
 @pytest.fixture
-def served(tmp_path: Path):  # type: ignore[no-untyped-def]
+def served(tmp_path: Path) -> Iterator[Served]:
     """A service whose output root holds its state directory (as the default, the working
     directory, holds ./pcm-state); models under tmp_path."""
     (tmp_path / "outs").mkdir()
@@ -38,7 +41,7 @@ def served(tmp_path: Path):  # type: ignore[no-untyped-def]
     s.stop()
 
 
-def test_an_output_outside_the_root_is_refused(served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_an_output_outside_the_root_is_refused(served: Served, tmp_path: Path) -> None:
     serve, model, outs = served
     (tmp_path / "elsewhere").mkdir()
     (outs / "link").symlink_to(tmp_path / "elsewhere")  # inside the root by name, not where it leads

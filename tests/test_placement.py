@@ -3,6 +3,7 @@ over the contexts with work, a start is only made where it will pay, cached mode
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -21,12 +22,12 @@ from pcm_service.protocol import (
     WorkerRegistration,
     WorkloadSubmission,
 )
-from tests.support.clock import FakeClock
+from tests.support.clock import FakeClock, clock_of
 from tests.support.models import fake_model
 
 
 @pytest.fixture
-def core(tmp_path: Path):  # type: ignore[no-untyped-def]
+def core(tmp_path: Path) -> Iterator[ServiceCore]:
     c = ServiceCore(tmp_path / "state", ServiceConfig(worker_timeout=600, model_roots=(tmp_path,)), clock=FakeClock())
     yield c
     c.close()
@@ -44,12 +45,17 @@ def submit(core: ServiceCore, tmp_path: Path, name: str, n: int, batch_size: int
 def cold(core: ServiceCore, chunks: tuple[str, ...] = ()) -> tuple[str, str | None]:
     """A new worker and the context it is told to load."""
     wid = core.register(WorkerRegistration(host="h", pid=1, chunks=list(chunks))).worker_id
-    spec = core.lease_batch(wid, LeaseRequest(max_batches=0)).assign_context
-    return wid, spec.context_id if spec else None
+    return wid, assigned(core, wid)
 
 
 def ready(core: ServiceCore, wid: str, ctx: str, seconds: float = 30.0) -> None:
     core.library_event(wid, LibraryEvent(context_id=ctx, state=ContextState.READY, seconds=seconds))
+
+
+def assigned(core: ServiceCore, wid: str) -> str | None:
+    """The context the service tells idle worker ``wid`` to load (None: none)."""
+    spec = core.lease_batch(wid, LeaseRequest(max_batches=0)).assign_context
+    return spec.context_id if spec else None
 
 
 def run_batches(core: ServiceCore, wid: str, ctx: str, n: int, seconds: float) -> None:
@@ -57,7 +63,7 @@ def run_batches(core: ServiceCore, wid: str, ctx: str, n: int, seconds: float) -
     resp = core.lease_batch(wid, LeaseRequest(context_id=ctx, context_state=ContextState.READY, max_batches=n))
     assert len(resp.batches) == n
     for b in resp.batches:
-        core.clock.t += seconds / n  # type: ignore[attr-defined]
+        clock_of(core).t += seconds / n
         core.report(wid, BatchReport(batch_id=b.batch_id, results=[
             RowResult(idx=r.idx, text="t", finish_reason="length") for r in b.rows]))
 
@@ -69,7 +75,7 @@ def switch(core: ServiceCore, wid: str, ctx: str) -> str | None:
     return resp.assign_context.context_id if resp.assign_context else None
 
 
-def test_two_cold_workers_take_one_context_each(core, tmp_path) -> None:
+def test_two_cold_workers_take_one_context_each(core: ServiceCore, tmp_path: Path) -> None:
     a = submit(core, tmp_path, "a", 300)
     b = submit(core, tmp_path, "b", 100)
     assert cold(core)[1] == a  # the most work first
@@ -78,13 +84,13 @@ def test_two_cold_workers_take_one_context_each(core, tmp_path) -> None:
     assert third == a
 
 
-def test_no_switch_to_a_context_its_warm_worker_finishes_first(core, tmp_path) -> None:
+def test_no_switch_to_a_context_its_warm_worker_finishes_first(core: ServiceCore, tmp_path: Path) -> None:
     a = submit(core, tmp_path, "a", 100)
     b = submit(core, tmp_path, "b", 10)
     w1, got1 = cold(core)
     w2, got2 = cold(core)
     assert (got1, got2) == (a, b)
-    core.clock.t += 30
+    clock_of(core).t += 30
     ready(core, w1, a)  # time to ready measured: 30 s
     ready(core, w2, b)
     run_batches(core, w1, a, 2, seconds=1.0)  # 20 rows/s
@@ -95,12 +101,12 @@ def test_no_switch_to_a_context_its_warm_worker_finishes_first(core, tmp_path) -
     assert cold(core)[1] == a
 
 
-def test_worker_switches_only_to_work_its_start_pays_for(core, tmp_path) -> None:
+def test_worker_switches_only_to_work_its_start_pays_for(core: ServiceCore, tmp_path: Path) -> None:
     a = submit(core, tmp_path, "a", 20)
     b = submit(core, tmp_path, "b", 20)
     w1, _ = cold(core)
     w2, _ = cold(core)
-    core.clock.t += 30
+    clock_of(core).t += 30
     ready(core, w1, a)
     ready(core, w2, b)
     # w1 finishes a; b has a warm worker that finishes its 20 rows long before w1 could reload
@@ -110,7 +116,7 @@ def test_worker_switches_only_to_work_its_start_pays_for(core, tmp_path) -> None
     assert switch(core, w1, a) == c  # nobody runs c: worth the switch
 
 
-def test_worker_whose_disk_holds_a_model_loads_it(core, tmp_path) -> None:
+def test_worker_whose_disk_holds_a_model_loads_it(core: ServiceCore, tmp_path: Path) -> None:
     submit(core, tmp_path, "a", 300)
     b = submit(core, tmp_path, "b", 100)
     digest = core.contexts_with_work()[b][0].model_digest
@@ -134,7 +140,8 @@ def test_choice_follows_work_per_worker_and_start_cost() -> None:
     assert choose_context([work(1, 200, 10.0, cached=True)], 60, 5, p) is not None
 
 
-def test_a_new_environment_is_a_new_context_run_only_by_workers_started_from_it(core, tmp_path) -> None:
+def test_a_new_environment_is_a_new_context_run_only_by_workers_started_from_it(core: ServiceCore,
+                                                                                tmp_path: Path) -> None:
     """With a packed worker environment, a context names its digest: a worker from another
     environment (a venv, or an older pack) is given none of its work; one started from it is."""
     before = submit(core, tmp_path, "a", 20)
@@ -148,14 +155,14 @@ def test_a_new_environment_is_a_new_context_run_only_by_workers_started_from_it(
             db.execute("SELECT spec FROM contexts WHERE context_id=?", (after,)).fetchone()[0])
     assert spec.environment == env.digest
     venv_worker = core.register(WorkerRegistration(host="h", pid=1)).worker_id
-    assert core.lease_batch(venv_worker, LeaseRequest(max_batches=0)).assign_context.context_id == before
+    assert assigned(core, venv_worker) == before
     old_pack = core.register(WorkerRegistration(host="h", pid=2, environment="0" * 64)).worker_id
-    assert core.lease_batch(old_pack, LeaseRequest(max_batches=0)).assign_context.context_id == before
+    assert assigned(core, old_pack) == before
     packed = core.register(WorkerRegistration(host="h", pid=3, environment=env.digest)).worker_id
-    assert core.lease_batch(packed, LeaseRequest(max_batches=0)).assign_context.context_id in (before, after)
+    assert assigned(core, packed) in (before, after)
     # once the venv workload is done, the packed worker gets the new context and the others nothing
     with core.store.transaction() as db:
         db.execute("UPDATE batches SET state=? WHERE context_id=?", (BatchState.DONE.value, before))
-    assert core.lease_batch(packed, LeaseRequest(max_batches=0)).assign_context.context_id == after
-    assert core.lease_batch(venv_worker, LeaseRequest(max_batches=0)).assign_context is None
-    assert core.lease_batch(old_pack, LeaseRequest(max_batches=0)).assign_context is None
+    assert assigned(core, packed) == after
+    assert assigned(core, venv_worker) is None
+    assert assigned(core, old_pack) is None

@@ -21,6 +21,7 @@ from pcm_service.protocol import (
 )
 from pcm_service.workload import load_workload
 from tests.support.serve import ServeProcess
+from tests.support.workloads import WriteWorkload
 
 
 def result(idx: int) -> RowResult:
@@ -28,7 +29,8 @@ def result(idx: int) -> RowResult:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stop", "kill-9"])
-def test_restart_mid_workload_keeps_workload_and_finished_rows(sig, tmp_path: Path, write_workload) -> None:
+def test_restart_mid_workload_keeps_workload_and_finished_rows(sig: signal.Signals, tmp_path: Path,
+                                                               write_workload: WriteWorkload) -> None:
     serve = ServeProcess(tmp_path / "state").start()
     client = serve.client(retry_for=60.0)  # the user routes
     sub = load_workload(write_workload())  # 20 rows, batch size 5

@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -36,9 +37,12 @@ def start_local_factory(tmp: Path, serve: ServeProcess, max_workers: int) -> sub
                                  str(tmp / "factory.yaml"), "--token-file", str(serve.api_token_file)],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
+# the run's directory, its service, (live workers, glideins) at each look, the workload's last status
+Scaled = tuple[Path, ServeProcess, list[tuple[int, int]], WorkloadStatus]
+
 
 @pytest.fixture(scope="module")
-def scaled(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def scaled(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scaled]:
     tmp = tmp_path_factory.mktemp("scaling")
     sub = load_workload(write_engine_workload(tmp, tiny_model, N_ROWS, batch_size=20))
     serve = ServeProcess(tmp / "state", "--heartbeat-interval", "1", "--idle-timeout", "5").start()
@@ -66,7 +70,7 @@ def scaled(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type:
         serve.stop()
 
 
-def test_a_large_workload_raises_the_pool_to_max_and_never_above(scaled) -> None:  # type: ignore[no-untyped-def]
+def test_a_large_workload_raises_the_pool_to_max_and_never_above(scaled: Scaled) -> None:
     tmp, serve, seen, done = scaled
     assert done.rows_done == N_ROWS and done.rows_failed == 0
     assert max(w for w, _ in seen) == MAX and max(g for _, g in seen) == MAX, max(seen)
@@ -81,7 +85,7 @@ def test_a_large_workload_raises_the_pool_to_max_and_never_above(scaled) -> None
     assert peak == MAX
 
 
-def test_workers_retire_when_the_queue_drains(scaled) -> None:  # type: ignore[no-untyped-def]
+def test_workers_retire_when_the_queue_drains(scaled: Scaled) -> None:
     tmp, serve, seen, _ = scaled
     states = [r[0] for r in db(serve.state_dir).execute("SELECT state FROM workers")]
     assert states and set(states) == {"retired"}  # left on their own: none lost, none killed

@@ -8,12 +8,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
 from tests.support import REPO
-from tests.support.taskvine import require_taskvine
+from tests.support.taskvine import require_taskvine, stop_vine_worker
+
+if TYPE_CHECKING:
+    from ndcctools.taskvine import Manager
 
 VENV_BIN = Path(sys.executable).parent
 vine = require_taskvine()
@@ -29,7 +32,7 @@ def start_worker(port: int, password: Path | None, log: Path) -> subprocess.Pope
 
 
 @pytest.fixture
-def manager(tmp_path: Path) -> Iterator[tuple[vine.Manager, Path]]:
+def manager(tmp_path: Path) -> Iterator[tuple[Manager, Path]]:
     password = tmp_path / "pool.token"
     password.write_text("a-pool-token-for-taskvine")
     password.chmod(0o600)
@@ -39,7 +42,7 @@ def manager(tmp_path: Path) -> Iterator[tuple[vine.Manager, Path]]:
     yield m, password
 
 
-def test_a_library_loads_its_context_once_for_many_calls(manager: tuple[vine.Manager, Path], tmp_path: Path) -> None:
+def test_a_library_loads_its_context_once_for_many_calls(manager: tuple[Manager, Path], tmp_path: Path) -> None:
     from tests.support import vine_functions
 
     m, password = manager
@@ -58,14 +61,13 @@ def test_a_library_loads_its_context_once_for_many_calls(manager: tuple[vine.Man
             assert t.successful(), t.result
             outputs.append(t.output)
     finally:
-        worker.kill()
-        worker.wait()
+        stop_vine_worker(worker)
     assert sorted(o["y"] for o in outputs) == [2 * i for i in range(20)]
     assert {o["tag"] for o in outputs} == {"ctx-1"} and {o["loads"] for o in outputs} == {1}
     assert 1 <= len({o["pid"] for o in outputs}) <= 2  # at most one library per core, each loaded once
 
 
-def test_a_worker_without_the_password_is_refused(manager: tuple[vine.Manager, Path], tmp_path: Path) -> None:
+def test_a_worker_without_the_password_is_refused(manager: tuple[Manager, Path], tmp_path: Path) -> None:
     m, _ = manager
     wrong = tmp_path / "wrong"
     wrong.write_text("not-the-token")
@@ -75,8 +77,7 @@ def test_a_worker_without_the_password_is_refused(manager: tuple[vine.Manager, P
         assert m.wait(8) is None  # no worker ever joined to run it
         assert m.stats.workers_joined == 0
     finally:
-        worker.kill()
-        worker.wait()
+        stop_vine_worker(worker)
 
 
 def test_with_a_certificate_workers_connect_over_ssl_and_plain_ones_are_refused(tmp_path: Path) -> None:
@@ -98,8 +99,7 @@ def test_with_a_certificate_workers_connect_over_ssl_and_plain_ones_are_refused(
         m.submit(vine.PythonTask(sum, [1, 2]))
         assert m.wait(8) is None and m.stats.workers_joined == 0  # no SSL: never joins
     finally:
-        plain.kill()
-        plain.wait()
+        stop_vine_worker(plain)
     info = ExecutorInfo(kind=ExecutorKind.TASKVINE, port=m.port, ssl=True)
     argv = vine_worker_argv(str(VENV_BIN / "vine_worker"), "https://127.0.0.1:1", info, password,
                             Resources(cpus=1, memory_mb=1000), tmp_path / "glidein", None)
@@ -112,8 +112,7 @@ def test_with_a_certificate_workers_connect_over_ssl_and_plain_ones_are_refused(
         assert t is not None, (tmp_path / "ssl.log").read_text()[-2000:]
         assert t.successful() and t.output == 3 and m.stats.workers_joined == 1
     finally:
-        worker.kill()
-        worker.wait()
+        stop_vine_worker(worker)
 
 
 def test_a_library_asks_for_the_engines_gpus_and_the_weights_memory_only_on_a_gpu_pool(tmp_path: Path) -> None:

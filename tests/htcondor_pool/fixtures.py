@@ -100,11 +100,11 @@ def pool() -> Iterator[PoolHandle]:
         yield PoolHandle(env=pool_env, share=Path(pool_env["PCM_TEST_POOL_SHARE"]),
                        root=Path(pool_env["PCM_TEST_POOL_ROOT"]))
     finally:
-        for k, v in saved.items():
-            if v is None:
+        for k, old in saved.items():
+            if old is None:
                 os.environ.pop(k, None)
             else:
-                os.environ[k] = v
+                os.environ[k] = old
         if os.environ.get("PCM_KEEP_POOL") != "1":  # keep it running between local test runs
             subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=300)
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from tests.support import REPO
 
-ENGINE = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True,
-          "kv_cache_memory_bytes": 128 * 2**20}
+ENGINE: dict[str, Any] = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True,
+                          "kv_cache_memory_bytes": 128 * 2**20}
 
 
 def fake_model(d: Path) -> Path:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from tests.support.models import ENGINE, fake_model, reference_texts
+
+WriteWorkload = Callable[..., Path]  # conftest's write_workload fixture: write_claims into tmp_path
 
 
 def write_claims(tmp_path: Path, rows: list[dict[str, Any]] | None = None, model: str | Path = "model",
