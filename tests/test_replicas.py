@@ -2,22 +2,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import pytest
 
 from pcm_service.core import ServiceConfig, ServiceCore
-from pcm_service.protocol import ORIGIN, FetchRequest, ModelManifest, TransferResult, WorkerRegistration
+from pcm_service.protocol import ORIGIN, FetchPlan, FetchRequest, ModelManifest, TransferResult, WorkerRegistration
 from pcm_service.weights.modelpaths import ModelUnavailable
 from pcm_service.weights.replicas import TransferPolicy
 from tests.support.clock import FakeClock
 
 CHUNK = 1024
 
+Setup = tuple[ServiceCore, ModelManifest, FakeClock]  # the core, a registered model, the core's clock
 
 
 @pytest.fixture
-def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
+def setup(tmp_path: Path) -> Iterator[Setup]:
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_bytes(bytes([9]) * CHUNK)
@@ -45,11 +46,12 @@ def worker(core: ServiceCore, m: ModelManifest, holds: bool, slots: int = 2, hos
     return wid
 
 
-def plan(core: ServiceCore, wid: str, m: ModelManifest, want: int = 4, results=()):  # type: ignore[no-untyped-def]
+def plan(core: ServiceCore, wid: str, m: ModelManifest, want: int = 4,
+         results: Iterable[TransferResult] = ()) -> FetchPlan:
     return core.fetch_plan(wid, FetchRequest(manifest_digest=m.digest, want=want, results=list(results)))
 
 
-def test_peers_first_origin_bounded_then_wait(setup) -> None:  # type: ignore[no-untyped-def]
+def test_peers_first_origin_bounded_then_wait(setup: Setup) -> None:
     core, m, _ = setup
     a = worker(core, m, holds=True, slots=2)
     n = worker(core, m, holds=False)
@@ -62,7 +64,7 @@ def test_peers_first_origin_bounded_then_wait(setup) -> None:  # type: ignore[no
     assert core.status().transfers.active == 4
 
 
-def test_rarest_chunks_go_to_different_newcomers_from_the_origin(setup) -> None:  # type: ignore[no-untyped-def]
+def test_rarest_chunks_go_to_different_newcomers_from_the_origin(setup: Setup) -> None:
     core, m, _ = setup
     n1, n2 = worker(core, m, holds=False), worker(core, m, holds=False)
     first = plan(core, n1, m, want=1).assignments
@@ -71,7 +73,7 @@ def test_rarest_chunks_go_to_different_newcomers_from_the_origin(setup) -> None:
     assert first[0].chunk != second[0].chunk  # nobody holds either: one copy each, not two
 
 
-def test_a_finished_chunk_makes_its_receiver_a_source_at_once(setup) -> None:  # type: ignore[no-untyped-def]
+def test_a_finished_chunk_makes_its_receiver_a_source_at_once(setup: Setup) -> None:
     core, m, _ = setup
     n1, n2 = worker(core, m, holds=False), worker(core, m, holds=False)
     c = plan(core, n1, m, want=1).assignments[0].chunk
@@ -87,7 +89,7 @@ def holders(core: ServiceCore, chunk: str) -> set[str]:
         return {r[0] for r in db.execute("SELECT worker_id FROM replicas WHERE chunk=?", (chunk,))}
 
 
-def test_corrupt_source_is_avoided_and_loses_its_replica_on_a_second_word(setup) -> None:  # type: ignore[no-untyped-def]
+def test_corrupt_source_is_avoided_and_loses_its_replica_on_a_second_word(setup: Setup) -> None:
     """One worker saying a peer's copy is corrupt makes it avoid that peer; the replica goes
     only when a second worker, also sent there, says so too (one may lie about the source)."""
     core, m, clock = setup
@@ -111,7 +113,7 @@ def test_corrupt_source_is_avoided_and_loses_its_replica_on_a_second_word(setup)
     assert a not in holders(core, bad.chunk)
 
 
-def test_a_result_for_a_transfer_never_planned_changes_nothing(setup) -> None:  # type: ignore[no-untyped-def]
+def test_a_result_for_a_transfer_never_planned_changes_nothing(setup: Setup) -> None:
     """Found 4: a forged result naming another peer as corrupt, a claim to have fetched a chunk
     it was never sent, and a huge byte count: none is believed or counted."""
     core, m, _ = setup
@@ -127,7 +129,7 @@ def test_a_result_for_a_transfer_never_planned_changes_nothing(setup) -> None:  
     assert (st.transfers, st.origin_bytes) == (len(m.chunk_lengths), len(m.chunk_lengths) * CHUNK)
 
 
-def test_busy_source_is_not_avoided_and_departed_workers_are_not_sources(setup) -> None:  # type: ignore[no-untyped-def]
+def test_busy_source_is_not_avoided_and_departed_workers_are_not_sources(setup: Setup) -> None:
     core, m, _ = setup
     a = worker(core, m, holds=True, slots=1)
     n = worker(core, m, holds=False)
@@ -147,7 +149,7 @@ def test_unreadable_model_is_refused_with_its_path(tmp_path: Path) -> None:
     core.close()
 
 
-def test_chunks_claimed_at_registration_are_never_a_source_for_others(setup) -> None:  # type: ignore[no-untyped-def]
+def test_chunks_claimed_at_registration_are_never_a_source_for_others(setup: Setup) -> None:
     """Found 4: a worker that says it holds every chunk without having fetched any is never in
     another worker's plan (it still counts them for itself: its own cache, its own business)."""
     core, m, _ = setup
@@ -164,7 +166,7 @@ def test_chunks_claimed_at_registration_are_never_a_source_for_others(setup) -> 
     assert sources == {ORIGIN}
 
 
-def test_workers_on_one_host_are_one_word_against_a_replica(setup) -> None:  # type: ignore[no-untyped-def]
+def test_workers_on_one_host_are_one_word_against_a_replica(setup: Setup) -> None:
     """Two workers calling from one address (a glidein's bootstrap and its worker, or sybils on
     one host) saying a peer's copy is corrupt count once; a worker on another host is the second."""
     core, m, clock = setup
@@ -179,4 +181,4 @@ def test_workers_on_one_host_are_one_word_against_a_replica(setup) -> None:  # t
         chunk = got[0].chunk
         plan(core, n, m, want=0, results=[TransferResult(chunk=chunk, source=a, ok=False, bytes=CHUNK,
                                                            corrupt=True, error="sha256 mismatch")])
-    assert a not in holders(core, chunk)
+    assert chunk is not None and a not in holders(core, chunk)
