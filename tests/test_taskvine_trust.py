@@ -23,7 +23,7 @@ from pcm_service.protocol import BatchLease, ContextSpec, RowIn, WorkloadSubmiss
 from tests.support import REPO
 from tests.support.models import fake_model
 from tests.support.state import db
-from tests.support.taskvine import require_taskvine
+from tests.support.taskvine import require_taskvine, stop_vine_worker
 from tests.support.waiting import wait_for
 
 VENV_BIN = Path(sys.executable).parent
@@ -118,8 +118,7 @@ class Pool:
 
     def close(self) -> None:
         for w in self.workers:
-            w.kill()
-            w.wait()
+            stop_vine_worker(w)
         self.executor.stop()
         self.core.close()
 
