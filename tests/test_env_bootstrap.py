@@ -53,7 +53,10 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def service(tmp_path: Path, archive: Path) -> Iterator[ServeProcess]:
-    s = ServeProcess(tmp_path / "state", "--worker-env", str(archive), "--chunk-size", "4").start()
+    # the peers these tests register by hand never heartbeat: on a loaded machine a bootstrap
+    # outlasted the default 10 s, the peer was declared lost and its replicas went with it
+    s = ServeProcess(tmp_path / "state", "--worker-env", str(archive), "--chunk-size", "4",
+                     "--worker-timeout", "3600").start()
     yield s
     s.stop()
 
