@@ -12,7 +12,8 @@ from tests.support import REPO
 from tests.support.serve import MODEL_ROOTS, ServeProcess
 from tests.support.workloads import write_claims
 
-pytest_plugins = ["tests.htcondor_pool.fixtures"]  # the `pool` fixture: a real HTCondor test pool
+# the `pool` fixture: a real HTCondor test pool; the session fails if a process it started outlives it
+pytest_plugins = ["tests.htcondor_pool.fixtures", "tests.support.leaks"]
 TOKEN_ENV = ("PCM_API_TOKEN", "PCM_POOL_TOKEN", "PCM_API_TOKEN_FILE", "PCM_POOL_TOKEN_FILE", "PCM_TOKEN_FILE")
 
 

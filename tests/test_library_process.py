@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from pcm_service.procfs import process_tree, running
 from pcm_service.protocol import ContextSpec, EngineSettings
 from tests.support.models import ENGINE
 from tests.support.waiting import wait_for
 from worker_image.library_handle import LibraryFailed, LibraryHandle
-from worker_image.processes import process_tree, running
 
 pytestmark = pytest.mark.engine
 

@@ -1,4 +1,4 @@
-"""The worker agent: what a glidein runs.
+"""The worker agent: what a glidein of the native executor runs (worker_image/glidein.py).
 
 It registers with the service, loads its assigned context once in a library
 process, keeps several batches in flight so the engine never idles between
@@ -8,27 +8,20 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import signal
 import socket
 import tempfile
 import threading
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from pcm_service.client import ServiceClient, ServiceError, ServiceUnreachable
 from pcm_service.protocol import (
-    API_PREFIX,
-    EXECUTOR_PATH,
     BatchReport,
     BatchReports,
     ContextSpec,
     ContextState,
     ErrorCode,
-    ExecutorInfo,
-    ExecutorKind,
     FetchPlan,
     FetchRequest,
     Heartbeat,
@@ -39,16 +32,15 @@ from pcm_service.protocol import (
     LibraryEvent,
     RegisterResponse,
     RetireDecision,
+    RowResult,
     WorkerRegistration,
 )
 from worker_image.blobserver import BlobServer, outward_address
 from worker_image.chunkstore import ChunkStore
 from worker_image.fetcher import FetchFailed, ModelFetcher
-from worker_image.ledger import LeaseLedger
-from worker_image.library import ROW_RESULTS
+from worker_image.ledger import LeaseLedger, ReportQueue
 from worker_image.library_handle import LibraryFailed, LibraryHandle
 from worker_image.settings import DEFAULTS, PeerSettings, detect_resources
-from worker_image.vine_worker import run_vine_worker
 
 log = logging.getLogger("pcm.worker")
 REGISTER_AGAIN = (ErrorCode.WORKER_UNKNOWN.value, ErrorCode.WORKER_LOST.value)
@@ -64,8 +56,11 @@ class WorkerAgent:
                  target_rows: int = DEFAULTS.target_rows, max_batches: int = DEFAULTS.max_batches,
                  start_timeout: float = DEFAULTS.start_timeout, drain_timeout: float = DEFAULTS.drain_timeout,
                  engine: str = "vllm",
-                 peers: Optional[PeerSettings] = None, token: Optional[str] = None) -> None:
+                 peers: Optional[PeerSettings] = None, token: Optional[str] = None,
+                 lib_dir: Optional[Path] = None) -> None:
+        """``lib_dir``: where the library's socket directories go (the glidein's own scratch)."""
         self.client = client
+        self.lib_dir = lib_dir
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="pcm-worker-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.glidein_id = glidein_id or os.environ.get("PCM_GLIDEIN_ID")
@@ -93,7 +88,7 @@ class WorkerAgent:
         self._exited = threading.Event()
         self.draining = False  # SIGTERM: finish or return in-flight rows within drain_timeout
         self.retiring = False  # the service asked us to go: finish in-flight batches, lease no more
-        self._reports: "queue.Queue[Optional[BatchReport]]" = queue.Queue()
+        self._reports = ReportQueue()
         self._alive_shown_at = 0.0  # monotonic: the last lease or report the service answered
         self._beat: tuple[tuple[object, ...], float] = ((), 0.0)  # the last heartbeat: what it said, when
 
@@ -202,30 +197,13 @@ class WorkerAgent:
             self._wake.set()
 
     def _report_loop(self) -> None:
-        """Coalesce finished rows per batch so one engine step costs one request."""
         while True:
-            first = self._reports.get()
-            items = [first]
-            while True:
-                try:
-                    items.append(self._reports.get_nowait())
-                except queue.Empty:
-                    break
-            merged: dict[int, BatchReport] = {}
-            queued: Counter[int] = Counter()
-            for rep in items:
-                if rep is None:
-                    continue
-                queued[rep.batch_id] += 1
-                m = merged.setdefault(rep.batch_id, BatchReport(batch_id=rep.batch_id))
-                m.results.extend(rep.results)
-                m.returned.extend(rep.returned)
-                m.crashed.extend(rep.crashed)
-            if merged:  # every batch finished since the last request, in one request
-                self._deliver(list(merged.values()))
+            reports, queued, last = self._reports.take()
+            if reports:  # every batch finished since the last request, in one request
+                self._deliver(reports)
                 for batch_id, n in queued.items():
                     self.ledger.delivered(batch_id, n)
-            if None in items:
+            if last:
                 return
 
     def _deliver(self, reports: list[BatchReport]) -> None:
@@ -240,17 +218,8 @@ class WorkerAgent:
                 return
             log.error("report for batches %s not delivered: %s", sorted(r.batch_id for r in reports), e.detail)
 
-    def _receive_loop(self, lib: LibraryHandle) -> None:
-        while True:
-            try:
-                msg = lib.recv()
-            except (EOFError, OSError):
-                break
-            if msg[0] != "rows":
-                continue
-            for batch_id, rows in msg[1].items():
-                self._reports.put(self.ledger.finished(batch_id, ROW_RESULTS.validate_json(rows)))
-            self._wake.set()
+    def _rows_done(self, batch_id: int, rows: list[RowResult]) -> None:
+        self._reports.put(self.ledger.finished(batch_id, rows))
         self._wake.set()
 
     # ----- context --------------------------------------------------------------
@@ -278,19 +247,17 @@ class WorkerAgent:
         local = context.model_copy(update={"model": str(model_dir)})  # same context id
         log.info("loading context %s from %s", context.context_id, model_dir)
         self._library_event(ContextState.LOADING, context)
-        lib = LibraryHandle(local, self.work_dir, self.engine)
         try:
-            seconds = lib.wait_ready(self.start_timeout, self.stopping)
+            lib, seconds = LibraryHandle.started(local, self.work_dir, self.engine, self.start_timeout,
+                                                 self.stopping, sock_root=self.lib_dir)
         except LibraryFailed as e:
-            lib.stop(grace=1)
             if self.stopping.is_set():  # evicted while loading: not the engine's fault
                 return False
             self._library_event(ContextState.FAILED, context, error=str(e))
             log.error("engine failed to start: %s", e)
             return False
         self.library = lib
-        threading.Thread(target=self._receive_loop, args=(lib,), daemon=True,
-                         name="pcm-lib-recv").start()
+        lib.receive(self._rows_done, self._wake.set)
         self._library_event(ContextState.READY, context, seconds=seconds)
         log.info("context %s ready after %.1fs", context.context_id, seconds)
         return True
@@ -429,17 +396,3 @@ class WorkerAgent:
         if lib is not None:
             lib.stop(grace=5)
         log.info("worker %s exits", self.worker_id)
-
-
-def run_worker(service_url: str, token: Optional[str] = None, ca_file: Optional[Path] = None,
-               glidein_id: Optional[str] = None, work_dir: Optional[Path] = None, **kwargs: Any) -> int:
-    """What a glidein runs: an agent, or a vine_worker when the service's executor is TaskVine."""
-    client = ServiceClient(service_url, retry_for=300.0, token=token, ca_file=ca_file)  # rides out a restart
-    info = client.request("GET", EXECUTOR_PATH.removeprefix(API_PREFIX), response=ExecutorInfo)
-    if info.kind == ExecutorKind.TASKVINE and token:
-        client.close()
-        return run_vine_worker(service_url, info, token, glidein_id, work_dir)
-    agent = WorkerAgent(client, token=token, glidein_id=glidein_id, work_dir=work_dir, **kwargs)
-    signal.signal(signal.SIGTERM, agent.request_drain)
-    signal.signal(signal.SIGINT, agent.request_drain)
-    return agent.run()

@@ -9,9 +9,11 @@ in one critical section (the race fixed in commit 5fd8e54).
 from __future__ import annotations
 
 import math
+import queue
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from typing import Optional
 
 from pcm_service.protocol import BatchLease, BatchReport, RowResult
 
@@ -91,3 +93,34 @@ class LeaseLedger:
             return 0
         per_batch = max(1, rows // batches)
         return min(max_batches - batches, math.ceil((target_rows - rows) / per_batch))
+
+
+class ReportQueue:
+    """Reports on their way to the service: taken out all at once and merged per batch, so one
+    engine step costs one request however many batches it finished. ``None`` is the last."""
+
+    def __init__(self) -> None:
+        self._q: "queue.Queue[Optional[BatchReport]]" = queue.Queue()
+
+    def put(self, rep: Optional[BatchReport]) -> None:
+        self._q.put(rep)
+
+    def take(self) -> tuple[list[BatchReport], Counter[int], bool]:
+        """Blocks for the next report: every one queued, merged; how many each batch had; the last?"""
+        items = [self._q.get()]
+        while True:
+            try:
+                items.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        merged: dict[int, BatchReport] = {}
+        queued: Counter[int] = Counter()
+        for rep in items:
+            if rep is None:
+                continue
+            queued[rep.batch_id] += 1
+            m = merged.setdefault(rep.batch_id, BatchReport(batch_id=rep.batch_id))
+            m.results.extend(rep.results)
+            m.returned.extend(rep.returned)
+            m.crashed.extend(rep.crashed)
+        return list(merged.values()), queued, None in items

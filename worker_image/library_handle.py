@@ -13,9 +13,9 @@ from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Callable, Optional
 
-from pcm_service.protocol import BatchLease, ContextSpec
-from worker_image.library import AUTHKEY_ENV
-from worker_image.processes import process_tree, running
+from pcm_service.procfs import process_tree, running
+from pcm_service.protocol import BatchLease, ContextSpec, RowResult
+from worker_image.library import AUTHKEY_ENV, ROW_RESULTS
 
 
 class LibraryFailed(RuntimeError):
@@ -23,9 +23,12 @@ class LibraryFailed(RuntimeError):
 
 
 class LibraryHandle:
-    def __init__(self, context: ContextSpec, work_dir: Path, engine: str = "vllm") -> None:
+    def __init__(self, context: ContextSpec, work_dir: Path, engine: str = "vllm",
+                 sock_root: Optional[Path] = None) -> None:
+        """``sock_root``: a short directory for the socket (AF_UNIX limit), e.g. the glidein's
+        own temporary directory, which goes with the glidein; default: the system's."""
         self.context = context
-        self._sock_dir = tempfile.mkdtemp(prefix="pcm-lib-")  # short path: AF_UNIX limit
+        self._sock_dir = tempfile.mkdtemp(prefix="pcm-lib-", dir=sock_root)
         address = os.path.join(self._sock_dir, "library.sock")
         key = secrets.token_bytes(16)
         self._listener = Listener(address, family="AF_UNIX", authkey=key)
@@ -62,6 +65,18 @@ class LibraryHandle:
             if time.monotonic() > deadline:
                 raise LibraryFailed(f"engine did not start within {timeout:.0f}s; see {self.log_path}")
 
+    @classmethod
+    def started(cls, context: ContextSpec, work_dir: Path, engine: str, timeout: float,
+                cancelled: threading.Event, sock_root: Optional[Path] = None) -> tuple["LibraryHandle", float]:
+        """A library whose engine is ready, and its load time; one that fails (or is cancelled)
+        is stopped again and raises LibraryFailed."""
+        lib = cls(context, work_dir, engine, sock_root)
+        try:
+            return lib, lib.wait_ready(timeout, cancelled)
+        except LibraryFailed:
+            lib.stop(grace=1)
+            raise
+
     def wait_ready(self, timeout: float, cancelled: threading.Event) -> float:
         """Block until the engine is loaded; returns the load time the library measured."""
         deadline = time.monotonic() + timeout
@@ -85,6 +100,21 @@ class LibraryHandle:
     def recv(self) -> tuple:
         assert self.conn is not None
         return self.conn.recv()
+
+    def receive(self, on_rows: Callable[[int, list[RowResult]], None], on_end: Callable[[], None]) -> None:
+        """In a thread of its own: each batch's finished rows to ``on_rows`` (once per engine
+        step), then ``on_end`` when the library has gone."""
+        def loop() -> None:
+            while True:
+                try:
+                    msg = self.recv()
+                except (EOFError, OSError):
+                    break
+                if msg[0] == "rows":
+                    for batch_id, rows in msg[1].items():
+                        on_rows(batch_id, ROW_RESULTS.validate_json(rows))
+            on_end()
+        threading.Thread(target=loop, daemon=True, name="pcm-lib-recv").start()
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -1,17 +1,28 @@
-"""Glideins as local subprocesses: the embedded default for `pcm run` and tests."""
+"""Glideins as local subprocesses: the embedded default for `pcm run` and tests.
+
+A glidein that goes leaves nothing: once its process has ended (exit, removal, eviction),
+every process still marked with its GLIDEIN_ENV is killed (vine_worker's libraries run in
+process groups of their own, so a killpg alone misses them), its directory is emptied but for
+worker.log, and its temporary directory (named after it) is removed."""
 from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
 from factory.backends.base import Glidein, GlideinBackend, GlideinState
 from factory.config import FactoryConfig
+from pcm_service.procfs import GLIDEIN_ENV, glidein_tmp_prefix, kill_all, marked
 from pcm_service.tokens import SECRET_ENV
+
+LOG_NAME = "worker.log"
 
 
 class LocalBackend(GlideinBackend):
@@ -46,10 +57,10 @@ class LocalBackend(GlideinBackend):
             wdir = self.work_dir / gid
             wdir.mkdir(parents=True, exist_ok=True)
             env = {k: v for k, v in {**os.environ, **self.env}.items() if k not in SECRET_ENV}
-            env["PCM_GLIDEIN_ID"] = gid
+            env[GLIDEIN_ENV] = gid
             token = ["--token-file", str(self.token_file)] if self.token_file else []
             token += ["--ca-file", str(self.ca_file)] if self.ca_file else []
-            with (wdir / "worker.log").open("ab") as log:
+            with (wdir / LOG_NAME).open("ab") as log:
                 self._procs[gid] = subprocess.Popen(
                     [sys.executable, "-m", "pcm_service.cli", "worker", "--service", self.service_url,
                      "--glidein-id", gid, "--work-dir", str(wdir), *token, *self.worker_args],
@@ -69,7 +80,23 @@ class LocalBackend(GlideinBackend):
                 out.append(Glidein(glidein_id=gid, state=GlideinState.EXITED, host="localhost",
                                    detail=f"exit code {code}"))
                 del self._procs[gid]
+                self._clear(gid)
         return out
+
+    def _clear(self, gid: str) -> None:
+        """What an ended glidein left: its processes killed, its scratch removed (the log stays)."""
+        for _ in range(50):  # one may fork while the others are killed
+            if not (left := marked(GLIDEIN_ENV, gid)):
+                break
+            kill_all(left)
+            time.sleep(0.02)
+        wdir = self.work_dir / gid
+        scratch = [e for e in wdir.iterdir() if e.name != LOG_NAME] if wdir.is_dir() else []
+        for entry in [*scratch, *Path(tempfile.gettempdir()).glob(f"{glidein_tmp_prefix(gid)}*")]:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
     def remove(self, glidein_ids: list[str]) -> None:
         for gid in glidein_ids:
@@ -83,6 +110,8 @@ class LocalBackend(GlideinBackend):
         if proc is not None and proc.poll() is None:
             if hard:
                 os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                self._clear(glidein_id)  # at once: its engine would hold cores a replacement needs
             else:
                 proc.send_signal(signal.SIGTERM)
 
@@ -98,10 +127,11 @@ class LocalBackend(GlideinBackend):
 
     def close(self, grace: float = 30.0) -> None:
         self.remove(list(self._procs))
-        for proc in self._procs.values():
+        for gid, proc in self._procs.items():
             try:
                 proc.wait(grace)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            self._clear(gid)
         self._procs.clear()

@@ -46,7 +46,7 @@ def worker(service: Optional[str] = ServiceOpt,
            fetch_parallel: int = typer.Option(PeerSettings.fetch_parallel, min=1, help="Chunk downloads at once"),
            verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run a worker agent (what a glidein runs)."""
-    from worker_image.agent import run_worker
+    from worker_image.glidein import run_glidein
 
     token = token_from(token_file, "--token-file")
     if token is None:
@@ -56,9 +56,9 @@ def worker(service: Optional[str] = ServiceOpt,
     peers = PeerSettings(serve=serve_blobs, host=blob_host, port=blob_port, url=blob_url,
                          upload_rate=upload_rate * 1e6, upload_slots=upload_slots, fetch_parallel=fetch_parallel)
     try:
-        rc = run_worker(service or default_service_url(), token=token, ca_file=ca_file, glidein_id=glidein_id,
-                        work_dir=work_dir, idle_timeout=idle_timeout, target_rows=target_rows,
-                        start_timeout=start_timeout, drain_timeout=drain_timeout, peers=peers)
+        rc = run_glidein(service or default_service_url(), token=token, ca_file=ca_file, glidein_id=glidein_id,
+                         work_dir=work_dir, idle_timeout=idle_timeout, target_rows=target_rows,
+                         start_timeout=start_timeout, drain_timeout=drain_timeout, peers=peers)
     except ServiceError as e:
         if e.status == 0:  # unreachable for the whole retry window, or its certificate refused
             fail(e.detail)
