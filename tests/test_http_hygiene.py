@@ -16,10 +16,13 @@ import httpx
 import pytest
 
 from pcm_service.api.ingest import IngestError, ndjson_lines
+from pcm_service.core import ServiceConfig
 from pcm_service.tokens import peer_key, sign_peer_request
 from tests.support.models import fake_model
 from tests.support.serve import ServeProcess
 from worker_image.blobserver import BlobServer
+
+LINE = ServiceConfig.max_request_bytes  # the service's own line limit
 
 
 def api(serve: ServeProcess) -> httpx.Client:
@@ -108,9 +111,9 @@ def test_the_ndjson_splitter_is_exact_wherever_the_stream_is_cut() -> None:
     cuts = sorted(rng.sample(range(1, len(body)), 2000))
     chunks = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
     want = [(i + 1, line) for i, line in enumerate(body.split(b"\n")) if line.strip()]
-    assert list(ndjson_lines(chunks)) == want
-    assert list(ndjson_lines([body[i:i + 1] for i in range(20_000)])) == \
-        [(n, line) for n, line in ndjson_lines([body[:20_000]])]
+    assert list(ndjson_lines(chunks, LINE)) == want
+    assert list(ndjson_lines([body[i:i + 1] for i in range(20_000)], LINE)) == \
+        [(n, line) for n, line in ndjson_lines([body[:20_000]], LINE)]
 
 
 def test_a_line_over_the_bound_is_refused_naming_its_line_before_it_is_read_whole() -> None:

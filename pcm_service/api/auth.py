@@ -7,8 +7,8 @@ from typing import Optional
 from fastapi import Request
 from fastapi.security import HTTPBearer
 
-from pcm_service.api.errors import ApiError
-from pcm_service.core import ServiceCore
+from pcm_service.api.errors import ApiError, api_error
+from pcm_service.core import ServiceCore, UnknownWorker
 from pcm_service.protocol import ErrorCode
 from pcm_service.tokens import check_bearer
 
@@ -70,6 +70,6 @@ class WorkerToken(HTTPBearer):
                            " <worker_token>' (from the registration)", headers={"WWW-Authenticate": "Bearer"})
         matches = self.core.worker_token_matches(worker_id, authorization[7:].strip())
         if matches is None:
-            raise ApiError(404, ErrorCode.WORKER_UNKNOWN, f"unknown worker {worker_id}; register again")
+            raise api_error(UnknownWorker(worker_id))  # the table's answer, as the routes give it
         if not matches:
             raise ApiError(403, ErrorCode.WRONG_WORKER, f"not the credential of worker {worker_id}")

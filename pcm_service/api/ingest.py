@@ -15,8 +15,6 @@ from pydantic import ValidationError
 
 from pcm_service.protocol import RowIn, WorkloadHeader
 
-MAX_LINE_BYTES = 64 * 2**20  # one line of a streamed submission: as much as one JSON request body
-
 
 class IngestError(ValueError):
     """A line of a streamed submission that cannot be accepted."""
@@ -28,7 +26,7 @@ class IngestError(ValueError):
         self.message = message
 
 
-def ndjson_lines(chunks: Iterable[bytes], max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes]]:
+def ndjson_lines(chunks: Iterable[bytes], max_line: int) -> Iterator[tuple[int, bytes]]:
     """(line number, line) of a byte stream split anywhere, blank lines skipped. Linear in the
     body: a line's pieces are joined once, when its newline comes (rebuilding ``tail + chunk``
     per chunk took 21 s for one 64 MB line); a line over ``max_line`` bytes is an IngestError."""
@@ -66,7 +64,7 @@ def _first_problem(e: ValidationError, prefix: str) -> tuple[str, str]:
     return field, str(err.get("msg", "")).removeprefix("Value error, ")
 
 
-def parse_submission(chunks: Iterable[bytes], max_line: int = MAX_LINE_BYTES
+def parse_submission(chunks: Iterable[bytes], max_line: int
                      ) -> tuple[WorkloadHeader, Iterator[RowIn]]:
     """The header (read now) and the rows (validated as they are read; the iterator raises
     IngestError at the first bad line)."""
